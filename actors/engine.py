@@ -1,0 +1,155 @@
+"""The in-process engine: continuous batching over a paged KV cache, token streaming, stops.
+
+`Engine.step()` reads like the design: schedule -> run the model -> sample -> hand out tokens.
+The distributed router reuses the same batcher, KV cache and runner; only the MoE layers'
+experts change (they are dispatched to expert groups instead of computed here).
+"""
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from moeray.actors.batcher import Batcher
+from moeray.actors.detokenizer import TextStream
+from moeray.actors.kv_cache import KVCache
+from moeray.actors.model_runner import ModelRunner
+from moeray.actors.sequence import SamplingParams, Sequence
+from moeray.kernels.sampling import sample
+from moeray.models.model import MoEModel
+from moeray.models.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64  # sequences in one step
+    max_num_batched_tokens: int = 2048  # tokens in one step (long prompts are prefilled in chunks)
+    kv_cache_bytes: int = 256 << 20
+    block_size: int = 16
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    seq_id: int
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    """A finished request: generated ids only (not the prompt) and their text."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class Engine:
+    def __init__(self, model: MoEModel, tokenizer: Tokenizer | None = None, config: EngineConfig = EngineConfig()):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.cache = KVCache(model.config, model.dtype, config.kv_cache_bytes, config.block_size)
+        self.batcher = Batcher(self.cache.allocator, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache)
+        self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
+                                 model.config.max_position_embeddings)
+        self._ids = itertools.count()
+        self._seqs: dict[int, Sequence] = {}
+        self._generators: dict[int, torch.Generator | None] = {}
+        self._texts: dict[int, TextStream] = {}
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.batcher.has_work
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> int:
+        """Queue a request; it joins the running batch at the next step. -> its id."""
+        self._validate(prompt_ids, params)
+        seq = Sequence(next(self._ids), list(prompt_ids), params)
+        self._seqs[seq.seq_id] = seq
+        self._generators[seq.seq_id] = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        if self.tokenizer is not None:
+            self._texts[seq.seq_id] = TextStream(self.tokenizer, params.stop)
+        self.batcher.add(seq)
+        return seq.seq_id
+
+    def abort(self, seq_id: int) -> None:
+        seq = self._seqs.pop(seq_id, None)
+        if seq is not None:
+            self.batcher.finish(seq)
+            self._forget(seq_id)
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.batcher.schedule()
+        if not batch.seqs:
+            return []
+        logits = self.runner.run(batch)  # [S, V]
+        sampled = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
+        token_ids = self._sample(sampled, logits).tolist()
+        return [self._append(seq, token) for seq, token in zip(sampled, token_ids)]
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> list[Completion]:
+        """Run prompts to completion together (continuous batching); results in prompt order."""
+        ids = [self.add_request(p, params) for p in prompts]
+        done = {i: Completion() for i in ids}
+        while self.has_unfinished:
+            for out in self.step():
+                done[out.seq_id].token_ids += out.new_token_ids
+                done[out.seq_id].text += out.new_text
+                done[out.seq_id].finish_reason = out.finish_reason
+        return [done[i] for i in ids]
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model.config.vocab_size
+        if not prompt_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}")
+        allocator = self.cache.allocator
+        if allocator.blocks_for(len(prompt_ids) + 1) > allocator.num_blocks:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens but the KV cache holds only "
+                             f"{allocator.num_blocks * allocator.block_size}; raise kv_cache_bytes")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
+        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long)
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
+        return sample(logits, temperature, top_k, top_p, [self._generators[s.seq_id] for s in seqs])
+
+    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.output_ids.append(token)
+        params = seq.params
+        if not params.ignore_eos and token in self.model.config.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        text = ""
+        stream = self._texts.get(seq.seq_id)
+        if stream is not None:
+            text = stream.push(seq.output_ids, finished=seq.finish_reason is not None)
+            if stream.stopped:
+                seq.finish_reason = "stop"
+        finished = seq.finish_reason is not None
+        if finished:
+            self.batcher.finish(seq)
+            self._seqs.pop(seq.seq_id)
+            self._forget(seq.seq_id)
+        return RequestOutput(seq.seq_id, [token], text, finished, seq.finish_reason)
+
+    def _forget(self, seq_id: int) -> None:
+        self._generators.pop(seq_id, None)
+        self._texts.pop(seq_id, None)

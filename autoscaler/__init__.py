@@ -1,0 +1,1 @@
+"""Placement autoscaler: policy schema, planner, controller."""

@@ -1,0 +1,1 @@
+"""The front door: CLI, serving config, deployment, gRPC / HTTP APIs, telemetry."""

@@ -1,0 +1,1 @@
+"""Stateless tensor ops, each with a plain-torch reference: routing, permute, expert FFN, attention, norms, rope, sampling."""

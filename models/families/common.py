@@ -1,0 +1,72 @@
+"""Parsing shared by the Llama-style MoE families: read, check and default config.json fields."""
+
+from moeray.kernels.rope import RopeConfig
+from moeray.models.config import ConfigError
+
+_MISSING = object()
+
+
+def field(raw: dict, key: str, kind: type, default=_MISSING, minimum=None):
+    """raw[key] checked for type and lower bound; the error names the key and the value."""
+    value = raw.get(key, default)
+    if value is _MISSING:
+        raise ConfigError(f"config.json: required field {key!r} is missing")
+    if value is None and default is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"config.json: {key}={value!r} must be of type {kind.__name__}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"config.json: {key}={value!r} must be >= {minimum}")
+    return value
+
+
+def common_fields(raw: dict) -> dict:
+    """The fields every Llama-style family shares, as ModelConfig keyword arguments."""
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"config.json: hidden_act={act!r} is not supported (supported: 'silu')")
+    hidden = field(raw, "hidden_size", int, minimum=1)
+    heads = field(raw, "num_attention_heads", int, minimum=1)
+    kv_heads = field(raw, "num_key_value_heads", int, heads, minimum=1)
+    if heads % kv_heads:
+        raise ConfigError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    head_dim = field(raw, "head_dim", int, None) or hidden // heads
+    eos = raw.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    num_layers = field(raw, "num_hidden_layers", int, minimum=1)
+    return dict(
+        vocab_size=field(raw, "vocab_size", int, minimum=1),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=field(raw, "rms_norm_eps", float, 1e-6),
+        rope=_rope(raw, head_dim),
+        max_position_embeddings=field(raw, "max_position_embeddings", int, 4096, minimum=1),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        sliding_windows=(None,) * num_layers,
+    )
+
+
+def _rope(raw: dict, head_dim: int) -> RopeConfig:
+    try:
+        return RopeConfig.from_hf(raw, head_dim)
+    except ValueError as err:
+        raise ConfigError(f"config.json: {err}") from err
+
+
+def sparse_layers(raw: dict, num_layers: int) -> tuple[bool, ...]:
+    """Qwen-style choice of MoE layers: not in `mlp_only_layers` and (l+1) % `decoder_sparse_step` == 0."""
+    step = field(raw, "decoder_sparse_step", int, 1, minimum=1)
+    dense = set(raw.get("mlp_only_layers") or [])
+    return tuple(l not in dense and (l + 1) % step == 0 for l in range(num_layers))
+
+
+def check_top_k(num_experts: int, top_k: int) -> None:
+    if not 1 <= top_k <= num_experts:
+        raise ConfigError(f"config.json: num_experts_per_tok={top_k} must be between 1 and the number of experts ({num_experts})")

@@ -1,0 +1,57 @@
+"""The family registry: which Hugging Face architectures moeray serves and how each is read.
+
+A `Family` turns config.json into a `ModelConfig` and says where each weight lives in the
+checkpoint. Families that share Llama-style names override only what differs, so adding one
+(DeepSeek with MLA, GPT-OSS, Llama-4) is a new module that registers itself, touching no other.
+"""
+
+from abc import ABC, abstractmethod
+
+from moeray.models.config import ConfigError, ModelConfig
+
+
+class Family(ABC):
+    """Base for a model family; subclasses set `name`, `architectures` and implement `parse`."""
+
+    name: str = ""
+    architectures: tuple[str, ...] = ()
+
+    @abstractmethod
+    def parse(self, raw: dict) -> ModelConfig:
+        """config.json (as a dict) -> ModelConfig; raises ConfigError naming the field and value."""
+
+    # Weight names (Llama-style defaults). `layer` is the decoder layer index.
+    def layer_prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}"
+
+    def moe_prefixes(self, layer: int) -> list[str]:
+        """Candidate names of layer `layer`'s MoE block; the first whose gate exists is used."""
+        return [f"{self.layer_prefix(layer)}.mlp"]
+
+    def dense_mlp_prefix(self, layer: int) -> str:
+        return f"{self.layer_prefix(layer)}.mlp"
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    for arch in family.architectures:
+        _FAMILIES[arch] = family
+    return family
+
+
+def family_for(raw: dict) -> Family:
+    """The family of a parsed config.json, chosen by `architectures[0]`; a clear error otherwise."""
+    import moeray.models.families  # noqa: F401  (registers the built-in families)
+
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise ConfigError(f"config.json: 'architectures' is missing or empty; supported: {supported()}")
+    if archs[0] not in _FAMILIES:
+        raise ConfigError(f"config.json: architecture {archs[0]!r} is not supported; supported: {supported()}")
+    return _FAMILIES[archs[0]]
+
+
+def supported() -> list[str]:
+    return sorted(_FAMILIES)

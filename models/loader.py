@@ -1,0 +1,102 @@
+"""Build a `MoEModel` from a checkpoint folder: parse config.json, create empty modules, fill them.
+
+Dense weights (attention, norms, gates, shared experts, embeddings, head) map one-to-one or by
+concatenation to checkpoint tensors; routed experts go through `checkpoint.load_experts`, which
+reads only the experts asked for (expert groups load just their own slots).
+"""
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from moeray.models.checkpoint import CheckpointError, CheckpointReader, load_experts, read_config
+from moeray.models.config import ModelConfig
+from moeray.models.family import Family, family_for
+from moeray.models.model import Attention, DenseMLP, MoEBlock, MoEModel
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
+
+Progress = Callable[[int, int], None]  # (layers done, layers total)
+
+
+def load_config(path: str | Path) -> tuple[ModelConfig, Family]:
+    raw = read_config(path)
+    family = family_for(raw)
+    return family.parse(raw), family
+
+
+def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+               progress: Progress | None = None) -> MoEModel:
+    """The model in `path` (default: the built-in model) with every weight loaded, in `dtype`."""
+    path = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    config, family = load_config(path)
+    model = MoEModel(config).to(dtype)
+    with CheckpointReader(path) as reader:
+        load_dense_weights(model, family, reader)
+        for block in moe_blocks(model):
+            prefix = moe_prefix(family, reader, block.layer)
+            w13, w2 = load_experts(reader, prefix, range(config.num_experts), config.hidden_size,
+                                   config.moe_intermediate_size, config.num_experts, dtype)
+            block.experts.w13.data, block.experts.w2.data = w13, w2
+            if progress:
+                progress(block.layer + 1, config.num_layers)
+    return model.eval()
+
+
+def moe_blocks(model: MoEModel) -> list[MoEBlock]:
+    return [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoEBlock)]
+
+
+def moe_prefix(family: Family, reader: CheckpointReader, layer: int) -> str:
+    """The name under which this checkpoint keeps layer `layer`'s MoE block."""
+    candidates = family.moe_prefixes(layer)
+    for prefix in candidates:
+        if reader.has(f"{prefix}.gate.weight"):
+            return prefix
+    raise CheckpointError(f"{reader.path}: no MoE gate for layer {layer}; looked for "
+                          + ", ".join(f"'{p}.gate.weight'" for p in candidates))
+
+
+def load_dense_weights(model: MoEModel, family: Family, reader: CheckpointReader) -> None:
+    """Everything but the routed experts: parameter <- one checkpoint tensor or a concatenation."""
+    for param, names in dense_weight_names(model, family, reader).items():
+        parts = [reader.get(name, dtype=param.dtype) for name in names]
+        value = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if value.shape != param.shape:
+            raise CheckpointError(f"{reader.path}: tensor '{names[0]}' has shape {tuple(value.shape)}, "
+                                  f"expected {tuple(param.shape)}")
+        param.data = value.contiguous()
+
+
+def dense_weight_names(model: MoEModel, family: Family, reader: CheckpointReader) -> dict[torch.nn.Parameter, list[str]]:
+    names: dict[torch.nn.Parameter, list[str]] = {model.embed: ["model.embed_tokens.weight"], model.norm: ["model.norm.weight"]}
+    if model.lm_head is not None:
+        names[model.lm_head] = ["lm_head.weight"]
+    for i, layer in enumerate(model.layers):
+        prefix = family.layer_prefix(i)
+        names[layer.input_norm] = [f"{prefix}.input_layernorm.weight"]
+        names[layer.post_attention_norm] = [f"{prefix}.post_attention_layernorm.weight"]
+        names.update(_attention_names(layer.attn, f"{prefix}.self_attn"))
+        if isinstance(layer.mlp, MoEBlock):
+            moe = moe_prefix(family, reader, i)
+            names[layer.mlp.gate] = [f"{moe}.gate.weight"]
+            if layer.mlp.shared is not None:
+                names.update(_mlp_names(layer.mlp.shared, f"{moe}.shared_expert"))
+            if layer.mlp.shared_gate is not None:
+                names[layer.mlp.shared_gate] = [f"{moe}.shared_expert_gate.weight"]
+        else:
+            names.update(_mlp_names(layer.mlp, family.dense_mlp_prefix(i)))
+    return names
+
+
+def _attention_names(attn: Attention, prefix: str) -> dict:
+    names = {getattr(attn, f"{p}_proj"): [f"{prefix}.{p}_proj.weight"] for p in "qkvo"}
+    names.update({getattr(attn, f"{p}_bias"): [f"{prefix}.{p}_proj.bias"] for p in "qkvo" if getattr(attn, f"{p}_bias") is not None})
+    if attn.q_norm is not None:
+        names[attn.q_norm], names[attn.k_norm] = [f"{prefix}.q_norm.weight"], [f"{prefix}.k_norm.weight"]
+    return names
+
+
+def _mlp_names(mlp: DenseMLP, prefix: str) -> dict:
+    return {mlp.gate_up: [f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"], mlp.down: [f"{prefix}.down_proj.weight"]}

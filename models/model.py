@@ -1,0 +1,186 @@
+"""The decoder of every supported family, built from `ModelConfig` and the kernels.
+
+Tokens are flat: a step's hidden states are `[N, H]` (the new tokens of all sequences one after
+the other). Two seams keep this one module usable everywhere:
+- `AttentionContext` decides where keys and values come from: `CausalContext` (no cache, the
+  `forward(input_ids)` API) or the engine's paged KV cache (`actors.kv_cache.PagedContext`).
+- `MoEBlock.experts` computes the routed experts: `LocalExperts` holds all of them in-process;
+  the distributed router swaps in one that dispatches tokens to expert groups.
+Parameters are created empty (`torch.empty`) and filled by `models.loader`.
+"""
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moeray.kernels.attention import causal_attention
+from moeray.kernels.moe import fused_moe
+from moeray.kernels.norm import rms_norm
+from moeray.kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from moeray.kernels.routing import route
+from moeray.models.config import ModelConfig
+
+
+class AttentionContext(Protocol):
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
+        """q [N, nh, D], k, v [N, nkv, D] of this step's tokens -> [N, nh, D]."""
+
+
+class CausalContext:
+    """No cache: B sequences of equal length T laid out flat as [B*T]."""
+
+    def __init__(self, batch: int, seq_len: int):
+        self.batch, self.seq_len = batch, seq_len
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
+        shape = (self.batch, self.seq_len)
+        out = causal_attention(q.view(*shape, *q.shape[1:]), k.view(*shape, *k.shape[1:]),
+                               v.view(*shape, *v.shape[1:]), scale, window)  # [B, T, nh, D]
+        return out.reshape(q.shape)
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        c = config
+        self.layer, self.config = layer, c
+        self.window = c.sliding_windows[layer]
+        self.scale = c.head_dim**-0.5
+        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.q_proj, self.k_proj, self.v_proj = _param(q_dim, c.hidden_size), _param(kv_dim, c.hidden_size), _param(kv_dim, c.hidden_size)
+        self.o_proj = _param(c.hidden_size, q_dim)
+        self.q_bias = _param(q_dim) if c.qkv_bias else None
+        self.k_bias = _param(kv_dim) if c.qkv_bias else None
+        self.v_bias = _param(kv_dim) if c.qkv_bias else None
+        self.o_bias = _param(c.hidden_size) if c.o_bias else None
+        norm_dims = {"none": (0, 0), "head": (c.head_dim, c.head_dim), "full": (q_dim, kv_dim)}[c.qk_norm]
+        self.q_norm = _param(norm_dims[0]) if norm_dims[0] else None
+        self.k_norm = _param(norm_dims[1]) if norm_dims[1] else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
+        c = self.config
+        n = x.shape[0]
+        q = F.linear(x, self.q_proj, self.q_bias)  # [N, nh*D]
+        k = F.linear(x, self.k_proj, self.k_bias)  # [N, nkv*D]
+        v = F.linear(x, self.v_proj, self.v_bias)
+        if c.qk_norm == "full":
+            q, k = rms_norm(q, self.q_norm, c.rms_norm_eps), rms_norm(k, self.k_norm, c.rms_norm_eps)
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        q, k, v = q.view(n, c.num_heads, c.head_dim), k.view(n, c.num_kv_heads, c.head_dim), v.view(n, c.num_kv_heads, c.head_dim)
+        if c.qk_norm == "head":
+            q, k = rms_norm(q, self.q_norm, c.rms_norm_eps), rms_norm(k, self.k_norm, c.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = ctx.attend(self.layer, q, k, v, self.scale, self.window)  # [N, nh, D]
+        return F.linear(out.reshape(n, -1), self.o_proj, self.o_bias)
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP: dense layers and shared experts. gate_up [2I, H] (gate rows, then up), down [H, I]."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_up, self.down = _param(2 * inter, hidden), _param(hidden, inter)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)  # [N, I] each
+        return F.linear(F.silu(gate) * up, self.down)
+
+
+class LocalExperts(nn.Module):
+    """All E routed experts of one layer in this process. w13 [E, 2I, H], w2 [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.w13, self.w2 = _param(num_experts, 2 * inter, hidden), _param(num_experts, hidden, inter)
+
+    def forward(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
+        return fused_moe(x, topk_weights, topk_ids, self.w13, self.w2)
+
+
+class MoEBlock(nn.Module):
+    """Gate -> route -> experts (local or dispatched) [+ shared expert, gated for Qwen2-MoE]."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        c = config
+        self.layer, self.routing = layer, c.routing
+        self.gate = _param(c.num_experts, c.hidden_size)  # [E, H]
+        self.experts: nn.Module = LocalExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size)
+        self.shared = DenseMLP(c.hidden_size, c.shared_expert_intermediate_size) if c.shared_expert_intermediate_size else None
+        self.shared_gate = _param(1, c.hidden_size) if c.shared_expert_gate and self.shared else None
+        self.last_topk_ids: Tensor | None = None  # [N, K] of the last forward, for load tracking
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = F.linear(x, self.gate)  # [N, E]
+        topk_weights, topk_ids = route(logits, self.routing)  # [N, K] float32, [N, K] int64
+        self.last_topk_ids = topk_ids
+        out = self.experts(x, topk_weights, topk_ids)
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(F.linear(x, self.shared_gate)) * shared
+            out = out + shared
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.input_norm, self.post_attention_norm = _param(config.hidden_size), _param(config.hidden_size)
+        self.attn = Attention(config, layer)
+        self.mlp = MoEBlock(config, layer) if config.moe_layers[layer] else DenseMLP(config.hidden_size, config.dense_intermediate_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
+        x = x + self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin, ctx)
+        return x + self.mlp(rms_norm(x, self.post_attention_norm, self.eps))
+
+
+class MoEModel(nn.Module):
+    """forward(input_ids [B, T]) -> logits [B, T, V]; the engine uses forward_tokens + compute_logits."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = _param(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = _param(config.hidden_size)
+        self.lm_head = None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size)
+        inv_freq, self.rope_scaling = rope_inv_freq(config.rope)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor) -> Tensor:
+        batch, seq_len = input_ids.shape
+        positions = torch.arange(seq_len).repeat(batch)  # [B*T]
+        hidden = self.forward_tokens(input_ids.reshape(-1), positions, CausalContext(batch, seq_len))
+        return self.compute_logits(hidden).view(batch, seq_len, -1)
+
+    def forward_tokens(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
+        """input_ids, positions [N] -> final-norm hidden states [N, H]."""
+        if self.config.rope.rope_type == "dynamic":
+            inv_freq, _ = rope_inv_freq(self.config.rope, seq_len=int(positions.max()) + 1)
+        else:
+            inv_freq = self.inv_freq
+        cos, sin = rope_cos_sin(positions, inv_freq, self.rope_scaling)  # [N, D] float32
+        cos, sin = cos.to(self.dtype), sin.to(self.dtype)  # as transformers does before rotating
+        x = F.embedding(input_ids, self.embed)  # [N, H]
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [n, H] -> float32 logits [n, V]."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()
