@@ -5,9 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("bfloat16", "float32")  # torch dtype names; torch is imported only once arguments are good
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,13 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and activations")
+    gen.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations")
     gen.add_argument("--json", action="store_true", help='print one JSON object: {"token_ids", "text", ...}')
     gen.set_defaults(func=run_generate)
     return parser
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from moeray.actors.engine import Engine
     from moeray.actors.sequence import SamplingParams
     from moeray.models import DEFAULT_MODEL_DIR, load_model
@@ -62,7 +62,7 @@ def run_generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() or args.prompt is not None else None
     prompt_ids = args.prompt_ids if args.prompt_ids is not None else tokenizer.encode(args.prompt)
-    model = load_model(path, DTYPES[args.dtype], progress=None if args.json else _progress)
+    model = load_model(path, getattr(torch, args.dtype), progress=None if args.json else _progress)
     engine = Engine(model, tokenizer)
     seq_id = engine.add_request(prompt_ids, params)
     if not args.json and args.prompt is not None:
