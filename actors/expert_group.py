@@ -1,0 +1,103 @@
+"""`ExpertGroup`: one rank of the expert world, holding the weights of its S slots per MoE layer.
+
+It never acts on its own between steps: `serve` reads the router's step header and follows it.
+Per MoE layer of a step it receives the rows the router sends it (already sorted by slot, with
+per-slot counts), runs the grouped SwiGLU over its slots, and sends the results back in the
+same order. Placement changes come in two halves: `stage(plan)` loads the weights of the slots
+that change into staging memory (on another thread) while steps go on; the header
+`ACTIVATE v` copies them into place at a step boundary, on every rank at once.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moeray.actors.comm import Command, World
+from moeray.actors.placement import PlacementPlan
+from moeray.kernels.moe import expert_ffn
+from moeray.models.checkpoint import CheckpointReader, load_experts
+from moeray.models.loader import load_config, moe_prefix
+
+
+class ExpertGroup:
+    def __init__(self, model_path: str | Path, group: int, plan: PlacementPlan, dtype: torch.dtype = torch.float32):
+        self.config, family = load_config(model_path)
+        self.group, self.dtype = group, dtype
+        self.reader = CheckpointReader(model_path)
+        self.prefixes = [moe_prefix(family, self.reader, layer) for layer in self.config.moe_layer_ids]
+        if plan.num_layers != len(self.prefixes):
+            raise ValueError(f"plan has {plan.num_layers} MoE layers, the model has {len(self.prefixes)}")
+        c, slots = self.config, plan.slots_per_group
+        self.w13 = [torch.zeros(slots, 2 * c.moe_intermediate_size, c.hidden_size, dtype=dtype) for _ in self.prefixes]  # L x [S, 2I, H]
+        self.w2 = [torch.zeros(slots, c.hidden_size, c.moe_intermediate_size, dtype=dtype) for _ in self.prefixes]  # L x [S, H, I]
+        for layer, slot, w13, w2 in self._load([(l, s, int(e)) for l in range(plan.num_layers)
+                                                for s, e in enumerate(plan.physical_to_logical[l, group]) if e >= 0]):
+            self.w13[layer][slot], self.w2[layer][slot] = w13, w2
+        self.plan = plan
+        self._staged: tuple[PlacementPlan, list] | None = None  # (plan, [(layer, slot, w13, w2)])
+        self.tokens_per_slot = torch.zeros(plan.num_layers, slots, dtype=torch.long)  # [L, S] since start
+
+    @property
+    def staged_version(self) -> int | None:
+        staged = self._staged
+        return staged[0].version if staged else None
+
+    def stage(self, plan: PlacementPlan) -> None:
+        """Load the slots `plan` changes in this group into staging memory.
+
+        Runs on a caller's thread beside `serve` (steps go on meanwhile); only the finished
+        result is published, in one assignment, for `activate` to pick up."""
+        if plan.physical_to_logical.shape != self.plan.physical_to_logical.shape:
+            raise ValueError(f"group {self.group}: plan v{plan.version} has shape "
+                             f"{tuple(plan.physical_to_logical.shape)}, active is {tuple(self.plan.physical_to_logical.shape)}")
+        self._staged = (plan, list(self._load(plan.changed_slots(self.plan).get(self.group, []))))
+
+    def activate(self, version: int) -> None:
+        """Copy staged weights into their slots (between steps) and switch to plan `version`."""
+        if self._staged is None or self._staged[0].version != version:
+            raise RuntimeError(f"group {self.group}: asked to activate v{version}, staged v{self.staged_version}")
+        plan, weights = self._staged
+        for layer, slot, w13, w2 in weights:
+            self.w13[layer][slot].copy_(w13)
+            self.w2[layer][slot].copy_(w2)
+        self.plan, self._staged = plan, None
+
+    def serve(self, world: World) -> Command:
+        """Follow step headers until REFORM or STOP; returns that command."""
+        while True:
+            command, _step, version, _arg = world.broadcast_header().tolist()
+            command = Command(command)
+            if command in (Command.REFORM, Command.STOP):
+                return command
+            if command == Command.IDLE:
+                continue
+            if command == Command.ACTIVATE:
+                self.activate(version)
+            if version != self.plan.version:
+                raise RuntimeError(f"group {self.group}: step runs plan v{version}, active is v{self.plan.version}")
+            for layer in range(self.plan.num_layers):
+                self.run_layer(world, layer)
+
+    def run_layer(self, world: World, layer: int) -> None:
+        """One MoE layer's exchange: counts in, rows in, expert FFN per slot, rows back."""
+        slots = self.plan.slots_per_group
+        counts = world.exchange_counts(torch.zeros(world.size, slots, dtype=torch.long))  # [W, S] from each rank
+        splits = counts.sum(1).tolist()
+        rows = world.exchange_rows(torch.empty(0, self.config.hidden_size, dtype=self.dtype), [0] * world.size, splits)
+        out = torch.empty_like(rows)
+        start = 0
+        for rank, n in enumerate(splits):
+            if n:
+                out[start:start + n] = expert_ffn(rows[start:start + n], counts[rank].tolist(), self.w13[layer], self.w2[layer])
+                start += n
+        self.tokens_per_slot[layer] += counts.sum(0)
+        world.exchange_rows(out, splits, [0] * world.size)
+
+    def _load(self, slots: list[tuple[int, int, int]]):
+        """(layer, slot, logical expert) -> yields (layer, slot, w13 [2I, H], w2 [H, I]) from the checkpoint."""
+        c = self.config
+        for layer, slot, expert in slots:
+            w13, w2 = load_experts(self.reader, self.prefixes[layer], [expert], c.hidden_size,
+                                   c.moe_intermediate_size, c.num_experts, self.dtype)
+            yield layer, slot, w13[0], w2[0]

@@ -1,0 +1,55 @@
+"""`ExpertGroupActor`: the Ray shell around `ExpertGroup` (one GPU each in production, CPU here).
+
+Threaded: `serve` runs the step loop on its own thread so that control calls (stage, stats)
+are answered while steps go on. Per-layer traffic never goes through Ray calls.
+"""
+
+import threading
+
+import ray
+import torch
+
+from moeray.actors.comm import World, WorldSpec
+from moeray.actors.expert_group import ExpertGroup
+from moeray.actors.placement import PlacementPlan
+
+
+@ray.remote(max_concurrency=4)
+class ExpertGroupActor:
+    def __init__(self, model_path: str, group: int, plan_json: str, dtype: str, num_threads: int):
+        torch.set_num_threads(num_threads)  # Ray sets OMP threads to the node's CPU count
+        self.group = ExpertGroup(model_path, group, PlacementPlan.from_json(plan_json), getattr(torch, dtype))
+        self.world: World | None = None
+        self._loop: threading.Thread | None = None
+        self.error: str | None = None
+
+    def ready(self) -> int:
+        return self.group.group
+
+    def join(self, spec: WorldSpec, rank: int) -> None:
+        self.world = World(spec, rank)
+
+    def serve(self) -> None:
+        """Start following step headers on a background thread; returns at once."""
+        def loop():
+            try:
+                self.group.serve(self.world)
+            except Exception as err:  # reported through stats(); the router sees the broken world
+                self.error = f"{type(err).__name__}: {err}"
+            finally:
+                self.world.destroy()
+
+        self._loop = threading.Thread(target=loop, name=f"group{self.group.group}-serve", daemon=True)
+        self._loop.start()
+
+    def stage(self, plan_json: str) -> int:
+        """Load the slots of a new plan that change here; returns its version once staged."""
+        plan = PlacementPlan.from_json(plan_json, self.group.config.num_experts)
+        self.group.stage(plan)
+        return plan.version
+
+    def stats(self) -> dict:
+        return {"group": self.group.group, "plan_version": self.group.plan.version,
+                "staged_version": self.group.staged_version, "error": self.error,
+                "serving": self._loop is not None and self._loop.is_alive(),
+                "tokens_per_slot": self.group.tokens_per_slot.tolist()}

@@ -1,0 +1,111 @@
+"""`Router`: the dense half of the model plus the batcher, dispatching every MoE layer to expert groups.
+
+It is the in-process `Engine` (batcher, paged KV cache, runner, sampler: reused, not copied)
+whose MoE blocks hold `RemoteExperts` instead of local weights. Each step it first broadcasts
+the step header, so that every expert group runs the same step under the same plan version;
+then, per MoE layer, `RemoteExperts` sends each group its rows (sorted by slot) and brings the
+results back. A new plan, once every group has staged it, becomes active on the next step's
+header (`ACTIVATE v`) — on all ranks at once, and never mid-step.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from moeray.actors.comm import Command, World
+from moeray.actors.dispatch import dispatch
+from moeray.actors.engine import Engine, EngineConfig, RequestOutput
+from moeray.actors.placement import PlacementPlan
+from moeray.kernels.moe import PermuteHandle, unpermute
+from moeray.models.loader import load_config, load_model
+from moeray.models.tokenizer import Tokenizer
+
+
+class ExpertLink:
+    """The router's end of the expert world: the active plan and the per-layer exchanges."""
+
+    def __init__(self, plan: PlacementPlan):
+        self.plan = plan
+        self.world: World | None = None
+
+    def send(self, rows: Tensor, counts: Tensor) -> None:
+        """rows [n, H] sorted by (group, slot); counts [G, S]. Group g is rank g + 1."""
+        world = self.world
+        slots = counts.shape[1]
+        to_ranks = torch.cat([torch.zeros(1, slots, dtype=torch.long), counts])  # [W, S]
+        world.exchange_counts(to_ranks)
+        world.exchange_rows(rows, to_ranks.sum(1).tolist(), [0] * world.size)
+
+    def receive(self, counts: Tensor, like: Tensor) -> Tensor:
+        """The groups' results, in the order `send` sent the rows: [n, H]."""
+        splits = [0] + counts.sum(1).tolist()
+        return self.world.exchange_rows(like.new_empty(0, like.shape[1]), [0] * self.world.size, splits)
+
+
+class RemoteExperts(nn.Module):
+    """Experts of one MoE layer, computed by the expert groups (router side)."""
+
+    def __init__(self, moe_layer: int, link: ExpertLink):
+        super().__init__()
+        self.moe_layer, self.link = moe_layer, link
+
+    def dispatch(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> tuple:
+        rows, counts, handle = dispatch(x, topk_ids, self.link.plan, self.moe_layer)  # [T*K, H], [G, S]
+        self.link.send(rows, counts)
+        return rows, counts, handle, topk_weights
+
+    def combine(self, pending: tuple) -> Tensor:
+        rows, counts, handle, topk_weights = pending
+        results = self.link.receive(counts, like=rows)  # [T*K, H]
+        return unpermute(results, handle, topk_weights)
+
+
+class Router:
+    def __init__(self, model_path: str | Path, plan: PlacementPlan, dtype: torch.dtype = torch.float32,
+                 engine_config: EngineConfig = EngineConfig()):
+        config, _ = load_config(model_path)
+        check_plan(plan, config.num_experts, len(config.moe_layer_ids))
+        self.link = ExpertLink(plan)
+        moe_index = {layer: i for i, layer in enumerate(config.moe_layer_ids)}
+        model = load_model(model_path, dtype, make_experts=lambda layer: RemoteExperts(moe_index[layer], self.link))
+        tokenizer = Tokenizer(model_path) if (Path(model_path) / "tokenizer.json").is_file() else None
+        self.engine = Engine(model, tokenizer, engine_config)
+        self.step_id = 0
+        self.next_plan: PlacementPlan | None = None  # staged on every group; active from the next step
+
+    @property
+    def plan(self) -> PlacementPlan:
+        return self.link.plan
+
+    def join(self, world: World) -> None:
+        self.link.world = world
+
+    def step(self) -> list[RequestOutput]:
+        """schedule -> header -> model (with per-layer dispatch) -> sample -> outputs."""
+        batch = self.engine.batcher.schedule()
+        if not batch.seqs:
+            return []
+        command = Command.RUN
+        if self.next_plan is not None:
+            self.link.plan, self.next_plan, command = self.next_plan, None, Command.ACTIVATE
+        self._header(command)
+        self.step_id += 1
+        return self.engine.execute(batch)
+
+    def idle(self) -> None:
+        self._header(Command.IDLE)
+
+    def stop(self) -> None:
+        self._header(Command.STOP)
+
+    def _header(self, command: Command) -> None:
+        self.link.world.broadcast_header(torch.tensor([command, self.step_id, self.plan.version, 0]))
+
+
+def check_plan(plan: PlacementPlan, num_experts: int, num_moe_layers: int) -> None:
+    """A plan must fit the model it places: same E, one plan layer per MoE layer."""
+    if plan.num_experts != num_experts:
+        raise ValueError(f"plan places {plan.num_experts} experts per layer, the model has {num_experts}")
+    if plan.num_layers != num_moe_layers:
+        raise ValueError(f"plan has {plan.num_layers} layers, the model has {num_moe_layers} MoE layers")

@@ -1,0 +1,155 @@
+"""`RouterActor`: the Ray shell around `Router` — request intake, token streaming, plan changes.
+
+The step loop runs on one thread and owns the router; other calls talk to it through queues,
+so the engine is never touched from two threads. `generate` is a streaming generator: each
+item is one step's new tokens for that request.
+"""
+
+import queue
+import threading
+import time
+
+import ray
+import torch
+
+from moeray.actors.comm import World, WorldSpec, host_store
+from moeray.actors.engine import EngineConfig
+from moeray.actors.placement import PlacementPlan
+from moeray.actors.router import Router
+from moeray.actors.sequence import SamplingParams
+
+IDLE_HEADER_S = 1.0  # how often an idle router tells the groups it is alive (well under the world timeout)
+
+
+@ray.remote(max_concurrency=64)
+class RouterActor:
+    def __init__(self, model_path: str, plan_json: str, dtype: str, engine_config: EngineConfig, num_threads: int):
+        torch.set_num_threads(num_threads)
+        self.router = Router(model_path, PlacementPlan.from_json(plan_json), getattr(torch, dtype), engine_config)
+        self.store, self.port = host_store()
+        self.inbox: queue.Queue = queue.Queue()
+        self.streams: dict[int, queue.Queue] = {}
+        self.groups: list = []
+        self.staging: tuple[PlacementPlan, list] | None = None
+        self.error: str | None = None
+        self.staging_error: str | None = None
+        self._running = False
+        self._loop: threading.Thread | None = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), self.port
+
+    def join(self, spec: WorldSpec) -> None:
+        self.router.join(World(spec, 0, self.store))
+
+    def start(self, groups: list) -> None:
+        self.groups = groups
+        self._running = True
+        self._loop = threading.Thread(target=self._step_loop, name="router-steps", daemon=True)
+        self._loop.start()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams):
+        """Streams dicts {token_ids, text, finished, finish_reason} for one request."""
+        out: queue.Queue = queue.Queue()
+        self.inbox.put((list(prompt_ids), params, out))
+        while True:
+            item = out.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            if item["finished"]:
+                return
+
+    def set_plan(self, plan_json: str) -> int:
+        """Stage a new plan on every group; it becomes active at the first step after all have it."""
+        if self.staging is not None:
+            raise RuntimeError(f"plan v{self.staging[0].version} is still staging")
+        plan = PlacementPlan.from_json(plan_json, self.router.plan.num_experts)
+        if plan.version <= self.router.plan.version:
+            raise ValueError(f"plan version {plan.version} must be newer than the active v{self.router.plan.version}")
+        self.staging = (plan, [g.stage.remote(plan.to_json()) for g in self.groups])
+        return plan.version
+
+    def stats(self) -> dict:
+        return {"plan_version": self.router.plan.version, "step": self.router.step_id, "error": self.error,
+                "staging_error": self.staging_error,
+                "staging_version": self.staging[0].version if self.staging else None,
+                "running": len(self.router.engine.batcher.running), "waiting": len(self.router.engine.batcher.waiting)}
+
+    def plan_json(self) -> str:
+        return self.router.plan.to_json()
+
+    def shutdown(self) -> None:
+        self._running = False
+        if self._loop is not None:
+            self._loop.join(timeout=30)
+
+    def _step_loop(self) -> None:
+        last_header = time.monotonic()
+        try:
+            while self._running:
+                self._admit()
+                self._check_staging()
+                if self.router.engine.has_unfinished:
+                    for out in self.router.step():
+                        self._emit(out)
+                    last_header = time.monotonic()
+                elif time.monotonic() - last_header > IDLE_HEADER_S:
+                    self.router.idle()
+                    last_header = time.monotonic()
+                else:
+                    self._wait_for_request(0.05)
+            self.router.stop()
+        except Exception as err:  # a broken world: fail every open stream, keep the reason
+            self.error = f"{type(err).__name__}: {err}"
+            for out in self.streams.values():
+                out.put(RuntimeError(f"router step failed: {self.error}"))
+            self.streams.clear()
+        finally:
+            if self.router.link.world is not None:
+                self.router.link.world.destroy()
+
+    def _wait_for_request(self, timeout: float) -> None:
+        try:
+            self._admit_one(*self.inbox.get(timeout=timeout))
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                self._admit_one(*self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _admit_one(self, prompt_ids: list[int], params: SamplingParams, out: queue.Queue) -> None:
+        try:
+            seq_id = self.router.engine.add_request(prompt_ids, params)
+        except ValueError as err:  # a bad request fails alone; the server keeps serving
+            out.put(err)
+            return
+        self.streams[seq_id] = out
+
+    def _emit(self, out) -> None:
+        stream = self.streams.get(out.seq_id)
+        if stream is None:
+            return
+        stream.put({"token_ids": out.new_token_ids, "text": out.new_text,
+                    "finished": out.finished, "finish_reason": out.finish_reason})
+        if out.finished:
+            del self.streams[out.seq_id]
+
+    def _check_staging(self) -> None:
+        if self.staging is None:
+            return
+        plan, refs = self.staging
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if len(done) < len(refs):
+            return
+        self.staging = None
+        try:
+            ray.get(done)
+        except ray.exceptions.RayError as err:  # a group could not stage: keep serving the active plan
+            self.staging_error = f"plan v{plan.version} was not staged: {err}"
+            return
+        self.router.next_plan = plan

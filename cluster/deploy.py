@@ -1,0 +1,146 @@
+"""Deploy a router and G expert groups onto a Ray cluster and form their world.
+
+Resources: with GPUs in the cluster every expert group asks for one (`num_gpus=1`) and the world
+uses NCCL when the router has one too; otherwise every actor asks for `num_cpus=0` plus the
+memory its weights need, and sets its own torch thread count so actors on one machine do not
+fight over cores. What the cluster cannot place is reported by name before anything starts,
+and an actor that fails to start (say, a checkpoint its node cannot read) fails the deployment
+with its own error instead of hanging.
+"""
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import ray
+
+from moeray.actors.comm import WorldSpec
+from moeray.actors.engine import EngineConfig
+from moeray.actors.expert_group_actor import ExpertGroupActor
+from moeray.actors.placement import PlacementPlan
+from moeray.actors.router import check_plan
+from moeray.actors.router_actor import RouterActor
+from moeray.actors.sequence import SamplingParams
+from moeray.models.loader import load_config
+
+
+class DeploymentError(RuntimeError):
+    """The cluster could not be brought up; the message says which part and why."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model_path: str
+    num_groups: int = 2
+    redundant_slots: int = 0
+    dtype: str = "float32"
+    plan: PlacementPlan | None = None  # default: PlacementPlan.default(...)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    world_timeout_s: float = 30.0  # a collective that waits longer than this fails the step
+    start_timeout_s: float = 300.0  # loading weights on every actor
+
+
+class Deployment:
+    """A running router + expert groups. `generate` streams one request's outputs."""
+
+    def __init__(self, router, groups: list, plan: PlacementPlan):
+        self.router, self.groups, self.initial_plan = router, groups, plan
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> Iterator[dict]:
+        for ref in self.router.generate.remote(prompt_ids, params):
+            yield ray.get(ref)
+
+    def set_plan(self, plan: PlacementPlan) -> int:
+        return ray.get(self.router.set_plan.remote(plan.to_json()))
+
+    def plan(self) -> PlacementPlan:
+        return PlacementPlan.from_json(ray.get(self.router.plan_json.remote()), self.initial_plan.num_experts)
+
+    def stats(self) -> dict:
+        return {"router": ray.get(self.router.stats.remote()), "groups": ray.get([g.stats.remote() for g in self.groups])}
+
+    def shutdown(self) -> None:
+        try:
+            ray.get(self.router.shutdown.remote(), timeout=60)
+        finally:
+            for actor in [self.router, *self.groups]:
+                ray.kill(actor)
+
+
+def deploy(config: ClusterConfig) -> Deployment:
+    """Start the actors (Ray must be initialised), form the world, start serving."""
+    model_config, _ = load_config(config.model_path)
+    num_moe_layers = len(model_config.moe_layer_ids)
+    plan = config.plan or PlacementPlan.default(num_moe_layers, model_config.num_experts, config.num_groups,
+                                                config.redundant_slots)
+    check_plan(plan, model_config.num_experts, num_moe_layers)
+    if plan.num_groups != config.num_groups:
+        raise DeploymentError(f"the plan has {plan.num_groups} groups but {config.num_groups} expert groups were asked for")
+    path = str(Path(config.model_path).resolve())
+    group_bytes = _group_weight_bytes(model_config, plan, config.dtype)
+    use_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    group_opts, router_opts, backend = _resources(config.num_groups, group_bytes, use_gpus)
+    threads = max(1, (os.cpu_count() or 1) // (config.num_groups + 1))
+    groups = [ExpertGroupActor.options(**group_opts).remote(path, g, plan.to_json(), config.dtype, threads)
+              for g in range(config.num_groups)]
+    router = RouterActor.options(**router_opts).remote(path, plan.to_json(), config.dtype, config.engine, threads)
+    deployment = Deployment(router, groups, plan)
+    try:
+        _wait_started([("router", router.rendezvous.remote())]
+                      + [(f"expert group {g}", a.ready.remote()) for g, a in enumerate(groups)], config.start_timeout_s)
+        host, port = ray.get(router.rendezvous.remote())
+        spec = WorldSpec(host, port, config.num_groups + 1, backend=backend, timeout_s=config.world_timeout_s)
+        ray.get([router.join.remote(spec)] + [a.join.remote(spec, g + 1) for g, a in enumerate(groups)],
+                timeout=config.world_timeout_s * 2)
+        ray.get([a.serve.remote() for a in groups])
+        ray.get(router.start.remote(groups))
+    except BaseException:
+        for actor in [router, *groups]:
+            ray.kill(actor)
+        raise
+    return deployment
+
+
+def _resources(num_groups: int, group_bytes: int, use_gpus: bool) -> tuple[dict, dict, str]:
+    """Actor options for groups and router, and the world backend; fails early and by name."""
+    available = ray.cluster_resources()
+    if use_gpus:
+        if available.get("GPU", 0) < num_groups:
+            raise DeploymentError(f"{num_groups} expert groups need {num_groups} GPUs (resource 'GPU'); "
+                                  f"the cluster has {available.get('GPU', 0):g}")
+        router_gpu = available.get("GPU", 0) >= num_groups + 1
+        return ({"num_gpus": 1, "num_cpus": 0}, {"num_gpus": int(router_gpu), "num_cpus": 0},
+                "nccl" if router_gpu else "gloo")
+    need = group_bytes * num_groups
+    if available.get("memory", 0) < need:
+        raise DeploymentError(f"{num_groups} expert groups need {need / 2**30:.2f} GiB of resource 'memory' for "
+                              f"their weights; the cluster has {available.get('memory', 0) / 2**30:.2f} GiB")
+    return {"num_cpus": 0, "memory": group_bytes}, {"num_cpus": 0}, "gloo"
+
+
+def _group_weight_bytes(model_config, plan: PlacementPlan, dtype: str) -> int:
+    itemsize = 2 if dtype == "bfloat16" else 4
+    per_slot = 3 * model_config.hidden_size * model_config.moe_intermediate_size * itemsize
+    return max(1, plan.num_layers * plan.slots_per_group * per_slot)
+
+
+def _wait_started(pending: list[tuple[str, "ray.ObjectRef"]], timeout_s: float) -> None:
+    """Wait for every actor's first answer; name the one that failed or is stuck."""
+    deadline = time.monotonic() + timeout_s
+    for name, ref in pending:
+        try:
+            ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        except ray.exceptions.GetTimeoutError:
+            raise DeploymentError(f"{name} did not start within {timeout_s:.0f} s (still loading weights, "
+                                  "or waiting for resources the cluster does not have)") from None
+        except ray.exceptions.RayActorError as err:
+            raise DeploymentError(f"{name} failed to start: {_cause(err)}") from None
+
+
+def _cause(err: Exception) -> str:
+    """The last line of an actor's init traceback: the error the user can act on."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    causes = [line for line in lines if "Error:" in line and not line.startswith("ray.")]
+    return causes[-1] if causes else (lines[-1] if lines else repr(err))
