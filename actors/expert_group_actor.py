@@ -27,6 +27,11 @@ class ExpertGroupActor:
         return self.group.group
 
     def join(self, spec: WorldSpec, rank: int) -> None:
+        """Join a world; when re-forming, first wait for the serve loop to leave the old one."""
+        if self._loop is not None:
+            self._loop.join(timeout=spec.timeout_s)
+            if self._loop.is_alive():
+                raise RuntimeError(f"group {self.group.group} is still serving world {self.world.spec.generation}")
         self.world = World(spec, rank)
 
     def serve(self) -> None:

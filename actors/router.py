@@ -93,6 +93,12 @@ class Router:
         self.step_id += 1
         return self.engine.execute(batch)
 
+    def leave(self) -> None:
+        """Tell every group to leave (REFORM) and destroy this world; `join` a new one next."""
+        self._header(Command.REFORM)
+        self.link.world.destroy()
+        self.link.world = None
+
     def idle(self) -> None:
         self._header(Command.IDLE)
 

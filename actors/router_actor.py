@@ -28,6 +28,7 @@ class RouterActor:
         self.router = Router(model_path, PlacementPlan.from_json(plan_json), getattr(torch, dtype), engine_config)
         self.store, self.port = host_store()
         self.inbox: queue.Queue = queue.Queue()
+        self._tasks: queue.Queue = queue.Queue()  # (callable, done queue) run between steps
         self.streams: dict[int, queue.Queue] = {}
         self.groups: list = []
         self.staging: tuple[PlacementPlan, list] | None = None
@@ -79,6 +80,20 @@ class RouterActor:
     def plan_json(self) -> str:
         return self.router.plan.to_json()
 
+    def reform(self, spec: WorldSpec) -> None:
+        """Leave the world at the next step boundary and join `spec` (a new generation, possibly
+        other members). Returns once the new world is formed; requests in flight just wait."""
+        done: queue.Queue = queue.Queue()
+
+        def task():
+            self.router.leave()
+            self.router.join(World(spec, 0, self.store))
+
+        self._tasks.put((task, done))
+        error = done.get()
+        if error is not None:
+            raise error
+
     def shutdown(self) -> None:
         self._running = False
         if self._loop is not None:
@@ -88,6 +103,7 @@ class RouterActor:
         last_header = time.monotonic()
         try:
             while self._running:
+                self._run_tasks()
                 self._admit()
                 self._check_staging()
                 if self.router.engine.has_unfinished:
@@ -108,6 +124,20 @@ class RouterActor:
         finally:
             if self.router.link.world is not None:
                 self.router.link.world.destroy()
+
+    def _run_tasks(self) -> None:
+        """Control work that must run between steps, on the thread that owns the world."""
+        while True:
+            try:
+                task, done = self._tasks.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                task()
+                done.put(None)
+            except Exception as err:  # handed back to the caller of reform()
+                done.put(err)
+                raise
 
     def _wait_for_request(self, timeout: float) -> None:
         try:

@@ -20,6 +20,12 @@ def _prompt_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--prompt-ids {text!r} must be comma-separated integers") from None
 
 
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 0")
+    return int(text)
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 1")
@@ -43,16 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations")
     gen.add_argument("--json", action="store_true", help='print one JSON object: {"token_ids", "text", ...}')
+    cluster = gen.add_argument_group("cluster engine (--engine cluster)")
+    gen.add_argument("--engine", choices=("local", "cluster"), default="local",
+                     help="local: in-process (default); cluster: router + expert groups as Ray actors")
+    cluster.add_argument("--expert-groups", type=_positive_int, default=2, help="expert groups (default 2)")
+    cluster.add_argument("--redundant-slots", type=_non_negative_int, default=0,
+                         help="extra slots per group per layer, filled with replicas (default 0)")
+    cluster.add_argument("--address", default=None,
+                         help="Ray cluster to join: 'auto' or HOST:PORT (default: start a local one)")
+    cluster.add_argument("--plan", type=Path, default=None, help="initial placement plan (JSON file)")
     gen.set_defaults(func=run_generate)
     return parser
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from moeray.actors.engine import Engine
     from moeray.actors.sequence import SamplingParams
-    from moeray.models import DEFAULT_MODEL_DIR, load_model
+    from moeray.models import DEFAULT_MODEL_DIR
     from moeray.models.tokenizer import Tokenizer
 
     path = args.model or DEFAULT_MODEL_DIR
@@ -62,26 +74,64 @@ def run_generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     tokenizer = Tokenizer(path) if (path / "tokenizer.json").is_file() or args.prompt is not None else None
     prompt_ids = args.prompt_ids if args.prompt_ids is not None else tokenizer.encode(args.prompt)
-    model = load_model(path, getattr(torch, args.dtype), progress=None if args.json else _progress)
-    engine = Engine(model, tokenizer)
-    seq_id = engine.add_request(prompt_ids, params)
+    if args.engine == "cluster":
+        stream = _cluster_stream(args, path, prompt_ids, params)
+    else:
+        stream = _local_stream(args, path, tokenizer, prompt_ids, params)
     if not args.json and args.prompt is not None:
         print(args.prompt, end="", flush=True)
     token_ids, text, reason = [], "", None
-    while engine.has_unfinished:
-        for out in engine.step():
-            if out.seq_id != seq_id:
-                continue
-            token_ids += out.new_token_ids
-            text += out.new_text
-            reason = out.finish_reason
-            if not args.json:
-                print(out.new_text, end="", flush=True)
+    for new_ids, new_text, reason in stream:
+        token_ids += new_ids
+        text += new_text
+        if not args.json:
+            print(new_text, end="", flush=True)
     if args.json:
         print(json.dumps({"token_ids": token_ids, "text": text, "prompt_ids": prompt_ids, "finish_reason": reason}))
     else:
         print()
     return 0
+
+
+def _local_stream(args, path, tokenizer, prompt_ids, params):
+    """In-process engine: yields (new token ids, new text, finish reason) per step."""
+    import torch
+
+    from moeray.actors.engine import Engine
+    from moeray.models import load_model
+
+    model = load_model(path, getattr(torch, args.dtype), progress=None if args.json else _progress)
+    engine = Engine(model, tokenizer)
+    seq_id = engine.add_request(prompt_ids, params)
+    while engine.has_unfinished:
+        for out in engine.step():
+            if out.seq_id == seq_id:
+                yield out.new_token_ids, out.new_text, out.finish_reason
+
+
+def _cluster_stream(args, path, prompt_ids, params):
+    """Router + expert groups on Ray (a local cluster unless --address): same output as local."""
+    import ray
+
+    from moeray.actors.placement import PlacementPlan
+    from moeray.cluster.deploy import ClusterConfig, deploy
+
+    plan = None
+    if args.plan is not None:
+        if not args.plan.is_file():
+            raise ValueError(f"--plan {str(args.plan)!r}: no such file")
+        plan = PlacementPlan.from_json(args.plan.read_text())
+    ray.init(address=args.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    deployment = None
+    try:
+        deployment = deploy(ClusterConfig(str(path), num_groups=args.expert_groups, redundant_slots=args.redundant_slots,
+                                          dtype=args.dtype, plan=plan))
+        for item in deployment.generate(prompt_ids, params):
+            yield item["token_ids"], item["text"], item["finish_reason"]
+    finally:
+        if deployment is not None:
+            deployment.shutdown()
+        ray.shutdown()
 
 
 def _progress(done: int, total: int) -> None:
@@ -94,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # bad checkpoint, config or request values: the user's to fix
+    except ValueError as err:  # bad checkpoint, config, plan or request values: the user's to fix
         print(f"moeray {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # e.g. DeploymentError: the cluster could not place or start something
+        print(f"moeray {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

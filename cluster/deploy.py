@@ -10,7 +10,7 @@ with its own error instead of hanging.
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -45,8 +45,8 @@ class ClusterConfig:
 class Deployment:
     """A running router + expert groups. `generate` streams one request's outputs."""
 
-    def __init__(self, router, groups: list, plan: PlacementPlan):
-        self.router, self.groups, self.initial_plan = router, groups, plan
+    def __init__(self, router, groups: list, plan: PlacementPlan, spec: WorldSpec | None = None):
+        self.router, self.groups, self.initial_plan, self.spec = router, groups, plan, spec
 
     def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> Iterator[dict]:
         for ref in self.router.generate.remote(prompt_ids, params):
@@ -60,6 +60,13 @@ class Deployment:
 
     def stats(self) -> dict:
         return {"router": ray.get(self.router.stats.remote()), "groups": ray.get([g.stats.remote() for g in self.groups])}
+
+    def reform(self) -> None:
+        """Re-form the world (next generation) at a step boundary, with the same members."""
+        self.spec = replace(self.spec, generation=self.spec.generation + 1)
+        refs = [self.router.reform.remote(self.spec)] + [g.join.remote(self.spec, i + 1) for i, g in enumerate(self.groups)]
+        ray.get(refs, timeout=self.spec.timeout_s * 2)
+        ray.get([g.serve.remote() for g in self.groups])
 
     def shutdown(self) -> None:
         try:
@@ -92,6 +99,7 @@ def deploy(config: ClusterConfig) -> Deployment:
                       + [(f"expert group {g}", a.ready.remote()) for g, a in enumerate(groups)], config.start_timeout_s)
         host, port = ray.get(router.rendezvous.remote())
         spec = WorldSpec(host, port, config.num_groups + 1, backend=backend, timeout_s=config.world_timeout_s)
+        deployment.spec = spec
         ray.get([router.join.remote(spec)] + [a.join.remote(spec, g + 1) for g, a in enumerate(groups)],
                 timeout=config.world_timeout_s * 2)
         ray.get([a.serve.remote() for a in groups])
