@@ -26,8 +26,9 @@ def assign_replicas(topk_ids: Tensor, replica_count: Tensor, logical_to_physical
     order = torch.argsort(flat, stable=True)  # [T*K]
     counts = torch.bincount(flat, minlength=num_experts)  # [E]
     starts = torch.cumsum(counts, 0) - counts  # [E]
-    occurrence = torch.empty_like(flat)
-    occurrence[order] = torch.arange(flat.numel()) - starts[flat[order]]  # j: pair's rank within its expert
+    ranks = torch.arange(flat.numel(), device=flat.device)  # [T*K] int64, whatever topk_ids' dtype
+    occurrence = torch.empty_like(ranks)
+    occurrence[order] = ranks - starts[flat[order]]  # j: pair's rank within its expert
     replica = occurrence % replica_count[flat]  # [T*K]
     return logical_to_physical[flat, replica].view_as(topk_ids)
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from moeray.actors.comm import Command, World
-from moeray.actors.placement import PlacementPlan
+from moeray.actors.placement import PlacementPlan, check_plan
 from moeray.kernels.moe import expert_ffn
 from moeray.models.checkpoint import CheckpointReader, load_experts
 from moeray.models.loader import load_config, moe_prefix
@@ -26,8 +26,7 @@ class ExpertGroup:
         self.group, self.dtype = group, dtype
         self.reader = CheckpointReader(model_path)
         self.prefixes = [moe_prefix(family, self.reader, layer) for layer in self.config.moe_layer_ids]
-        if plan.num_layers != len(self.prefixes):
-            raise ValueError(f"plan has {plan.num_layers} MoE layers, the model has {len(self.prefixes)}")
+        check_plan(plan, self.config.num_experts, len(self.prefixes))
         c, slots = self.config, plan.slots_per_group
         self.w13 = [torch.zeros(slots, 2 * c.moe_intermediate_size, c.hidden_size, dtype=dtype) for _ in self.prefixes]  # L x [S, 2I, H]
         self.w2 = [torch.zeros(slots, c.hidden_size, c.moe_intermediate_size, dtype=dtype) for _ in self.prefixes]  # L x [S, H, I]

@@ -39,9 +39,17 @@ class PlacementPlan:
     logical_to_physical: Tensor = field(init=False)  # [L, E, Rmax] physical ids g*S+s, -1 padded
 
     def __post_init__(self):
-        p2l = torch.as_tensor(self.physical_to_logical, dtype=torch.long)
+        p2l = torch.as_tensor(self.physical_to_logical)
         if p2l.dim() != 3:
             raise PlanError(f"physical_to_logical must be [layers, groups, slots], got shape {tuple(p2l.shape)}")
+        if 0 in p2l.shape:
+            raise PlanError(f"physical_to_logical needs at least one layer, group and slot, "
+                            f"got shape {tuple(p2l.shape)}")
+        if p2l.is_floating_point() or p2l.is_complex() or p2l.dtype == torch.bool:
+            raise PlanError(f"physical_to_logical must hold integer expert ids, got dtype {p2l.dtype}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise PlanError(f"num_experts must be a positive int, got {self.num_experts!r}")
+        p2l = p2l.to(torch.long)
         object.__setattr__(self, "physical_to_logical", p2l)
         _check(p2l, self.num_experts)
         num_layers, num_groups, slots = p2l.shape
@@ -98,17 +106,25 @@ class PlacementPlan:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise PlanError(f"plan is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise PlanError(f"plan JSON must be an object, got {type(data).__name__}")
         for key in ("version", "num_groups", "slots_per_group", "physical_to_logical"):
             if key not in data:
                 raise PlanError(f"plan JSON has no {key!r}")
+        for key in ("version", "num_groups", "slots_per_group"):
+            if type(data[key]) is not int:
+                raise PlanError(f"plan JSON {key!r} must be an int, got {data[key]!r}")
+        _check_ints(data["physical_to_logical"], "physical_to_logical")
         try:
             p2l = torch.tensor(data["physical_to_logical"], dtype=torch.long)
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RuntimeError) as err:
             raise PlanError(f"physical_to_logical must be a [layers][groups][slots] list of ints: {err}") from None
         if p2l.dim() != 3 or p2l.shape[1:] != (data["num_groups"], data["slots_per_group"]):
             raise PlanError(f"physical_to_logical has shape {tuple(p2l.shape)}, expected "
                             f"[layers, {data['num_groups']}, {data['slots_per_group']}]")
-        return cls(p2l, num_experts if num_experts is not None else int(p2l.max()) + 1, int(data["version"]))
+        if num_experts is None:
+            num_experts = int(p2l.max()) + 1 if p2l.numel() else 0
+        return cls(p2l, num_experts, data["version"])
 
     @classmethod
     def default(cls, num_layers: int, num_experts: int, num_groups: int, redundant_slots: int = 0,
@@ -140,6 +156,15 @@ class PlacementPlan:
         return cls(layer.expand(num_layers, -1, -1).clone(), num_experts, version)
 
 
+def _check_ints(value, where: str) -> None:
+    """Every leaf of a nested JSON list must be an int (not a float, bool, string or null)."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_ints(item, f"{where}[{i}]")
+    elif type(value) is not int:
+        raise PlanError(f"{where} is {value!r}, expected an int expert id (-1 = empty slot)")
+
+
 def _check(p2l: Tensor, num_experts: int) -> None:
     bad = (p2l < -1) | (p2l >= num_experts)
     if bad.any():
@@ -156,3 +181,11 @@ def _check(p2l: Tensor, num_experts: int) -> None:
             if len(ids) != len(set(ids)):
                 dup = next(e for e in ids if ids.count(e) > 1)
                 raise PlanError(f"layer {layer} group {group}: expert {dup} appears twice (replicas must sit in different groups)")
+
+
+def check_plan(plan: PlacementPlan, num_experts: int, num_moe_layers: int) -> None:
+    """A plan must fit the model it places: the same E, one plan layer per MoE layer."""
+    if plan.num_experts != num_experts:
+        raise PlanError(f"plan places {plan.num_experts} experts per layer, the model has {num_experts}")
+    if plan.num_layers != num_moe_layers:
+        raise PlanError(f"plan has {plan.num_layers} layers, the model has {num_moe_layers} MoE layers")

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from moeray.actors.comm import Command, World
 from moeray.actors.dispatch import dispatch
 from moeray.actors.engine import Engine, EngineConfig, RequestOutput
-from moeray.actors.placement import PlacementPlan
+from moeray.actors.placement import PlacementPlan, check_plan
 from moeray.kernels.moe import PermuteHandle, unpermute
 from moeray.models.loader import load_config, load_model
 from moeray.models.tokenizer import Tokenizer
@@ -107,11 +107,3 @@ class Router:
 
     def _header(self, command: Command) -> None:
         self.link.world.broadcast_header(torch.tensor([command, self.step_id, self.plan.version, 0]))
-
-
-def check_plan(plan: PlacementPlan, num_experts: int, num_moe_layers: int) -> None:
-    """A plan must fit the model it places: same E, one plan layer per MoE layer."""
-    if plan.num_experts != num_experts:
-        raise ValueError(f"plan places {plan.num_experts} experts per layer, the model has {num_experts}")
-    if plan.num_layers != num_moe_layers:
-        raise ValueError(f"plan has {plan.num_layers} layers, the model has {num_moe_layers} MoE layers")

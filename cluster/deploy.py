@@ -19,8 +19,7 @@ import ray
 from moeray.actors.comm import WorldSpec
 from moeray.actors.engine import EngineConfig
 from moeray.actors.expert_group_actor import ExpertGroupActor
-from moeray.actors.placement import PlacementPlan
-from moeray.actors.router import check_plan
+from moeray.actors.placement import PlacementPlan, check_plan
 from moeray.actors.router_actor import RouterActor
 from moeray.actors.sequence import SamplingParams
 from moeray.models.loader import load_config
