@@ -34,6 +34,7 @@ class Batcher:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # sequences sent back to recompute since start (a metric)
 
     @property
     def has_work(self) -> bool:
@@ -92,4 +93,5 @@ class Batcher:
         self.allocator.free(seq.block_table)
         seq.num_computed = 0
         seq.status = Status.WAITING
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)

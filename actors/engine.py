@@ -6,11 +6,12 @@ experts change (they are dispatched to expert groups instead of computed here).
 """
 
 import itertools
+import operator
 from dataclasses import dataclass, field
 
 import torch
 
-from moeray.actors.batcher import Batcher
+from moeray.actors.batcher import Batcher, ScheduledBatch
 from moeray.actors.detokenizer import TextStream
 from moeray.actors.kv_cache import KVCache
 from moeray.actors.model_runner import ModelRunner
@@ -29,9 +30,12 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes", "block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes", "block_size", "max_model_len"):
+            value = getattr(self, name)
+            if value is None and name == "max_model_len":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
 
 
 @dataclass
@@ -60,8 +64,14 @@ class Engine:
         self.cache = KVCache(model.config, model.dtype, config.kv_cache_bytes, config.block_size)
         self.batcher = Batcher(self.cache.allocator, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache)
+        # A sequence never outgrows the KV cache: were it allowed to, once alone it could neither
+        # grow nor be preempted into fitting, and the engine would spin on empty steps forever.
+        kv_capacity = self.cache.allocator.num_blocks * self.cache.allocator.block_size
+        if config.max_model_len is not None and config.max_model_len > kv_capacity:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the {kv_capacity} tokens the KV cache "
+                             f"holds (kv_cache_bytes={config.kv_cache_bytes}); raise kv_cache_bytes or lower max_model_len")
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
-                                 model.config.max_position_embeddings)
+                                 model.config.max_position_embeddings, kv_capacity)
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
         self._generators: dict[int, torch.Generator | None] = {}
@@ -72,9 +82,12 @@ class Engine:
         return self.batcher.has_work
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> int:
-        """Queue a request; it joins the running batch at the next step. -> its id."""
-        self._validate(prompt_ids, params)
-        seq = Sequence(next(self._ids), list(prompt_ids), params)
+        """Queue a request; it joins the running batch at the next step. -> its id.
+
+        Raises ValueError, naming the offending value, for a request that cannot run; the engine
+        and the requests already queued are untouched by it."""
+        prompt_ids = self._validate(prompt_ids, params)
+        seq = Sequence(next(self._ids), prompt_ids, params)
         self._seqs[seq.seq_id] = seq
         self._generators[seq.seq_id] = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         if self.tokenizer is not None:
@@ -90,8 +103,10 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         batch = self.batcher.schedule()
-        if not batch.seqs:
-            return []
+        return self.execute(batch) if batch.seqs else []
+
+    def execute(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Run a scheduled batch: model forward, sample, hand out the new tokens."""
         logits = self.runner.run(batch)  # [S, V]
         sampled = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
         token_ids = self._sample(sampled, logits).tolist()
@@ -108,21 +123,23 @@ class Engine:
                 done[out.seq_id].finish_reason = out.finish_reason
         return [done[i] for i in ids]
 
-    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """-> the prompt as a list of Python ints; ValueError for a request that cannot run."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params={params!r} must be a SamplingParams")
         vocab = self.model.config.vocab_size
-        if not prompt_ids:
+        ids = [_token_id(t) for t in prompt_ids]  # numpy / 0-d tensor ids -> int
+        if not ids:
             raise ValueError("prompt is empty: at least one token is needed")
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}")
-        allocator = self.cache.allocator
-        if allocator.blocks_for(len(prompt_ids) + 1) > allocator.num_blocks:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens but the KV cache holds only "
-                             f"{allocator.num_blocks * allocator.block_size}; raise kv_cache_bytes")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
+                             "(the prompt and at least one generated token must fit)")
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+            raise ValueError(f"stop={params.stop!r} needs a tokenizer; this engine has none")
+        return ids
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
@@ -153,3 +170,12 @@ class Engine:
     def _forget(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
         self._texts.pop(seq_id, None)
+
+
+def _token_id(token) -> int:
+    try:
+        if isinstance(token, bool):
+            raise TypeError
+        return operator.index(token)
+    except TypeError:
+        raise ValueError(f"prompt token id {token!r} is not an integer") from None

@@ -1,6 +1,7 @@
 """A request as the engine sees it: its tokens, sampling settings and place in the KV cache."""
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 
@@ -17,16 +18,33 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
         checks = [
-            ("max_tokens", self.max_tokens, isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", self.temperature, self.temperature >= 0, ">= 0"),
-            ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", self.top_k, isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
-            ("stop", self.stop, all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            ("max_tokens", self.max_tokens, _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", self.temperature, _is_real(self.temperature) and 0 <= self.temperature < math.inf,
+             ">= 0 (and finite)"),
+            ("top_p", self.top_p, _is_real(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k, _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0"),
+            ("seed", self.seed, self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64),
+             "None or an integer in [0, 2**64)"),
+            ("stop", self.stop, isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+             "a tuple of non-empty strings"),
+            ("ignore_eos", self.ignore_eos, isinstance(self.ignore_eos, bool), "True or False"),
         ]
         for name, value, ok, want in checks:
             if not ok:
                 raise ValueError(f"{name}={value!r} must be {want}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class Status(enum.Enum):

@@ -115,7 +115,9 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
 def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float, window: int | None) -> Tensor:
     """One sequence: q [n, nh, D] at positions start..start+n-1; k, v [start+n, nkv, D] -> [n, nh, D]."""
     n, ctx = q.shape[0], k.shape[0]
-    query, keys, values = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, len, D]
+    # 4-D [1, heads, len, D] like causal_attention: torch picks its SDPA kernel by rank, and in bf16
+    # the 3-D and 4-D kernels round differently, which would make paged and unpaged logits disagree.
+    query, keys, values = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if start == 0 and not window:
         att = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     else:
@@ -125,7 +127,7 @@ def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float, win
         if window:
             mask &= k_pos > q_pos - window
         att = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-    return att.transpose(0, 1)
+    return att[0].transpose(0, 1)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:

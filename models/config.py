@@ -35,6 +35,7 @@ class ModelConfig:
     num_experts: int = 0  # E, routed experts per MoE layer
     moe_intermediate_size: int = 0  # I
     routing: RoutingConfig | None = None
+    routing_weights_in_model_dtype: bool = False  # Qwen-MoE, OLMoE round top-k weights to bf16 before scaling; Mixtral keeps f32
     moe_layers: tuple[bool, ...] = ()  # per layer: MoE block (True) or dense MLP (False)
     dense_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0  # 0 = no shared expert

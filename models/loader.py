@@ -5,6 +5,7 @@ concatenation to checkpoint tensors; routed experts go through `checkpoint.load_
 reads only the experts asked for (expert groups load just their own slots).
 """
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +14,7 @@ import torch
 from moeray.models.checkpoint import CheckpointError, CheckpointReader, load_experts, read_config
 from moeray.models.config import ModelConfig
 from moeray.models.family import Family, family_for
-from moeray.models.model import Attention, DenseMLP, MoEBlock, MoEModel
+from moeray.models.model import Attention, DenseMLP, MakeExperts, MoEBlock, MoEModel
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
 
@@ -27,14 +28,18 @@ def load_config(path: str | Path) -> tuple[ModelConfig, Family]:
 
 
 def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-               progress: Progress | None = None) -> MoEModel:
-    """The model in `path` (default: the built-in model) with every weight loaded, in `dtype`."""
+               progress: Progress | None = None, make_experts: MakeExperts | None = None) -> MoEModel:
+    """The model in `path` (default: the built-in model) with every weight loaded, in `dtype`.
+
+    With `make_experts`, the routed experts are whatever it builds (the router's dispatch to
+    expert groups) and no expert weight is read or allocated here."""
     path = Path(path) if path is not None else DEFAULT_MODEL_DIR
     config, family = load_config(path)
-    model = MoEModel(config).to(dtype)
+    with default_dtype(dtype):
+        model = MoEModel(config, make_experts)
     with CheckpointReader(path) as reader:
         load_dense_weights(model, family, reader)
-        for block in moe_blocks(model):
+        for block in moe_blocks(model) if make_experts is None else []:
             prefix = moe_prefix(family, reader, block.layer)
             w13, w2 = load_experts(reader, prefix, range(config.num_experts), config.hidden_size,
                                    config.moe_intermediate_size, config.num_experts, dtype)
@@ -42,6 +47,17 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
             if progress:
                 progress(block.layer + 1, config.num_layers)
     return model.eval()
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Create parameters directly in `dtype` (no float32 copy of a bf16 model on the way)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def moe_blocks(model: MoEModel) -> list[MoEBlock]:
@@ -61,12 +77,11 @@ def moe_prefix(family: Family, reader: CheckpointReader, layer: int) -> str:
 def load_dense_weights(model: MoEModel, family: Family, reader: CheckpointReader) -> None:
     """Everything but the routed experts: parameter <- one checkpoint tensor or a concatenation."""
     for param, names in dense_weight_names(model, family, reader).items():
-        parts = [reader.get(name, dtype=param.dtype) for name in names]
-        value = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if value.shape != param.shape:
-            raise CheckpointError(f"{reader.path}: tensor '{names[0]}' has shape {tuple(value.shape)}, "
-                                  f"expected {tuple(param.shape)}")
-        param.data = value.contiguous()
+        # Concatenated parts split dim 0 evenly (gate_proj + up_proj -> gate_up); the reader checks
+        # each part's shape from its header, so the error names the shard file and the tensor.
+        shape = (param.shape[0] // len(names), *param.shape[1:])
+        parts = [reader.get(name, dtype=param.dtype, shape=shape) for name in names]
+        param.data = (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
 
 
 def dense_weight_names(model: MoEModel, family: Family, reader: CheckpointReader) -> dict[torch.nn.Parameter, list[str]]:

@@ -9,7 +9,7 @@ the other). Two seams keep this one module usable everywhere:
 Parameters are created empty (`torch.empty`) and filled by `models.loader`.
 """
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,11 @@ class CausalContext:
         return out.reshape(q.shape)
 
 
+MakeExperts = Callable[[int], nn.Module]
+
+
 def _param(*shape: int) -> nn.Parameter:
+    """Uninitialised, in torch's default dtype: build the model under `default_dtype(...)`."""
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
@@ -100,19 +104,25 @@ class LocalExperts(nn.Module):
         super().__init__()
         self.w13, self.w2 = _param(num_experts, 2 * inter, hidden), _param(num_experts, hidden, inter)
 
-    def forward(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
+    def dispatch(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
+        """Local experts compute at once; `combine` just hands the result back."""
         return fused_moe(x, topk_weights, topk_ids, self.w13, self.w2)
+
+    def combine(self, pending: Tensor) -> Tensor:
+        return pending
 
 
 class MoEBlock(nn.Module):
     """Gate -> route -> experts (local or dispatched) [+ shared expert, gated for Qwen2-MoE]."""
 
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, experts: nn.Module | None = None):
         super().__init__()
         c = config
         self.layer, self.routing = layer, c.routing
+        self.weights_in_model_dtype = c.routing_weights_in_model_dtype
         self.gate = _param(c.num_experts, c.hidden_size)  # [E, H]
-        self.experts: nn.Module = LocalExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size)
+        # Anything with dispatch(x, topk_weights, topk_ids) -> pending and combine(pending) -> [N, H].
+        self.experts = experts if experts is not None else LocalExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size)
         self.shared = DenseMLP(c.hidden_size, c.shared_expert_intermediate_size) if c.shared_expert_intermediate_size else None
         self.shared_gate = _param(1, c.hidden_size) if c.shared_expert_gate and self.shared else None
         self.last_topk_ids: Tensor | None = None  # [N, K] of the last forward, for load tracking
@@ -120,10 +130,13 @@ class MoEBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         logits = F.linear(x, self.gate)  # [N, E]
         topk_weights, topk_ids = route(logits, self.routing)  # [N, K] float32, [N, K] int64
+        if self.weights_in_model_dtype:
+            topk_weights = topk_weights.to(x.dtype)  # as transformers' Qwen-MoE / OLMoE routers do
         self.last_topk_ids = topk_ids
-        out = self.experts(x, topk_weights, topk_ids)
-        if self.shared is not None:
-            shared = self.shared(x)
+        pending = self.experts.dispatch(x, topk_weights, topk_ids)
+        shared = self.shared(x) if self.shared is not None else None  # overlaps a remote dispatch
+        out = self.experts.combine(pending)
+        if shared is not None:
             if self.shared_gate is not None:
                 shared = torch.sigmoid(F.linear(x, self.shared_gate)) * shared
             out = out + shared
@@ -131,12 +144,15 @@ class MoEBlock(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, make_experts: "MakeExperts | None" = None):
         super().__init__()
         self.eps = config.rms_norm_eps
         self.input_norm, self.post_attention_norm = _param(config.hidden_size), _param(config.hidden_size)
         self.attn = Attention(config, layer)
-        self.mlp = MoEBlock(config, layer) if config.moe_layers[layer] else DenseMLP(config.hidden_size, config.dense_intermediate_size)
+        if config.moe_layers[layer]:
+            self.mlp = MoEBlock(config, layer, make_experts(layer) if make_experts else None)
+        else:
+            self.mlp = DenseMLP(config.hidden_size, config.dense_intermediate_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
         x = x + self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin, ctx)
@@ -146,11 +162,12 @@ class DecoderLayer(nn.Module):
 class MoEModel(nn.Module):
     """forward(input_ids [B, T]) -> logits [B, T, V]; the engine uses forward_tokens + compute_logits."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, make_experts: "MakeExperts | None" = None):
+        """make_experts(layer) builds the experts of an MoE layer (default: LocalExperts)."""
         super().__init__()
         self.config = config
         self.embed = _param(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, make_experts) for i in range(config.num_layers))
         self.norm = _param(config.hidden_size)
         self.lm_head = None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size)
         inv_freq, self.rope_scaling = rope_inv_freq(config.rope)
@@ -159,6 +176,14 @@ class MoEModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
+
+    def _apply(self, fn, recurse=True):
+        # `.to(bfloat16)` must not round the rope frequencies (transformers keeps them float32;
+        # bf16 inv_freq moves every angle and the logits by whole units): follow devices only.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor) -> Tensor:

@@ -67,6 +67,19 @@ def sparse_layers(raw: dict, num_layers: int) -> tuple[bool, ...]:
     return tuple(l not in dense and (l + 1) % step == 0 for l in range(num_layers))
 
 
+def num_experts_field(raw: dict, *keys: str) -> int:
+    """Routed experts per layer under the first of `keys` present. transformers' `attribute_map` makes
+    `num_experts` and `num_local_experts` aliases in some families, and its `save_pretrained` writes
+    the canonical one (Qwen3-MoE: `num_local_experts`, while Hub checkpoints say `num_experts`)."""
+    present = [k for k in keys if k in raw]
+    if not present:
+        raise ConfigError(f"config.json: required field {' or '.join(map(repr, keys))} is missing")
+    values = {raw[k] for k in present if isinstance(raw[k], int)}
+    if len(values) > 1:
+        raise ConfigError("config.json: " + ", ".join(f"{k}={raw[k]!r}" for k in present) + " disagree")
+    return field(raw, present[0], int, minimum=1)
+
+
 def check_top_k(num_experts: int, top_k: int) -> None:
     if not 1 <= top_k <= num_experts:
         raise ConfigError(f"config.json: num_experts_per_tok={top_k} must be between 1 and the number of experts ({num_experts})")

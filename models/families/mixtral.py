@@ -2,7 +2,7 @@
 
 from moeray.kernels.routing import RoutingConfig
 from moeray.models.config import ModelConfig
-from moeray.models.families.common import check_top_k, common_fields, field
+from moeray.models.families.common import check_top_k, common_fields, field, num_experts_field
 from moeray.models.family import Family, register
 
 
@@ -12,7 +12,7 @@ class Mixtral(Family):
 
     def parse(self, raw: dict) -> ModelConfig:
         base = common_fields(raw)
-        num_experts = field(raw, "num_local_experts", int, minimum=1)
+        num_experts = num_experts_field(raw, "num_local_experts", "num_experts")
         top_k = field(raw, "num_experts_per_tok", int, minimum=1)
         check_top_k(num_experts, top_k)
         window = field(raw, "sliding_window", int, None, minimum=1)

@@ -25,6 +25,7 @@ class Qwen2Moe(Family):
             num_experts=num_experts,
             moe_intermediate_size=field(raw, "moe_intermediate_size", int, minimum=1),
             routing=RoutingConfig(kind="softmax_topk", top_k=top_k, renormalize=bool(raw.get("norm_topk_prob", False))),
+            routing_weights_in_model_dtype=True,
             moe_layers=sparse_layers(raw, num_layers),
             dense_intermediate_size=field(raw, "intermediate_size", int, 0, minimum=0),
             shared_expert_intermediate_size=field(raw, "shared_expert_intermediate_size", int, 0, minimum=0),

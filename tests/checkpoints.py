@@ -1,0 +1,110 @@
+"""Tiny random checkpoints of every supported family, built with transformers (no downloads).
+
+Sizes are deliberately odd (E=6, K=3, vocab 211, head_dim != hidden / heads in places) and the
+weights are re-drawn much larger than transformers' init (std 0.02), so that a wrong norm order,
+a missing bias or a swapped projection moves the logits by whole units, not by 1e-6.
+
+    folder = build_checkpoint(tmp_path, "mixtral_swa")           # float32 safetensors + config.json
+    folder = build_checkpoint(tmp_path, "olmoe_clip", torch.bfloat16)
+    fused = write_fused_mixtral(folder, tmp_path / "fused")      # same weights, fused expert names
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+VOCAB = 211  # not a power of two
+EOS = 2
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+               rms_norm_eps=1e-6, max_position_embeddings=256, bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
+
+# name -> (transformers class, config class, config kwargs). Every family, every feature the
+# loader distinguishes: sliding windows shorter than the test sequences, tied embeddings,
+# explicit head_dim, shared experts, both norm_topk_prob values, dense layers, clip_qkv, biases.
+CONFIGS = {
+    "mixtral_swa": ("MixtralForCausalLM", "MixtralConfig", dict(
+        num_hidden_layers=2, intermediate_size=40, num_local_experts=6, num_experts_per_tok=3,
+        sliding_window=7, rope_theta=10000.0)),
+    "mixtral_tied": ("MixtralForCausalLM", "MixtralConfig", dict(
+        num_hidden_layers=2, intermediate_size=40, num_local_experts=6, num_experts_per_tok=3,
+        head_dim=16, tie_word_embeddings=True, rope_theta=1000.0)),
+    "qwen2_moe_norm": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(
+        num_hidden_layers=3, intermediate_size=56, moe_intermediate_size=24, shared_expert_intermediate_size=36,
+        num_experts=6, num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=2)),
+    "qwen2_moe_swa": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(
+        num_hidden_layers=3, intermediate_size=56, moe_intermediate_size=24, shared_expert_intermediate_size=36,
+        num_experts=6, num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[1],
+        use_sliding_window=True, sliding_window=6, max_window_layers=2)),
+    "qwen3_moe_dense": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
+        num_hidden_layers=3, intermediate_size=56, moe_intermediate_size=24, head_dim=16,
+        num_experts=6, num_experts_per_tok=3, norm_topk_prob=True, mlp_only_layers=[1])),
+    "qwen3_moe_swa_tied": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
+        num_hidden_layers=3, intermediate_size=56, moe_intermediate_size=24, head_dim=8,
+        num_experts=6, num_experts_per_tok=3, norm_topk_prob=False, decoder_sparse_step=2,
+        use_sliding_window=True, sliding_window=5, tie_word_embeddings=True)),
+    "olmoe_clip": ("OlmoeForCausalLM", "OlmoeConfig", dict(
+        num_hidden_layers=2, intermediate_size=40, num_experts=6, num_experts_per_tok=3,
+        clip_qkv=0.75, attention_bias=True, norm_topk_prob=False)),
+}
+
+
+def hf_config(name: str):
+    _, config_cls, kwargs = CONFIGS[name]
+    return getattr(transformers, config_cls)(**_COMMON, **kwargs)
+
+
+def build_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """A transformers model of config `name` with large random weights (float32, eval mode)."""
+    model_cls = getattr(transformers, CONFIGS[name][0])
+    torch.manual_seed(seed)
+    model = model_cls(hf_config(name)).eval()
+    scale_up(model, seed)
+    return model
+
+
+@torch.no_grad()
+def scale_up(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw every parameter: matrices N(0, 0.5), vectors (norm weights, biases) around 1 / 0."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+        elif name.endswith("bias"):
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+        else:  # RMSNorm weights
+            param.copy_(0.5 + torch.rand(param.shape, generator=gen))
+
+
+def build_checkpoint(root: Path, name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """Save config `name` (weights in `dtype`) with save_pretrained under root/name-dtype -> the folder."""
+    folder = Path(root) / f"{name}-{str(dtype).removeprefix('torch.')}"
+    if not (folder / "config.json").is_file():
+        build_hf_model(name, seed).to(dtype).save_pretrained(folder)
+    return folder
+
+
+def write_fused_mixtral(src: Path, dst: Path) -> Path:
+    """Copy a Mixtral checkpoint, renaming its experts to transformers 5's fused in-memory names:
+    `model.layers.{l}.mlp.experts.gate_up_proj [E, 2I, H]`, `...experts.down_proj [E, H, I]` and
+    `model.layers.{l}.mlp.gate.weight`."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    out = {name: t for name, t in tensors.items() if ".block_sparse_moe." not in name}
+    for layer in range(config["num_hidden_layers"]):
+        old, new = f"model.layers.{layer}.block_sparse_moe", f"model.layers.{layer}.mlp"
+        experts = range(config["num_local_experts"])
+        out[f"{new}.gate.weight"] = tensors[f"{old}.gate.weight"]
+        out[f"{new}.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([tensors[f"{old}.experts.{e}.w1.weight"], tensors[f"{old}.experts.{e}.w3.weight"]]) for e in experts])
+        out[f"{new}.experts.down_proj"] = torch.stack([tensors[f"{old}.experts.{e}.w2.weight"] for e in experts])
+    assert len(out) == len(tensors) - config["num_hidden_layers"] * (1 + 3 * config["num_local_experts"]) + 3 * config["num_hidden_layers"]
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(src / "config.json", dst / "config.json")
+    return dst

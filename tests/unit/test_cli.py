@@ -1,0 +1,70 @@
+"""`moeray generate` as a user runs it: a real subprocess, its stdout, stderr and exit code."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+from moeray.models import DEFAULT_MODEL_DIR
+
+
+def moeray(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["moeray", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory):
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2)
+    model = MixtralForCausalLM(config)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    path = tmp_path_factory.mktemp("mixtral")
+    model.save_pretrained(path)
+    return path
+
+
+def test_generate_json_matches_transformers_greedy(tiny_mixtral):
+    result = moeray("generate", "--model", str(tiny_mixtral), "--prompt-ids", "1,5,9,33", "--max-tokens", "12", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_mixtral, dtype=torch.float32).eval()
+    expected = ref.generate(torch.tensor([[1, 5, 9, 33]]), max_new_tokens=12, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[0, 4:].tolist()
+    # EOS (id 2) may end ours early; compare the common prefix and the reason.
+    assert out["token_ids"] == expected[: len(out["token_ids"])]
+    assert out["finish_reason"] == ("length" if len(out["token_ids"]) == 12 else "stop")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-ids", "1,x"], "--prompt-ids '1,x' must be comma-separated integers"),
+    (["--prompt-ids", "1", "--max-tokens", "0"], "'0' must be an integer >= 1"),
+    (["--prompt-ids", "1", "--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
+    (["--prompt-ids", "1", "--temperature", "-1"], "temperature=-1.0 must be >= 0"),
+    (["--prompt-ids", "1,500"], "prompt token id 500 is out of range [0, 97)"),
+    (["--prompt-ids", "1", "--dtype", "float16"], "invalid choice: 'float16'"),
+    (["--prompt", "hi"], "tokenizer.json"),
+    ([], "one of the arguments --prompt --prompt-ids is required"),
+])
+def test_bad_arguments_exit_2_with_one_line(tiny_mixtral, args, message):
+    result = moeray("generate", "--model", str(tiny_mixtral), *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_missing_model_folder_exits_2():
+    result = moeray("generate", "--model", "/nonexistent/ckpt", "--prompt", "hi")
+    assert result.returncode == 2
+    assert "'/nonexistent/ckpt': no such checkpoint folder" in result.stderr
+
+
+def test_default_model_streams_text():
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").is_file(), "the built-in model must ship with the package"
+    result = moeray("generate", "--prompt", "def fibonacci(n):", "--max-tokens", "24")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def fibonacci(n):")
+    assert len(result.stdout.strip()) > len("def fibonacci(n):") + 10

@@ -1,0 +1,289 @@
+"""Every family against transformers on tiny random checkpoints: logits, greedy tokens, bf16, loading errors."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from checkpoints import CONFIGS, VOCAB
+from safetensors.torch import load_file, save_file
+
+from moeray.actors.engine import Engine, EngineConfig
+from moeray.actors.sequence import SamplingParams
+from moeray.models import load_model
+from moeray.models.checkpoint import CheckpointError
+from moeray.models.config import ConfigError
+from moeray.models.family import family_for
+from moeray.models.model import MoEBlock
+
+transformers.logging.set_verbosity_error()
+NAMES = list(CONFIGS)
+PROMPTS = [[17, 3, 190, 44, 5], [9, 120, 7, 66, 201, 150, 31, 2, 88, 140, 12, 99, 5]]  # 5 and 13 tokens
+NEW_TOKENS = 20  # prompts + new tokens run well past every sliding window (5..7)
+
+
+def hf_model(folder, dtype=torch.float32):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # full-length runs
+    return model
+
+
+def random_ids(seed=1, shape=(3, 24)):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def hf_greedy(model, prompt, num_new=NEW_TOKENS):
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_new, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def engine_greedy(model, prompts, num_new=NEW_TOKENS):
+    engine = Engine(model, config=EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
+    done = engine.generate(prompts, SamplingParams(max_tokens=num_new, ignore_eos=True))
+    assert all(c.finish_reason == "length" for c in done)
+    return [c.token_ids for c in done]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers(make_checkpoint, name):
+    folder = make_checkpoint(name)
+    ids = random_ids()
+    with torch.no_grad():
+        expected = hf_model(folder)(ids).logits
+    got = load_model(folder)(ids)
+    assert got.shape == (3, 24, VOCAB) and got.dtype == torch.float32
+    assert expected.abs().max() > 5  # weights are scaled up: a real signal, not ~0 everywhere
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_tokens_match_transformers_generate(make_checkpoint, name):
+    folder = make_checkpoint(name)
+    hf = hf_model(folder)
+    expected = [hf_greedy(hf, p) for p in PROMPTS]
+    assert engine_greedy(load_model(folder), PROMPTS) == expected  # both prompts in one batch
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of bf16 (8 significant bits) at each |x|."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp(min=1e-3))) - 7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_checkpoint_in_bfloat16(make_checkpoint, name):
+    """bf16 weights run in bf16, against transformers in bf16.
+
+    Tolerance: at least 80% of the [3, 24, V] logits within one bf16 ulp of transformers', and the
+    same argmax at 90% of positions. moeray runs transformers' ops in its order and dtypes, but the
+    expert matmuls may accumulate in another order (float32 MKL instead of torch's bf16 kernel on CPUs
+    without bf16 instructions); a one-ulp change in a bf16 hidden state is then amplified by these
+    large random weights into a few logits off by up to ~0.5. Measured: >= 90% within one ulp when
+    correct, <= 64% with either bf16 bug this test found (rope frequencies rounded to bf16; Qwen/OLMoE
+    top-k weights kept in float32 where transformers rounds them to bf16). A max-abs bound cannot
+    separate those (noise 0.47 vs bugs 0.125-4.5), the ulp fraction can.
+
+    Greedy decoding through the paged engine is checked by teacher forcing, so that one flip at a
+    near-tie does not cascade: for the engine's own tokens, transformers' logits on the same prefix
+    must rank each token first or within 0.5 of the max (a near-tie; logits spread over ~+-15),
+    and at least 14 of 16 must be transformers' argmax."""
+    folder = make_checkpoint(name, torch.bfloat16)
+    ids = random_ids(seed=2)
+    hf = hf_model(folder, torch.bfloat16)
+    with torch.no_grad():
+        expected = hf(ids).logits.float()
+    model = load_model(folder, torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.inv_freq.dtype == torch.float32
+    got = model(ids)
+    within_ulp = ((got - expected).abs() <= bf16_ulp(expected)).float().mean()
+    assert within_ulp >= 0.8, within_ulp
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+    prompt = PROMPTS[1]
+    [tokens] = engine_greedy(model, [prompt], 16)
+    with torch.no_grad():
+        forced = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()  # [16, V]
+    best = forced.max(dim=-1).values
+    chosen = forced[torch.arange(16), torch.tensor(tokens)]
+    assert (chosen >= best - 0.5).all(), best - chosen
+    assert (chosen == best).sum() >= 14
+
+
+def test_to_bfloat16_keeps_rope_frequencies_float32(make_checkpoint):
+    """`model.to(bf16)` of a float32-loaded bf16 checkpoint is the model loaded in bf16 (rope included)."""
+    folder = make_checkpoint("mixtral_tied", torch.bfloat16)
+    converted = load_model(folder, torch.float32).to(torch.bfloat16)
+    assert converted.dtype == torch.bfloat16 and converted.inv_freq.dtype == torch.float32
+    ids = random_ids()
+    assert torch.equal(converted(ids), load_model(folder, torch.bfloat16)(ids))
+
+
+def test_configs_exercise_their_features(make_checkpoint):
+    """The checkpoints really have what they are named for, so the parity tests above cover it."""
+    models = {name: load_model(make_checkpoint(name)) for name in NAMES}
+    c = {name: m.config for name, m in models.items()}
+    assert c["mixtral_swa"].sliding_windows == (7, 7)
+    assert c["qwen2_moe_swa"].sliding_windows == (6, None, None)
+    assert c["qwen3_moe_swa_tied"].sliding_windows == (5, 5, 5)
+    assert c["mixtral_tied"].head_dim == 16 != c["mixtral_tied"].hidden_size // c["mixtral_tied"].num_heads
+    assert models["mixtral_tied"].lm_head is None and models["qwen3_moe_swa_tied"].lm_head is None
+    assert c["qwen2_moe_norm"].moe_layers == (False, True, False)  # decoder_sparse_step=2
+    assert c["qwen2_moe_swa"].moe_layers == (True, False, True)  # mlp_only_layers=[1]
+    assert c["qwen3_moe_dense"].moe_layers == (True, False, True)
+    assert c["qwen3_moe_swa_tied"].moe_layers == (False, True, False)
+    assert c["qwen2_moe_norm"].routing.renormalize and not c["qwen2_moe_swa"].routing.renormalize
+    assert c["qwen2_moe_norm"].shared_expert_intermediate_size == 36 and c["qwen2_moe_norm"].qkv_bias
+    assert c["olmoe_clip"].clip_qkv == 0.75 and c["olmoe_clip"].qkv_bias and c["olmoe_clip"].qk_norm == "full"
+    for name in NAMES:
+        assert c[name].num_experts == 6 and c[name].top_k == 3 and c[name].vocab_size == VOCAB
+
+
+@pytest.mark.parametrize("name", ["mixtral_swa", "qwen2_moe_swa", "qwen3_moe_swa_tied"])
+def test_sliding_window_matters_at_test_length(make_checkpoint, name):
+    """Without the window the logits of the 24-token test batch change: the parity test sees windows."""
+    model = load_model(make_checkpoint(name))
+    ids = random_ids()
+    with_window = model(ids)
+    for layer in model.layers:
+        layer.attn.window = None
+    assert (model(ids) - with_window).abs().max() > 1e-2
+
+
+def test_clip_qkv_clips_at_test_scale(make_checkpoint):
+    model = load_model(make_checkpoint("olmoe_clip"))
+    ids = random_ids()
+    clipped = model(ids)
+    for layer in model.layers:
+        layer.attn.config = dataclasses.replace(layer.attn.config, clip_qkv=None)
+    assert (model(ids) - clipped).abs().max() > 1e-2
+
+
+def test_fused_expert_names_load_the_same_weights(fused_mixtral):
+    per_expert, fused = fused_mixtral
+    names = set(load_file(fused / "model.safetensors"))
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names
+    assert not any("block_sparse_moe" in n or ".w1." in n for n in names)
+    a, b = load_model(per_expert), load_model(fused)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+    ids = random_ids()
+    assert torch.equal(a(ids), b(ids))
+    with torch.no_grad():
+        expected = hf_model(per_expert)(ids).logits
+    assert (b(ids) - expected).abs().max() < 1e-4
+    blocks = [layer.mlp for layer in b.layers]
+    assert all(isinstance(m, MoEBlock) and m.experts.w13.shape == (6, 80, 48) for m in blocks)
+
+
+def saved_config(make_checkpoint, name) -> dict:
+    return json.loads((make_checkpoint(name) / "config.json").read_text())
+
+
+@pytest.mark.parametrize("max_window_layers", [0, 1, 2, 3])
+def test_qwen2_moe_sliding_layers_without_layer_types(make_checkpoint, max_window_layers):
+    """Older Qwen2-MoE configs have no `layer_types`: the rule must be transformers' own."""
+    raw = saved_config(make_checkpoint, "qwen2_moe_swa")
+    del raw["layer_types"]
+    raw.update(max_window_layers=max_window_layers, num_hidden_layers=5)
+    expected = transformers.Qwen2MoeConfig(**raw).layer_types
+    windows = family_for(raw).parse(raw).sliding_windows
+    assert windows == tuple(6 if t == "sliding_attention" else None for t in expected)
+
+
+@pytest.mark.parametrize("name", ["mixtral_tied", "qwen3_moe_dense", "olmoe_clip", "qwen2_moe_norm"])
+def test_num_experts_under_either_name(make_checkpoint, name):
+    """transformers 5 saves Qwen3-MoE's expert count as num_local_experts, Hub configs say num_experts."""
+    raw = saved_config(make_checkpoint, name)
+    count = raw.pop("num_experts", None) or raw.pop("num_local_experts")
+    family = family_for(raw)
+    # the names transformers reads for this family (its attribute_map resolves `num_experts`)
+    accepted = [key for key in ("num_experts", "num_local_experts")
+                if transformers.AutoConfig.for_model(raw["model_type"], **{key: count}).num_experts == count]
+    assert "num_experts" in accepted
+    for key in accepted:
+        assert family.parse({**raw, key: count}).num_experts == count
+    if len(accepted) == 2:
+        with pytest.raises(ConfigError, match="disagree"):
+            family.parse({**raw, "num_experts": count, "num_local_experts": count + 1})
+    with pytest.raises(ConfigError, match="num_experts"):
+        family.parse(raw)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
+def test_unsupported_architecture_is_named(make_checkpoint, tmp_path, arch):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(make_checkpoint("mixtral_tied"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": [arch]}))
+    with pytest.raises(ConfigError, match=f"'{arch}' is not supported.*MixtralForCausalLM"):
+        load_model(folder)
+
+
+def test_missing_architectures_field(make_checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(make_checkpoint("mixtral_tied"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["architectures"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="architectures"):
+        load_model(folder)
+
+
+def broken_copy(src, dst, edit):
+    """Copy checkpoint `src` to `dst` with `edit(tensors)` applied to its tensors."""
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _shrink(tensors, name):
+    tensors[name] = tensors[name][:-1].clone()
+
+
+BROKEN = {  # (config, edit, tensor the error must name)
+    "missing dense": ("mixtral_swa", lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"),
+                      "model.layers.1.self_attn.k_proj.weight"),
+    "missing expert": ("mixtral_swa", lambda t: t.pop("model.layers.1.block_sparse_moe.experts.4.w3.weight"),
+                       "model.layers.1.block_sparse_moe.experts.4.w3.weight"),
+    "missing norm": ("qwen3_moe_dense", lambda t: t.pop("model.layers.2.self_attn.k_norm.weight"),
+                     "model.layers.2.self_attn.k_norm.weight"),
+    "shape dense": ("mixtral_swa", lambda t: _shrink(t, "model.layers.0.self_attn.q_proj.weight"),
+                    "model.layers.0.self_attn.q_proj.weight"),
+    "shape concatenated": ("qwen2_moe_swa", lambda t: _shrink(t, "model.layers.1.mlp.up_proj.weight"),
+                           "model.layers.1.mlp.up_proj.weight"),
+    "shape expert": ("mixtral_swa", lambda t: _shrink(t, "model.layers.1.block_sparse_moe.experts.2.w2.weight"),
+                     "model.layers.1.block_sparse_moe.experts.2.w2.weight"),
+    "shape bias": ("qwen2_moe_swa", lambda t: _shrink(t, "model.layers.2.self_attn.v_proj.bias"),
+                   "model.layers.2.self_attn.v_proj.bias"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_checkpoint_names_file_and_tensor(make_checkpoint, tmp_path, case):
+    name, edit, tensor = BROKEN[case]
+    folder = broken_copy(make_checkpoint(name), tmp_path / "ckpt", edit)
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder)
+    assert str(folder / "model.safetensors") in str(err.value) and f"'{tensor}'" in str(err.value)
+
+
+def test_truncated_checkpoint_names_file_and_tensor(make_checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(make_checkpoint("mixtral_swa"), folder)
+    file = folder / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated: data of tensor 'model\.\S+'"):
+        load_model(folder)
+
+
+def test_missing_weights_file(make_checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(make_checkpoint("mixtral_swa"), folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(folder)
