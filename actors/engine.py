@@ -47,6 +47,7 @@ class RequestOutput:
     new_text: str
     finished: bool
     finish_reason: str | None = None
+    new_logprobs: list[float] = field(default_factory=list)  # log p(token) under the model, per new token
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
 
 
 class Engine:
@@ -109,8 +111,10 @@ class Engine:
         """Run a scheduled batch: model forward, sample, hand out the new tokens."""
         logits = self.runner.run(batch)  # [S, V]
         sampled = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
-        token_ids = self._sample(sampled, logits).tolist()
-        return [self._append(seq, token) for seq, token in zip(sampled, token_ids)]
+        tokens = self._sample(sampled, logits)  # [S]
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)  # [S]
+        return [self._append(seq, token, logprob)
+                for seq, token, logprob in zip(sampled, tokens.tolist(), logprobs.tolist())]
 
     def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> list[Completion]:
         """Run prompts to completion together (continuous batching); results in prompt order."""
@@ -121,6 +125,7 @@ class Engine:
                 done[out.seq_id].token_ids += out.new_token_ids
                 done[out.seq_id].text += out.new_text
                 done[out.seq_id].finish_reason = out.finish_reason
+                done[out.seq_id].logprobs += out.new_logprobs
         return [done[i] for i in ids]
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
@@ -147,7 +152,7 @@ class Engine:
         top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
         return sample(logits, temperature, top_k, top_p, [self._generators[s.seq_id] for s in seqs])
 
-    def _append(self, seq: Sequence, token: int) -> RequestOutput:
+    def _append(self, seq: Sequence, token: int, logprob: float) -> RequestOutput:
         seq.output_ids.append(token)
         params = seq.params
         if not params.ignore_eos and token in self.model.config.eos_token_ids:
@@ -165,7 +170,7 @@ class Engine:
             self.batcher.finish(seq)
             self._seqs.pop(seq.seq_id)
             self._forget(seq.seq_id)
-        return RequestOutput(seq.seq_id, [token], text, finished, seq.finish_reason)
+        return RequestOutput(seq.seq_id, [token], text, finished, seq.finish_reason, [logprob])
 
     def _forget(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)

@@ -164,7 +164,7 @@ class RouterActor:
         stream = self.streams.get(out.seq_id)
         if stream is None:
             return
-        stream.put({"token_ids": out.new_token_ids, "text": out.new_text,
+        stream.put({"token_ids": out.new_token_ids, "text": out.new_text, "logprobs": out.new_logprobs,
                     "finished": out.finished, "finish_reason": out.finish_reason})
         if out.finished:
             del self.streams[out.seq_id]

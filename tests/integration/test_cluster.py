@@ -27,13 +27,22 @@ def prompts(n: int = 3, seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 200, (length,), generator=gen).tolist() for length in (5, 19, 1, 33, 8, 2, 27, 12)[:n]]  # ids < 200 fit every test vocab
 
 
-def local_tokens(path, prompt_list, params=GREEDY) -> list[list[int]]:
+def local_run(path, prompt_list, params=GREEDY) -> list[tuple[list[int], list[float]]]:
     engine = Engine(load_model(path))
-    return [c.token_ids for c in engine.generate(prompt_list, params)]
+    return [(c.token_ids, c.logprobs) for c in engine.generate(prompt_list, params)]
+
+
+def local_tokens(path, prompt_list, params=GREEDY) -> list[list[int]]:
+    return [tokens for tokens, _ in local_run(path, prompt_list, params)]
+
+
+def cluster_run(deployment, prompt, params=GREEDY) -> tuple[list[int], list[float]]:
+    items = list(deployment.generate(prompt, params))
+    return [t for item in items for t in item["token_ids"]], [lp for item in items for lp in item["logprobs"]]
 
 
 def cluster_tokens(deployment, prompt, params=GREEDY) -> list[int]:
-    return [t for item in deployment.generate(prompt, params) for t in item["token_ids"]]
+    return cluster_run(deployment, prompt, params)[0]
 
 
 def uneven_plan(path, num_groups: int, seed: int) -> PlacementPlan:
@@ -60,7 +69,7 @@ def uneven_plan(path, num_groups: int, seed: int) -> PlacementPlan:
 def test_every_family_matches_local_engine_for_any_placement(ray_cluster, make_checkpoint, family):
     path = make_checkpoint(family)
     prompt_list = prompts(3)
-    expected = local_tokens(path, prompt_list)
+    expected = local_run(path, prompt_list)
     placements = [ClusterConfig(str(path), num_groups=1),
                   ClusterConfig(str(path), num_groups=2, redundant_slots=1),
                   ClusterConfig(str(path), num_groups=3, plan=uneven_plan(path, 3, seed=len(family)))]
@@ -68,13 +77,16 @@ def test_every_family_matches_local_engine_for_any_placement(ray_cluster, make_c
         deployment = deploy(config)
         try:
             results = {}
-            threads = [threading.Thread(target=lambda i=i, p=p: results.__setitem__(i, cluster_tokens(deployment, p)))
+            threads = [threading.Thread(target=lambda i=i, p=p: results.__setitem__(i, cluster_run(deployment, p)))
                        for i, p in enumerate(prompt_list)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(timeout=120)
-            assert [results[i] for i in range(len(prompt_list))] == expected, f"G={config.num_groups}"
+            for i, (tokens, logprobs) in enumerate(expected):
+                assert results[i][0] == tokens, f"G={config.num_groups} prompt {i}"
+                # log p of each chosen token: the logits agree, not only their argmax
+                torch.testing.assert_close(torch.tensor(results[i][1]), torch.tensor(logprobs), atol=1e-4, rtol=0)
             groups = deployment.stats()["groups"]
             assert all(sum(map(sum, g["tokens_per_slot"])) > 0 for g in groups), "every group must compute"
         finally:

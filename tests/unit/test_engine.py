@@ -285,3 +285,13 @@ def test_abort_frees_the_request(model, alone):
     assert early[ids[0]] + out[ids[0]][0] == alone[0] and early[ids[2]] + out[ids[2]][0] == alone[2]
     assert ids[1] not in out
     assert eng.cache.allocator.num_free == eng.cache.allocator.num_blocks
+
+
+def test_logprobs_are_the_models_log_softmax_of_each_chosen_token(model):
+    prompt = PROMPTS[1]
+    done = engine(model).generate([prompt], SamplingParams(max_tokens=8, temperature=0.7, seed=3))[0]
+    assert len(done.logprobs) == len(done.token_ids) == 8
+    logits = model(torch.tensor([prompt + done.token_ids]))[0]  # [T, V], no cache
+    expected = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(1, torch.tensor(done.token_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(done.logprobs), expected, atol=1e-4, rtol=0)
+    assert (expected < -1e-3).any(), "sampled tokens are not all certain, so the check can fail"
