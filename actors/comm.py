@@ -5,10 +5,15 @@ one) and hands `(host, port)` out through Ray; each world *generation* lives und
 store prefix, so the world can be destroyed and re-formed with other members between steps.
 gloo runs on CPU tensors, NCCL on each rank's GPU; `World.device` says which.
 
-The step protocol's collectives, all issued by every rank in the same order:
-    header        broadcast from rank 0: [command, step, version, arg]
-    counts        all_to_all_single of [W, S] int64 rows per (destination rank, slot)
-    rows          all_to_all_single of [n, H] with uneven splits (bf16 travels as int16 bits)
+The step protocol's messages:
+    header        broadcast from rank 0: [command, step, version, arg] — every rank, every step
+    per MoE layer, between the router and each group g (point to point, in this order):
+      counts      router -> g: [S] int64 rows per slot
+      rows        router -> g: [n, H], sorted by slot (skipped when n = 0)
+      results     g -> router: [n, H], same order (skipped when n = 0)
+Point-to-point rather than `all_to_all_single`: the groups never exchange anything with each
+other, so an all-to-all spends a whole extra collective (the counts) and W*W mostly empty
+messages per layer; measured on 2 cores it cost ~1.8x the point-to-point exchange.
 """
 
 import enum
@@ -69,16 +74,10 @@ class World:
         dist.broadcast(buf, src=0)
         return buf.cpu()
 
-    def exchange_counts(self, send: Tensor) -> Tensor:
-        """send [W, S] rows this rank sends each rank, per slot -> recv [W, S] rows it gets from each."""
-        recv = torch.empty_like(send, device=self.device)
-        dist.all_to_all_single(recv, send.to(self.device).contiguous())
-        return recv.cpu()
+    def send(self, tensor: Tensor, dst: int) -> dist.Work:
+        """Start sending `tensor` to rank `dst`; wait on the returned work before reusing it."""
+        return dist.isend(tensor.to(self.device).contiguous(), dst=dst)
 
-    def exchange_rows(self, rows: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
-        """rows [sum(send_splits), H] -> [sum(recv_splits), H], uneven splits per rank."""
-        wire = rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows
-        out = torch.empty((sum(recv_splits), rows.shape[1]), dtype=wire.dtype, device=self.device)
-        dist.all_to_all_single(out, wire.to(self.device).contiguous(), recv_splits, send_splits)
-        out = out.to(rows.device)
-        return out.view(rows.dtype) if rows.dtype == torch.bfloat16 else out
+    def recv(self, tensor: Tensor, src: int) -> dist.Work:
+        """Start receiving into `tensor` (contiguous, on `device`) from rank `src`."""
+        return dist.irecv(tensor, src=src)

@@ -35,6 +35,9 @@ def assign_replicas(topk_ids: Tensor, replica_count: Tensor, logical_to_physical
 
 def dispatch(x: Tensor, topk_ids: Tensor, plan: PlacementPlan, moe_layer: int) -> tuple[Tensor, Tensor, PermuteHandle]:
     """x [T, H], topk_ids [T, K] -> (rows [T*K, H] sorted by (group, slot), counts [G, S], handle)."""
-    physical = assign_replicas(topk_ids, plan.replica_count[moe_layer], plan.logical_to_physical[moe_layer])
+    if plan.logical_to_physical.shape[2] == 1:  # no replicas anywhere: one gather
+        physical = plan.logical_to_physical[moe_layer, :, 0][topk_ids]  # [T, K]
+    else:
+        physical = assign_replicas(topk_ids, plan.replica_count[moe_layer], plan.logical_to_physical[moe_layer])
     rows, handle = permute(x, physical, plan.num_groups * plan.slots_per_group)
     return rows, handle.counts.view(plan.num_groups, plan.slots_per_group), handle

@@ -21,7 +21,10 @@ from moeray.actors.sequence import SamplingParams
 IDLE_HEADER_S = 1.0  # how often an idle router tells the groups it is alive (well under the world timeout)
 
 
-@ray.remote(max_concurrency=64)
+MAX_STREAMS = 1024  # concurrent `generate` streams; control calls have their own threads
+
+
+@ray.remote(max_concurrency=8, concurrency_groups={"streams": MAX_STREAMS})
 class RouterActor:
     def __init__(self, model_path: str, plan_json: str, dtype: str, engine_config: EngineConfig, num_threads: int):
         torch.set_num_threads(num_threads)
@@ -49,12 +52,18 @@ class RouterActor:
         self._loop = threading.Thread(target=self._step_loop, name="router-steps", daemon=True)
         self._loop.start()
 
+    @ray.method(concurrency_group="streams")
     def generate(self, prompt_ids: list[int], params: SamplingParams):
-        """Streams dicts {token_ids, text, finished, finish_reason} for one request."""
+        """Streams dicts {token_ids, text, logprobs, finished, finish_reason} for one request.
+
+        A consumer that falls behind gets the steps it missed merged into one item: one Ray
+        message per item is the streaming cost, so slow readers cost less, not more."""
         out: queue.Queue = queue.Queue()
         self.inbox.put((list(prompt_ids), params, out))
         while True:
             item = out.get()
+            while not isinstance(item, Exception) and not item["finished"] and not out.empty():
+                item = _merge(item, out.get())
             if isinstance(item, Exception):
                 raise item
             yield item
@@ -183,3 +192,12 @@ class RouterActor:
             self.staging_error = f"plan v{plan.version} was not staged: {err}"
             return
         self.router.next_plan = plan
+
+
+def _merge(first: dict | Exception, second: dict | Exception) -> dict | Exception:
+    """Two consecutive stream items as one (an error wins)."""
+    if isinstance(second, Exception):
+        return second
+    return {"token_ids": first["token_ids"] + second["token_ids"], "text": first["text"] + second["text"],
+            "logprobs": first["logprobs"] + second["logprobs"], "finished": second["finished"],
+            "finish_reason": second["finish_reason"]}

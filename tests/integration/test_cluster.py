@@ -210,3 +210,15 @@ def test_world_reforms_mid_generation_without_changing_tokens(ray_cluster, make_
         assert all(g["serving"] for g in deployment.stats()["groups"])
     finally:
         deployment.shutdown()
+
+
+def test_bfloat16_cluster_matches_bfloat16_local_engine(ray_cluster):
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    prompt_list = prompts(3, seed=4)
+    engine = Engine(load_model(DEFAULT_MODEL_DIR, torch.bfloat16))
+    expected = [c.token_ids for c in engine.generate(prompt_list, params)]
+    deployment = deploy(ClusterConfig(str(DEFAULT_MODEL_DIR), num_groups=2, redundant_slots=1, dtype="bfloat16"))
+    try:
+        assert [cluster_tokens(deployment, p, params) for p in prompt_list] == expected
+    finally:
+        deployment.shutdown()
