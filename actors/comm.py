@@ -5,15 +5,14 @@ one) and hands `(host, port)` out through Ray; each world *generation* lives und
 store prefix, so the world can be destroyed and re-formed with other members between steps.
 gloo runs on CPU tensors, NCCL on each rank's GPU; `World.device` says which.
 
-The step protocol's messages:
-    header        broadcast from rank 0: [command, step, version, arg] — every rank, every step
-    per MoE layer, between the router and each group g (point to point, in this order):
-      counts      router -> g: [S] int64 rows per slot
-      rows        router -> g: [n, H], sorted by slot (skipped when n = 0)
-      results     g -> router: [n, H], same order (skipped when n = 0)
-Point-to-point rather than `all_to_all_single`: the groups never exchange anything with each
-other, so an all-to-all spends a whole extra collective (the counts) and W*W mostly empty
-messages per layer; measured on 2 cores it cost ~1.8x the point-to-point exchange.
+The step protocol's collectives, all issued by every rank in the same order:
+    header        broadcast from rank 0: [command, step, version, arg]
+    counts        all_to_all_single of [W, S] int64 rows per (destination rank, slot)
+    rows          all_to_all_single of [n, H] with uneven splits (bf16 as is: gloo takes it)
+
+Measured on this design's alternative (bench/cluster_step.py, same code path, A/B): point-to-point
+isend/irecv between the router and each group, which skips the counts collective and the empty
+group-to-group messages, was ~2x *slower* than these all-to-alls on a 2-core machine.
 """
 
 import enum
@@ -74,10 +73,14 @@ class World:
         dist.broadcast(buf, src=0)
         return buf.cpu()
 
-    def send(self, tensor: Tensor, dst: int) -> dist.Work:
-        """Start sending `tensor` to rank `dst`; wait on the returned work before reusing it."""
-        return dist.isend(tensor.to(self.device).contiguous(), dst=dst)
+    def exchange_counts(self, send: Tensor) -> Tensor:
+        """send [W, S] rows this rank sends each rank, per slot -> recv [W, S] rows it gets from each."""
+        recv = torch.empty_like(send, device=self.device)
+        dist.all_to_all_single(recv, send.to(self.device).contiguous())
+        return recv.cpu()
 
-    def recv(self, tensor: Tensor, src: int) -> dist.Work:
-        """Start receiving into `tensor` (contiguous, on `device`) from rank `src`."""
-        return dist.irecv(tensor, src=src)
+    def exchange_rows(self, rows: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
+        """rows [sum(send_splits), H] -> [sum(recv_splits), H], uneven splits per rank."""
+        out = torch.empty((sum(recv_splits), rows.shape[1]), dtype=rows.dtype, device=self.device)
+        dist.all_to_all_single(out, rows.to(self.device).contiguous(), recv_splits, send_splits)
+        return out.to(rows.device)

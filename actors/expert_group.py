@@ -1,9 +1,9 @@
 """`ExpertGroup`: one rank of the expert world, holding the weights of its S slots per MoE layer.
 
 It never acts on its own between steps: `serve` reads the router's step header and follows it.
-Per MoE layer of a step it receives its per-slot counts and the rows the router sends it
-(already sorted by slot), runs the grouped SwiGLU over its slots, and sends the results back in
-the same order. Placement changes come in two halves: `stage(plan)` loads the weights of the slots
+Per MoE layer of a step it receives the rows the router sends it (already sorted by slot, with
+per-slot counts), runs the grouped SwiGLU over its slots, and sends the results back in the
+same order. Placement changes come in two halves: `stage(plan)` loads the weights of the slots
 that change into staging memory (on another thread) while steps go on; the header
 `ACTIVATE v` copies them into place at a step boundary, on every rank at once.
 """
@@ -79,16 +79,19 @@ class ExpertGroup:
                 self.run_layer(world, layer)
 
     def run_layer(self, world: World, layer: int) -> None:
-        """One MoE layer's exchange with the router: per-slot counts in, rows in, expert FFN, rows back."""
-        counts = torch.empty(self.plan.slots_per_group, dtype=torch.long)  # [S]
-        world.recv(counts, 0).wait()
-        n = int(counts.sum())
-        self.tokens_per_slot[layer] += counts
-        if n == 0:
-            return
-        rows = torch.empty(n, self.config.hidden_size, dtype=self.dtype)  # [n, H] sorted by slot
-        world.recv(rows, 0).wait()
-        world.send(expert_ffn(rows, counts.tolist(), self.w13[layer], self.w2[layer]), 0).wait()
+        """One MoE layer's exchange: counts in, rows in, expert FFN per slot, rows back."""
+        slots = self.plan.slots_per_group
+        counts = world.exchange_counts(torch.zeros(world.size, slots, dtype=torch.long))  # [W, S] from each rank
+        splits = counts.sum(1).tolist()
+        rows = world.exchange_rows(torch.empty(0, self.config.hidden_size, dtype=self.dtype), [0] * world.size, splits)
+        out = torch.empty_like(rows)
+        start = 0
+        for rank, n in enumerate(splits):
+            if n:
+                out[start:start + n] = expert_ffn(rows[start:start + n], counts[rank].tolist(), self.w13[layer], self.w2[layer])
+                start += n
+        self.tokens_per_slot[layer] += counts.sum(0)
+        world.exchange_rows(out, splits, [0] * world.size)
 
     def _load(self, slots: list[tuple[int, int, int]]):
         """(layer, slot, logical expert) -> yields (layer, slot, w13 [2I, H], w2 [H, I]) from the checkpoint."""

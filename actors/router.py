@@ -28,31 +28,19 @@ class ExpertLink:
     def __init__(self, plan: PlacementPlan):
         self.plan = plan
         self.world: World | None = None
-        self._sending: list = []  # works of the last send; finished before its results come back
 
     def send(self, rows: Tensor, counts: Tensor) -> None:
         """rows [n, H] sorted by (group, slot); counts [G, S]. Group g is rank g + 1."""
-        start = 0
-        for group, (slot_counts, n) in enumerate(zip(counts, counts.sum(1).tolist())):
-            self._sending.append(self.world.send(slot_counts, group + 1))
-            if n:
-                self._sending.append(self.world.send(rows[start:start + n], group + 1))
-            start += n
+        world = self.world
+        slots = counts.shape[1]
+        to_ranks = torch.cat([torch.zeros(1, slots, dtype=torch.long), counts])  # [W, S]
+        world.exchange_counts(to_ranks)
+        world.exchange_rows(rows, to_ranks.sum(1).tolist(), [0] * world.size)
 
     def receive(self, counts: Tensor, like: Tensor) -> Tensor:
         """The groups' results, in the order `send` sent the rows: [n, H]."""
-        for work in self._sending:
-            work.wait()
-        self._sending.clear()
-        out = like.new_empty(like.shape)
-        receiving, start = [], 0
-        for group, n in enumerate(counts.sum(1).tolist()):
-            if n:
-                receiving.append(self.world.recv(out[start:start + n], group + 1))
-            start += n
-        for work in receiving:
-            work.wait()
-        return out
+        splits = [0] + counts.sum(1).tolist()
+        return self.world.exchange_rows(like.new_empty(0, like.shape[1]), [0] * self.world.size, splits)
 
 
 class RemoteExperts(nn.Module):
