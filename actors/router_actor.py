@@ -24,15 +24,24 @@ IDLE_HEADER_S = 1.0  # how often an idle router tells the groups it is alive (we
 MAX_STREAMS = 1024  # concurrent `generate` streams; control calls have their own threads
 
 
+class OverloadedError(RuntimeError):
+    """The router's queue is full: the request was refused, not queued (gRPC RESOURCE_EXHAUSTED, HTTP 429)."""
+
+
 @ray.remote(max_concurrency=8, concurrency_groups={"streams": MAX_STREAMS})
 class RouterActor:
-    def __init__(self, model_path: str, plan_json: str, dtype: str, engine_config: EngineConfig, num_threads: int):
+    def __init__(self, model_path: str, plan_json: str, dtype: str, engine_config: EngineConfig, num_threads: int,
+                 max_queued_requests: int = 256):
         torch.set_num_threads(num_threads)
+        self.max_queued_requests = max_queued_requests  # waiting (not yet running) requests beyond which new ones are refused
         self.router = Router(model_path, PlacementPlan.from_json(plan_json), getattr(torch, dtype), engine_config)
         self.store, self.port = host_store()
         self.inbox: queue.Queue = queue.Queue()
         self._tasks: queue.Queue = queue.Queue()  # (callable, done queue) run between steps
-        self.streams: dict[int, queue.Queue] = {}
+        self.streams: dict[int, queue.Queue] = {}  # seq id -> that request's output queue
+        self.seq_ids: dict[str, int] = {}  # request id -> seq id, while it runs
+        self.request_ids: dict[int, str] = {}  # and back
+        self._cancelled: set[str] = set()  # request ids aborted before they were admitted
         self.groups: list = []
         self.staging: tuple[PlacementPlan, list] | None = None
         self.error: str | None = None
@@ -53,13 +62,18 @@ class RouterActor:
         self._loop.start()
 
     @ray.method(concurrency_group="streams")
-    def generate(self, prompt_ids: list[int], params: SamplingParams):
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
         """Streams dicts {token_ids, text, logprobs, finished, finish_reason} for one request.
 
         A consumer that falls behind gets the steps it missed merged into one item: one Ray
-        message per item is the streaming cost, so slow readers cost less, not more."""
+        message per item is the streaming cost, so slow readers cost less, not more. A full
+        queue refuses the request (OverloadedError) instead of growing without bound."""
+        queued = self.inbox.qsize() + len(self.router.engine.batcher.waiting)
+        if queued >= self.max_queued_requests:
+            raise OverloadedError(f"server overloaded: {queued} requests are already waiting "
+                                  f"(max_queued_requests={self.max_queued_requests}); retry later")
         out: queue.Queue = queue.Queue()
-        self.inbox.put((list(prompt_ids), params, out))
+        self.inbox.put((list(prompt_ids), params, out, request_id))
         while True:
             item = out.get()
             while not isinstance(item, Exception) and not item["finished"] and not out.empty():
@@ -69,6 +83,21 @@ class RouterActor:
             yield item
             if item["finished"]:
                 return
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (its client went away): its sequence and KV blocks are freed between steps."""
+        def task():
+            seq_id = self.seq_ids.pop(request_id, None)
+            self.request_ids.pop(seq_id, None)
+            if seq_id is None:
+                self._cancelled.add(request_id)  # not admitted yet (or already done: harmless)
+                return
+            self.router.engine.abort(seq_id)
+            out = self.streams.pop(seq_id, None)
+            if out is not None:
+                out.put({"token_ids": [], "text": "", "logprobs": [], "finished": True, "finish_reason": "abort"})
+
+        self._tasks.put((task, queue.Queue()))
 
     def set_plan(self, plan_json: str) -> int:
         """Stage a new plan on every group; it becomes active at the first step after all have it."""
@@ -84,7 +113,14 @@ class RouterActor:
         return {"plan_version": self.router.plan.version, "step": self.router.step_id, "error": self.error,
                 "staging_error": self.staging_error,
                 "staging_version": self.staging[0].version if self.staging else None,
-                "running": len(self.router.engine.batcher.running), "waiting": len(self.router.engine.batcher.waiting)}
+                "running": len(self.router.engine.batcher.running), "waiting": len(self.router.engine.batcher.waiting),
+                "streams": len(self.streams), "free_kv_blocks": self.router.engine.cache.allocator.num_free,
+                "kv_blocks": self.router.engine.cache.allocator.num_blocks}
+
+    def limits(self) -> dict:
+        """What the ingress validates requests against."""
+        engine = self.router.engine
+        return {"max_model_len": engine.max_model_len, "vocab_size": engine.model.config.vocab_size}
 
     def plan_json(self) -> str:
         return self.router.plan.to_json()
@@ -161,13 +197,19 @@ class RouterActor:
             except queue.Empty:
                 return
 
-    def _admit_one(self, prompt_ids: list[int], params: SamplingParams, out: queue.Queue) -> None:
+    def _admit_one(self, prompt_ids: list[int], params: SamplingParams, out: queue.Queue, request_id: str | None) -> None:
+        if request_id is not None and request_id in self._cancelled:
+            self._cancelled.discard(request_id)
+            out.put({"token_ids": [], "text": "", "logprobs": [], "finished": True, "finish_reason": "abort"})
+            return
         try:
             seq_id = self.router.engine.add_request(prompt_ids, params)
         except ValueError as err:  # a bad request fails alone; the server keeps serving
             out.put(err)
             return
         self.streams[seq_id] = out
+        if request_id is not None:
+            self.seq_ids[request_id], self.request_ids[seq_id] = seq_id, request_id
 
     def _emit(self, out) -> None:
         stream = self.streams.get(out.seq_id)
@@ -177,6 +219,7 @@ class RouterActor:
                     "finished": out.finished, "finish_reason": out.finish_reason})
         if out.finished:
             del self.streams[out.seq_id]
+            self.seq_ids.pop(self.request_ids.pop(out.seq_id, None), None)
 
     def _check_staging(self) -> None:
         if self.staging is None:

@@ -59,6 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Ray cluster to join: 'auto' or HOST:PORT (default: start a local one)")
     cluster.add_argument("--plan", type=Path, default=None, help="initial placement plan (JSON file)")
     gen.set_defaults(func=run_generate)
+
+    srv = sub.add_parser("serve", help="serve a model over OpenAI HTTP and KServe v2 gRPC",
+                         description="Serve a model: local Ray (or --address), a router and expert groups, "
+                                     "OpenAI-compatible HTTP and KServe v2 / Triton gRPC. Ctrl-C stops it. "
+                                     "Flags override --config values.")
+    srv.add_argument("--config", type=Path, default=None, help="ServingSpec YAML (see configs/serving/default.yaml)")
+    srv.add_argument("--model", default=None, help="checkpoint folder (default: the built-in model)")
+    srv.add_argument("--served-model-name", default=None, help="model name clients use (default: the folder's name)")
+    srv.add_argument("--expert-groups", type=_positive_int, default=None, help="expert groups (default 2)")
+    srv.add_argument("--redundant-slots", type=_non_negative_int, default=None, help="replica slots per group (default 0)")
+    srv.add_argument("--dtype", choices=DTYPES, default=None, help="weights and activations (default float32)")
+    srv.add_argument("--address", default=None, help="Ray cluster to join: 'auto' or HOST:PORT (default: a local one)")
+    srv.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1)")
+    srv.add_argument("--http-port", type=_positive_int, default=None, help="OpenAI HTTP port (default 8000)")
+    srv.add_argument("--grpc-port", type=_positive_int, default=None, help="KServe v2 gRPC port (default 8001)")
+    srv.add_argument("--max-queued-requests", type=_positive_int, default=None,
+                     help="waiting requests beyond which new ones get 429 / RESOURCE_EXHAUSTED (default 256)")
+    srv.set_defaults(func=run_serve)
     return parser
 
 
@@ -132,6 +150,30 @@ def _cluster_stream(args, path, prompt_ids, params):
         if deployment is not None:
             deployment.shutdown()
         ray.shutdown()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from moeray.cluster.server import start
+    from moeray.cluster.serving import ServingSpec, load_spec
+
+    keys = ("model", "served_model_name", "expert_groups", "redundant_slots", "dtype", "address", "host",
+            "http_port", "grpc_port", "max_queued_requests")
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    try:
+        spec = load_spec(args.config, overrides) if args.config else ServingSpec(**overrides)
+    except ValidationError as err:
+        raise ValueError("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+    server = start(spec)
+    try:
+        print(f"moeray is serving {server.model_name!r}: OpenAI HTTP {server.http_url}/v1, "
+              f"KServe v2 gRPC {server.grpc_target} (Ctrl-C stops it)", flush=True)
+        server.wait()
+    finally:
+        print("moeray: shutting down", file=sys.stderr, flush=True)
+        server.stop()
+    return 0
 
 
 def _progress(done: int, total: int) -> None:

@@ -37,6 +37,7 @@ class ClusterConfig:
     dtype: str = "float32"
     plan: PlacementPlan | None = None  # default: PlacementPlan.default(...)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    max_queued_requests: int = 256  # waiting requests beyond which the router refuses new ones
     world_timeout_s: float = 30.0  # a collective that waits longer than this fails the step
     start_timeout_s: float = 300.0  # loading weights on every actor
 
@@ -91,7 +92,8 @@ def deploy(config: ClusterConfig) -> Deployment:
     threads = max(1, (os.cpu_count() or 1) // (config.num_groups + 1))
     groups = [ExpertGroupActor.options(**group_opts).remote(path, g, plan.to_json(), config.dtype, threads)
               for g in range(config.num_groups)]
-    router = RouterActor.options(**router_opts).remote(path, plan.to_json(), config.dtype, config.engine, threads)
+    router = RouterActor.options(**router_opts).remote(path, plan.to_json(), config.dtype, config.engine, threads,
+                                                       config.max_queued_requests)
     deployment = Deployment(router, groups, plan)
     try:
         _wait_started([("router", router.rendezvous.remote())]

@@ -1,0 +1,118 @@
+"""The ingress on Ray Serve: OpenAI-compatible HTTP, streaming from the router.
+
+It owns no model state: it parses and validates requests (`cluster.openai`), streams the
+router's per-step items (`RouterActor.generate`, a Ray streaming generator) and writes them out
+as OpenAI responses or SSE events. Requests from every client meet in the router's batch. A
+client that goes away mid-stream has its request aborted, which frees its sequence and KV.
+"""
+
+from typing import AsyncIterator
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from moeray.cluster.openai.convert import GenerateRequest, convert_chat, convert_completion, parse_request
+from moeray.cluster.openai.errors import OpenAIError, from_exception, from_validation_error
+from moeray.cluster.openai.protocol import ChatCompletionRequest, CompletionRequest
+from moeray.cluster.openai.responses import SSEStream, chat_response, completion_response, model_list, sse_error
+from moeray.cluster.openai.served_model import ServedModel
+
+app = FastAPI(title="moeray", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
+    return _error(from_validation_error(err.errors()))
+
+
+def _error(err: OpenAIError) -> JSONResponse:
+    return JSONResponse(err.body().model_dump(), status_code=err.status_code)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress(app)
+class Frontend:
+    def __init__(self, router, model_path: str, served_name: str):
+        self.router = router
+        limits = ray.get(router.limits.remote())
+        self.model = ServedModel.load(model_path, served_name, limits["max_model_len"], limits["vocab_size"])
+
+    @app.get("/health")
+    @app.get("/v2/health/live")
+    async def live(self) -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready")
+    async def ready(self) -> Response:
+        stats = await self.router.stats.remote()
+        return Response(status_code=200 if stats["error"] is None else 503)
+
+    @app.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        return JSONResponse(model_list(self.model).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        try:
+            call = convert_completion(parse_request(CompletionRequest, await request.body()), self.model)
+        except OpenAIError as err:
+            return _error(err)
+        return await self._respond(call)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        try:
+            call = convert_chat(parse_request(ChatCompletionRequest, await request.body()), self.model)
+        except OpenAIError as err:
+            return _error(err)
+        return await self._respond(call)
+
+    async def _respond(self, call: GenerateRequest) -> Response:
+        items = self._items(call)
+        try:
+            first = await anext(items)  # errors before any output become a status code, not an event
+        except Exception as err:  # the router's refusal (bad request, overload) or failure
+            await items.aclose()
+            return _error(from_exception(err))
+        if call.stream:
+            return StreamingResponse(self._sse(call, first, items), media_type="text/event-stream")
+        try:
+            rest = [item async for item in items]
+        except Exception as err:
+            return _error(from_exception(err))
+        finally:
+            await items.aclose()  # also when this request is cancelled: the router aborts it
+        build = chat_response if call.kind == "chat" else completion_response
+        return JSONResponse(build(call, [first, *rest], self.model.tokenizer).model_dump(exclude_none=True))
+
+    async def _sse(self, call: GenerateRequest, first: dict, items: AsyncIterator[dict]) -> AsyncIterator[str]:
+        stream = SSEStream(call, self.model.tokenizer)
+        try:
+            if event := stream.push(first):
+                yield event
+            async for item in items:
+                if event := stream.push(item):
+                    yield event
+        except Exception as err:  # the router failed mid-stream: say so in the stream
+            yield sse_error(from_exception(err))
+            return
+        finally:
+            await items.aclose()  # a client that went away: the router aborts the request
+        yield stream.close()
+
+    async def _items(self, call: GenerateRequest) -> AsyncIterator[dict]:
+        """The router's items for one request; aborts it there if we stop reading early."""
+        finished = False
+        try:
+            async for ref in self.router.generate.remote(call.prompt_ids, call.params, call.request_id):
+                item = await ref
+                finished = item["finished"]
+                yield item
+        finally:
+            if not finished:
+                self.router.abort.remote(call.request_id)
+
+

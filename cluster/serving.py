@@ -1,0 +1,59 @@
+"""`ServingSpec`: what `moeray serve` runs, from a YAML file (`--config`) and/or flags.
+
+One schema for both: flags override the file's values, and a YAML key the schema does not
+know is an error (`extra="forbid"`), reported as `FILE:LINE: field: message`.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ServingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(None, description="checkpoint folder (Hugging Face format); default: the built-in model")
+    served_model_name: str | None = Field(
+        None, description="name clients use (/v1/models, Triton model name); default: the checkpoint folder's name")
+    expert_groups: int = Field(2, ge=1, description="expert-group actors (one GPU each when the cluster has GPUs)")
+    redundant_slots: int = Field(0, ge=0, description="extra expert slots per group and layer, filled with replicas")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights and activations")
+    address: str | None = Field(None, description="Ray cluster to join ('auto' or HOST:PORT); default: start a local one")
+    host: str = Field("127.0.0.1", description="interface the HTTP and gRPC servers bind; 0.0.0.0 to expose them")
+    http_port: int = Field(8000, ge=1, le=65535, description="OpenAI-compatible HTTP API")
+    grpc_port: int = Field(8001, ge=1, le=65535, description="KServe v2 / Triton gRPC API")
+    max_queued_requests: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429 / RESOURCE_EXHAUSTED")
+    max_num_seqs: int = Field(64, ge=1, description="sequences decoded together in one step")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per step; longer prompts are prefilled in chunks")
+    kv_cache_bytes: int = Field(256 << 20, ge=1, description="KV cache budget of the router, in bytes")
+    max_model_len: int | None = Field(None, ge=2, description="longest sequence (prompt + output); default: the model's")
+
+
+class SpecError(ValueError):
+    """A serving YAML that does not validate; one `FILE:LINE: field: message` line per problem."""
+
+
+def load_spec(path: str | Path, overrides: dict | None = None) -> ServingSpec:
+    """The spec in `path` with `overrides` (flags the user gave) on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such file")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}:1: the file must be a mapping of serving settings")
+    try:
+        return ServingSpec(**{**data, **(overrides or {})})
+    except ValidationError as err:
+        raise SpecError("\n".join(_located(path, text, e) for e in err.errors())) from None
+
+
+def _located(path: Path, text: str, error: dict) -> str:
+    field = ".".join(str(p) for p in error["loc"])
+    line = next((i + 1 for i, row in enumerate(text.splitlines()) if row.split(":")[0].strip() == str(error["loc"][0])), 1)
+    return f"{path}:{line}: {field}: {error['msg']}"
