@@ -125,14 +125,12 @@ class MoEBlock(nn.Module):
         self.experts = experts if experts is not None else LocalExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size)
         self.shared = DenseMLP(c.hidden_size, c.shared_expert_intermediate_size) if c.shared_expert_intermediate_size else None
         self.shared_gate = _param(1, c.hidden_size) if c.shared_expert_gate and self.shared else None
-        self.last_topk_ids: Tensor | None = None  # [N, K] of the last forward, for load tracking
 
     def forward(self, x: Tensor) -> Tensor:
         logits = F.linear(x, self.gate)  # [N, E]
         topk_weights, topk_ids = route(logits, self.routing)  # [N, K] float32, [N, K] int64
         if self.weights_in_model_dtype:
             topk_weights = topk_weights.to(x.dtype)  # as transformers' Qwen-MoE / OLMoE routers do
-        self.last_topk_ids = topk_ids
         pending = self.experts.dispatch(x, topk_weights, topk_ids)
         shared = self.shared(x) if self.shared is not None else None  # overlaps a remote dispatch
         out = self.experts.combine(pending)
