@@ -1,4 +1,5 @@
-"""The ingress on Ray Serve: OpenAI-compatible HTTP, streaming from the router.
+"""The ingress on Ray Serve: OpenAI-compatible HTTP (here) and KServe v2 gRPC (`KServeIngress`),
+both streaming from the router.
 
 It owns no model state: it parses and validates requests (`cluster.openai`), streams the
 router's per-step items (`RouterActor.generate`, a Ray streaming generator) and writes them out
@@ -14,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from moeray.cluster.kserve.ingress import KServeIngress
 from moeray.cluster.openai.convert import GenerateRequest, convert_chat, convert_completion, parse_request
 from moeray.cluster.openai.errors import OpenAIError, from_exception, from_validation_error
 from moeray.cluster.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -34,7 +36,7 @@ def _error(err: OpenAIError) -> JSONResponse:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
-class Frontend:
+class Frontend(KServeIngress):
     def __init__(self, router, model_path: str, served_name: str):
         self.router = router
         limits = ray.get(router.limits.remote())
@@ -71,7 +73,7 @@ class Frontend:
         return await self._respond(call)
 
     async def _respond(self, call: GenerateRequest) -> Response:
-        items = self._items(call)
+        items = self._items(call.prompt_ids, call.params, call.request_id)
         try:
             first = await anext(items)  # errors before any output become a status code, not an event
         except Exception as err:  # the router's refusal (bad request, overload) or failure
@@ -103,16 +105,16 @@ class Frontend:
             await items.aclose()  # a client that went away: the router aborts the request
         yield stream.close()
 
-    async def _items(self, call: GenerateRequest) -> AsyncIterator[dict]:
+    async def _items(self, prompt_ids: list[int], params, request_id: str) -> AsyncIterator[dict]:
         """The router's items for one request; aborts it there if we stop reading early."""
         finished = False
         try:
-            async for ref in self.router.generate.remote(call.prompt_ids, call.params, call.request_id):
+            async for ref in self.router.generate.remote(prompt_ids, params, request_id):
                 item = await ref
                 finished = item["finished"]
                 yield item
         finally:
             if not finished:
-                self.router.abort.remote(call.request_id)
+                self.router.abort.remote(request_id)
 
 

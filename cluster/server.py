@@ -70,6 +70,7 @@ def served_name(spec: ServingSpec) -> str:
 def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr, flush=True)) -> Server:
     """Bring the whole server up; on any failure, take down what was started and raise."""
     from moeray.cluster.frontend import Frontend
+    from moeray.cluster.kserve.ingress import SERVICER_FUNCTIONS
 
     model_path = Path(spec.model) if spec.model else DEFAULT_MODEL_DIR
     load_config(model_path)  # a bad checkpoint fails here, before Ray starts
@@ -90,7 +91,8 @@ def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr,
         name = served_name(spec)
         log("starting the HTTP and gRPC front door")
         serve.start(http_options={"host": spec.host, "port": spec.http_port},
-                    grpc_options={"port": spec.grpc_port, "grpc_servicer_functions": []})
+                    grpc_options={"port": spec.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS,
+                                  "enable_reflection": False})
         serve.run(Frontend.bind(deployment.router, str(model_path), name), name=APP_NAME, route_prefix="/")
         return Server(spec, deployment, name, owns_ray)
     except BaseException:

@@ -108,6 +108,9 @@ class RequestError(Exception):
         super().__init__(message)
         self.code, self.message = code, message
 
+    def __reduce__(self):  # crosses Ray processes (replica -> proxy) intact
+        return RequestError, (self.code, self.message)
+
 
 def _invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
