@@ -23,6 +23,7 @@ from moeray.cluster.kserve.kserve import (
 SERVICER_FUNCTIONS = [  # what Serve's gRPC proxy registers (import paths)
     "moeray.cluster.kserve.kserve.add_servicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "moeray.cluster.kserve.services.add_reflection_to_serve_proxy",
 ]
 
 

@@ -107,3 +107,13 @@ def _add_proto(pool: descriptor_pool.DescriptorPool, proto: descriptor_pb2.FileD
     if proto.name not in added:  # `added`: file names already in `pool`
         pool.AddSerializedFile(proto.SerializeToString())
         added.add(proto.name)
+
+
+def add_reflection_to_serve_proxy(servicer: object, server) -> None:
+    """A `grpc_servicer_functions` entry for Ray Serve's gRPC proxy: reflection answered by the proxy
+    itself. Serve's own reflection looks names up in the default descriptor pool, where
+    `inference.GRPCInferenceService` is not (our messages live in package `moeray.kserve.v2`), so
+    it is turned off (`enable_reflection=False`) and this registers ours as a *passthrough*
+    service, which Serve leaves unrouted (`add_passthrough_service`, a Serve internal)."""
+    server.add_passthrough_service(REFLECTION_SERVICE_NAME)
+    add_reflection(server, [kserve.SERVICE_NAME, HEALTH_SERVICE_NAME])

@@ -127,3 +127,14 @@ def test_other_triton_rpcs_are_unimplemented(client):
     with pytest.raises(InferenceServerException) as err:
         client.get_model_repository_index()
     assert "UNIMPLEMENTED" in err.value.status()
+
+
+def test_server_reflection_lists_the_standard_service_names(server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        infer = database.FindFileContainingSymbol("inference.GRPCInferenceService")
+    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
+    assert infer.package == "inference" and "ModelStreamInfer" in [m.name for m in infer.service[0].method]
