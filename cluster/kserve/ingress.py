@@ -88,14 +88,16 @@ class KServeIngress:
         except (TypeError, ValueError) as err:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling_parameters: {err}") from None
         prompt_ids = self.model.tokenizer.encode(llm.text)
-        text, num_output_tokens, reason = "", 0, None
+        text, num_output_tokens, unreported, reason = "", 0, 0, None
         try:
             async for item in self._items(prompt_ids, params, f"kserve-{uuid.uuid4().hex}"):
                 num_output_tokens += len(item["token_ids"])
+                unreported += len(item["token_ids"])  # tokens whose text is held back count with the next response
                 reason = item["finish_reason"]
                 if llm.stream:
                     if item["text"] or item["finished"]:
-                        yield self._kserve_response(llm, item["text"], reason, len(prompt_ids), len(item["token_ids"]), item["finished"])
+                        yield self._kserve_response(llm, item["text"], reason, len(prompt_ids), unreported, item["finished"])
+                        unreported = 0
                 else:
                     text += item["text"]
         except Exception as err:  # the router's refusal or failure, as a status code

@@ -75,18 +75,23 @@ def test_streaming_gives_the_same_text_and_a_final_response(client, local):
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
         for i, prompt in enumerate(("The for statement", "def fibonacci(n):")):
-            client.async_stream_infer(MODEL, inputs(prompt, True, {"max_tokens": 12, "temperature": 0}), request_id=f"r{i}")
-        texts, done = {"r0": "", "r1": ""}, set()
+            flags = inputs(prompt, True, {"max_tokens": 12, "temperature": 0, "ignore_eos": True})
+            count = triton.InferInput("return_num_output_tokens", [1], "BOOL")
+            count.set_data_from_numpy(np.array([True]))
+            client.async_stream_infer(MODEL, flags + [count], request_id=f"r{i}")
+        texts, tokens, done = {"r0": "", "r1": ""}, {"r0": 0, "r1": 0}, set()
         while len(done) < 2:
             result, error = responses.get(timeout=60)
             assert error is None, error
             response = result.get_response()
             texts[response.id] += result.as_numpy("text_output")[0].decode()
+            tokens[response.id] += int(result.as_numpy("num_output_tokens")[0])
             if response.parameters["triton_final_response"].bool_param:
                 done.add(response.id)
     finally:
         client.stop_stream()
     assert texts == {"r0": local("The for statement", 12), "r1": local("def fibonacci(n):", 12)}
+    assert tokens == {"r0": 12, "r1": 12}, "every token is counted once, held-back ones included"
 
 
 @pytest.mark.parametrize("kwargs, code, fragment", [
