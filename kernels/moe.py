@@ -22,11 +22,19 @@ are scaled (in the dtype of the top-k weights: float32 for Mixtral, the model dt
 Qwen-MoE / OLMoE) and summed in float32 in top-k order, then rounded once: the dtypes and order of
 transformers' experts, so bf16 results agree with it up to the summation order inside a matmul.
 
-Speed on CPUs without bf16 matrix instructions (AVX2 x86): torch's bf16 matmul there is a
-dot-product loop that re-reads the weight for every row, 5-20x slower than float32 MKL for more
-than one row. `expert_ffn` then copies each expert's weights into a float32 buffer (exact) and
-multiplies in float32, which gives the same float32 accumulation; one-row experts (decode) keep
-the bf16 matrix-vector product, which reads the weight once and beats the copy.
+Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
+- float32, or any dtype the device multiplies natively: on CPU all experts go through one
+  `F.grouped_mm` call per projection (the same per-expert MKL matmuls as a Python loop, bitwise,
+  without the per-expert Python overhead), elsewhere through the loop.
+- bf16/fp16 on CPUs without oneDNN support for them (x86 without AVX-512 BF16/AMX): torch's
+  low-precision matmul is a dot-product loop that streams the whole weight once per row, 4-8x
+  slower than float32 MKL at prefill sizes. Experts with more than `MAX_ROWS_LOW_PRECISION_MATMUL`
+  rows are multiplied in float32 instead (`_swiglu_float32`): weight rows are converted a
+  cache-sized block at a time (exact) and the matmul's outputs rounded back, so the dtypes match
+  the low-precision path and only the order of additions inside a matmul changes. Experts with
+  fewer rows (decode) keep the native matvec, which reads the weight once.
+- `fused_moe` takes consecutive experts in cache-sized chunks (3-6% at T=2048); one token
+  (decode of one sequence) skips sorting altogether: its K experts are distinct.
 """
 
 import itertools
@@ -37,10 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Where `_needs_float32_matmul`: experts with at most this many rows keep the low-precision matmul.
-# It reads the weight once per row; the float32 copy costs about 2-3 such reads (2-core AVX2 VM,
-# Mixtral- and OLMoE-sized experts: break-even at 2-4 rows).
-MAX_ROWS_LOW_PRECISION_MATMUL = 2
+# Where `_needs_float32_matmul`: experts with at most this many rows keep the low-precision matmul,
+# which streams the whole weight once per row; converting it to float32 costs about 3-4 such passes
+# (2-core AVX2 VM, Mixtral- and OLMoE-sized experts, 1 and 2 threads: break-even at 3-4 rows).
+MAX_ROWS_LOW_PRECISION_MATMUL = 3
+# Weight rows converted to float32 per matmul: small enough to stay in cache (L2 + L3) for it.
+FLOAT32_BLOCK_BYTES = 2 << 20
+# Rows of consecutive experts that `fused_moe` takes at a time: intermediates of about this size.
+CHUNK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,8 @@ def unpermute(y_sorted: Tensor, handle: PermuteHandle, topk_weights: Tensor) -> 
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel())  # [T*K] sorted row of each pair
     y = y_sorted.index_select(0, inverse).view(handle.num_tokens, handle.top_k, -1)  # [T, K, H] pair order
-    return _weighted_sum(y, topk_weights).to(y_sorted.dtype)
+    out = _weighted_sum(y, topk_weights)
+    return out if out.dtype == y_sorted.dtype else out.to(y_sorted.dtype)
 
 
 def expert_ffn(x_sorted: Tensor, counts: list[int], w13: Tensor, w2: Tensor) -> Tensor:
@@ -82,43 +95,90 @@ def expert_ffn(x_sorted: Tensor, counts: list[int], w13: Tensor, w2: Tensor) -> 
     One pair of matmuls per expert that has rows; experts without rows cost nothing, so the
     same code is fast for decode (a few rows, a few experts) and prefill (thousands of rows).
     """
-    inter = w2.shape[-1]
     upcast = _needs_float32_matmul(w13.dtype, w13.device.type)
     if not upcast and _has_grouped_mm(w13.device.type):  # the same per-expert matmuls, looped in C++
         offsets = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x_sorted.device)  # [E]
-        gate_up = F.grouped_mm(x_sorted, w13.transpose(1, 2), offs=offsets)  # [N, 2I]
-        act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])  # [N, I]
-        return F.grouped_mm(act, w2.transpose(1, 2), offs=offsets)  # [N, H]
+        gate, up = F.grouped_mm(x_sorted, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N, I] each
+        return F.grouped_mm(F.silu(gate).mul_(up), w2.transpose(1, 2), offs=offsets)  # [N, H]
     out = torch.empty_like(x_sorted)
-    w13_f32 = w2_f32 = None  # one float32 copy of an expert's weights at a time, reused across experts
+    buffer = None  # float32 copies of a few weight rows at a time, see _mm_float32
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
             continue
         rows = slice(start, start + count)
         start += count
-        x = x_sorted[rows]  # [n, H]
         if upcast and count > MAX_ROWS_LOW_PRECISION_MATMUL:
-            if w13_f32 is None:
-                w13_f32 = torch.empty(w13.shape[1:], dtype=torch.float32, device=w13.device)  # [2I, H]
-                w2_f32 = torch.empty(w2.shape[1:], dtype=torch.float32, device=w2.device)  # [H, I]
-            gate_up = torch.mm(x.float(), w13_f32.copy_(w13[expert]).t()).to(x.dtype)  # [n, 2I]
-            act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])  # [n, I]
-            out[rows] = torch.mm(act.float(), w2_f32.copy_(w2[expert]).t())  # [n, H], rounded on copy
+            if buffer is None:
+                buffer = torch.empty(FLOAT32_BLOCK_BYTES // 4, dtype=torch.float32, device=x_sorted.device)
+            _swiglu_float32(x_sorted[rows], w13[expert], w2[expert], out[rows], buffer)
         else:
-            gate_up = torch.mm(x, w13[expert].t())  # [n, 2I]
-            act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])  # [n, I]
-            torch.mm(act, w2[expert].t(), out=out[rows])  # [n, H]
+            gate, up = torch.mm(x_sorted[rows], w13[expert].t()).chunk(2, dim=-1)  # [n, I] each
+            torch.mm(F.silu(gate).mul_(up), w2[expert].t(), out=out[rows])  # [n, H]
     return out
 
 
+def _swiglu_float32(x: Tensor, w13: Tensor, w2: Tensor, out: Tensor, buffer: Tensor) -> None:
+    """One expert with low-precision weights, multiplied in float32: x [n, H], w13 [2I, H], w2 [H, I] -> out [n, H].
+
+    Same dtypes as the low-precision path (float32 accumulation, outputs and activation rounded to
+    x.dtype), computed transposed ([2I, n], [I, n], [H, n]) so that each block of weight rows
+    converted into `buffer` gives a contiguous block of output rows.
+    """
+    inter = w2.shape[-1]
+    gate_up_t = _mm_float32(w13, x.float().t(), buffer).to(x.dtype)  # [2I, n]
+    act_t = F.silu(gate_up_t[:inter]).mul_(gate_up_t[inter:])  # [I, n]
+    out.copy_(_mm_float32(w2, act_t.float(), buffer).t())  # [n, H], rounded on copy
+
+
+def _mm_float32(weight: Tensor, rhs: Tensor, buffer: Tensor) -> Tensor:
+    """weight [R, C] (any dtype) @ rhs [C, n] (float32) -> float32 [R, n], converting the weight a
+    block of rows at a time into `buffer`, small enough to stay in cache until the matmul reads it."""
+    result = torch.empty(weight.shape[0], rhs.shape[1], dtype=torch.float32, device=rhs.device)  # [R, n]
+    block_rows = max(1, buffer.numel() // weight.shape[1])
+    for start in range(0, weight.shape[0], block_rows):
+        block = weight[start:start + block_rows]  # [r, C]
+        torch.mm(buffer[:block.numel()].view(block.shape).copy_(block), rhs, out=result[start:start + block_rows])
+    return result
+
+
 def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
-    """All experts local: x [T, H], topk [T, K], w13 [E, 2I, H], w2 [E, H, I] -> [T, H]."""
-    if topk_ids.shape[0] == 1:
+    """All experts local: x [T, H], topk [T, K], w13 [E, 2I, H], w2 [E, H, I] -> [T, H].
+
+    permute -> expert_ffn -> unpermute, with the same results to the bit, taken a chunk of
+    consecutive experts at a time: each chunk gathers its rows, runs its experts and writes its
+    weighted rows to their pairs, so a chunk's intermediates (about `CHUNK_BYTES`) stay in cache
+    instead of every step streaming all T*K rows through memory. Small batches are one chunk.
+    """
+    num_tokens, top_k = topk_ids.shape
+    if num_tokens == 1:
         return _fused_moe_one_token(x, topk_weights, topk_ids, w13, w2)
-    x_sorted, handle = permute(x, topk_ids, w13.shape[0])
-    y_sorted = expert_ffn(x_sorted, handle.counts.tolist(), w13, w2)
-    return unpermute(y_sorted, handle, topk_weights)
+    flat_ids = topk_ids.reshape(-1)  # [T*K]
+    order = torch.argsort(flat_ids, stable=True)  # [T*K] pair of each sorted row
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()  # E
+    token_of_row = order // top_k if top_k > 1 else order  # [T*K]
+    pair_weights = topk_weights.reshape(-1, 1)  # [T*K, 1]
+    weighted = x.new_empty(num_tokens * top_k, x.shape[1], dtype=torch.promote_types(x.dtype, topk_weights.dtype))
+    row_bytes = 4 * (w13.shape[1] + 2 * x.shape[1])  # float32 gate_up + input + output of one row
+    for experts, rows in _expert_chunks(counts, max(1, CHUNK_BYTES // row_bytes)):
+        pairs = order[rows]  # [n]
+        y = expert_ffn(x.index_select(0, token_of_row[rows]), counts[experts], w13[experts], w2[experts])  # [n, H]
+        scale = pair_weights[pairs]  # [n, 1]
+        weighted.index_copy_(0, pairs, y.mul_(scale) if y.dtype == weighted.dtype else y * scale)  # promoted dtype
+    out = _sum_top_k(weighted.view(num_tokens, top_k, -1))
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _expert_chunks(counts: list[int], max_rows: int):
+    """(experts, sorted rows) slices of consecutive experts with about `max_rows` rows (at least one expert)."""
+    first, start, end = 0, 0, 0
+    for expert, count in enumerate(counts):
+        if end > start and end + count - start > max_rows:
+            yield slice(first, expert), slice(start, end)
+            first, start = expert, end
+        end += count
+    if end > start:
+        yield slice(first, len(counts)), slice(start, end)
 
 
 def fused_moe_reference(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
@@ -135,15 +195,13 @@ def fused_moe_reference(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: 
 
 
 def _fused_moe_one_token(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
-    """T = 1 (decode of one sequence): its K experts are distinct, one row each, so nothing to sort."""
-    inter = w2.shape[-1]
-    weights = topk_weights.float()  # [1, K]
-    for k, expert in enumerate(topk_ids[0].tolist()):
-        gate_up = F.linear(x, w13[expert])  # [1, 2I]
-        act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])  # [1, I]
-        term = F.linear(act, w2[expert]) * weights[:, k:k + 1]  # [1, H] float32
-        out = term if k == 0 else out.add_(term)
-    return out.to(x.dtype)
+    """T = 1 (decode of one sequence): its K experts are distinct, one row each, so nothing to sort.
+    Products and sum as in `_weighted_sum`."""
+    for k, expert in enumerate(topk_ids.tolist()[0]):
+        gate, up = F.linear(x, w13[expert]).chunk(2, dim=-1)  # [1, I] each
+        term = F.linear(F.silu(gate).mul_(up), w2[expert]) * topk_weights[:, k:k + 1]  # [1, H]
+        out = _float32(term) if k == 0 else out.add_(term)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _weighted_sum(y: Tensor, topk_weights: Tensor) -> Tensor:
@@ -151,13 +209,24 @@ def _weighted_sum(y: Tensor, topk_weights: Tensor) -> Tensor:
 
     Each product is taken in the promoted dtype of y and the weights, as transformers does: float32
     for Mixtral (float32 weights), the model dtype for Qwen-MoE / OLMoE (their routers round the
-    weights to it, see `MoEBlock`); the sum is float32 either way.
+    weights to it, see `MoEBlock`); the sum is float32 either way, one addition at a time (no fused
+    multiply-add).
     """
-    weights = topk_weights.unsqueeze(-1)  # [T, K, 1]
-    out = (y[:, 0] * weights[:, 0]).float()  # [T, H]
-    for k in range(1, y.shape[1]):
-        out += y[:, k] * weights[:, k]  # product rounded to its dtype, then added: no fused multiply-add
+    return _sum_top_k(y * topk_weights.unsqueeze(-1))
+
+
+def _sum_top_k(weighted: Tensor) -> Tensor:
+    """weighted [T, K, H] -> float32 [T, H], summed over k in order."""
+    if weighted.shape[1] == 1:
+        return _float32(weighted.view(weighted.shape[0], -1))
+    out = _float32(weighted[:, 0]) + weighted[:, 1]  # [T, H] float32
+    for k in range(2, weighted.shape[1]):
+        out += weighted[:, k]
     return out
+
+
+def _float32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
 
 
 @cache
