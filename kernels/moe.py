@@ -243,5 +243,7 @@ def _needs_float32_matmul(dtype: torch.dtype, device_type: str) -> bool:
 
 @cache
 def _has_grouped_mm(device_type: str) -> bool:
-    """torch's grouped matmul takes every dtype on CPU (torch >= 2.10); on CUDA only bf16, so we loop there."""
-    return device_type == "cpu" and hasattr(F, "grouped_mm")
+    """torch's grouped matmul takes every dtype on CPU, without alignment rules from torch 2.11 on;
+    on CUDA only bf16, so we loop there."""
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return device_type == "cpu" and hasattr(F, "grouped_mm") and version >= (2, 11)
