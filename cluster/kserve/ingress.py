@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2
 
 from moeray.actors.sequence import SamplingParams
 from moeray.cluster.kserve import kserve_pb2 as pb
+from moeray.cluster.remote_errors import unwrap
 from moeray.cluster.kserve.kserve import (
     LLMRequest, RequestError, build_response, empty_final_response, model_metadata_response, model_ready_response,
     parse_infer_request, server_live_response, server_metadata_response, server_ready_response, stream_error)
@@ -120,9 +121,8 @@ class KServeIngress:
 def _router_error(err: BaseException) -> RequestError:
     """The router's exception (unwrapped from Ray's) -> the gRPC status a client should see."""
     from moeray.actors.router_actor import OverloadedError
-    from moeray.cluster.openai.errors import _unwrap
 
-    cause = _unwrap(err)
+    cause = unwrap(err)
     if isinstance(cause, RequestError):
         return cause
     if isinstance(cause, OverloadedError):

@@ -22,6 +22,7 @@ import re
 from pydantic import ValidationError
 
 from moeray.cluster.openai.protocol import ChatCompletionRequest, CompletionRequest, ErrorDetail, ErrorResponse
+from moeray.cluster.remote_errors import unwrap
 
 REQUEST_FIELDS = frozenset(CompletionRequest.model_fields) | frozenset(ChatCompletionRequest.model_fields)
 
@@ -74,7 +75,7 @@ def from_validation_error(err: ValidationError | list[dict]) -> OpenAIError:
 def from_exception(err: BaseException, rename: dict[str, str] | None = None) -> OpenAIError:
     """Any exception -> the error to send. `rename` maps engine names to this request's fields
     (chat: {"prompt": "messages"}), for ValueErrors the router raises after `convert` passed."""
-    err = _unwrap(err)
+    err = unwrap(err)
     if isinstance(err, OpenAIError):
         return err
     if isinstance(err, ValidationError):
@@ -119,11 +120,6 @@ def _short(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _unwrap(err: BaseException) -> BaseException:
-    """An error raised in a Ray actor reaches the ingress wrapped (its message is the remote
-    traceback): use the actor's own exception. Ray is imported only for Ray's own errors."""
-    if not type(err).__module__.startswith("ray."):
-        return err
     from ray.exceptions import RayTaskError
 
     while isinstance(err, RayTaskError) and isinstance(err.cause, BaseException):
