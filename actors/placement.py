@@ -94,6 +94,26 @@ class PlacementPlan:
             out.setdefault(group, []).append((layer, slot, int(self.physical_to_logical[layer, group, slot])))
         return out
 
+    def group_load(self, load: Tensor) -> Tensor:
+        """load [L, E] tokens per logical expert -> [L, G] tokens per group under this plan.
+
+        Dispatch deals an expert's tokens evenly over its replicas, so each physical copy of
+        expert e carries load[e] / replica_count[e]."""
+        load = torch.as_tensor(load, dtype=torch.float64)
+        if load.shape != (self.num_layers, self.num_experts):
+            raise PlanError(f"load has shape {tuple(load.shape)}, expected [layers={self.num_layers}, "
+                            f"experts={self.num_experts}]")
+        share = load / self.replica_count  # [L, E]
+        ids = self.physical_to_logical.clamp(min=0)  # [L, G, S]
+        per_slot = torch.gather(share, 1, ids.flatten(1)).view_as(ids)  # [L, G, S]
+        return per_slot.masked_fill(self.physical_to_logical < 0, 0).sum(-1)
+
+    def imbalance(self, load: Tensor) -> Tensor:
+        """[L] per layer: busiest group's tokens over the mean group's (1.0 = perfect; 1.0 when idle)."""
+        per_group = self.group_load(load)  # [L, G]
+        mean = per_group.mean(-1)
+        return torch.where(mean > 0, per_group.amax(-1) / mean.clamp(min=1e-12), torch.ones_like(mean))
+
     def to_json(self) -> str:
         return json.dumps({"version": self.version, "num_groups": self.num_groups,
                            "slots_per_group": self.slots_per_group,

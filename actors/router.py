@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from moeray.actors.comm import Command, World
 from moeray.actors.dispatch import dispatch
 from moeray.actors.engine import Engine, EngineConfig, RequestOutput
+from moeray.actors.load import LoadTracker
 from moeray.actors.placement import PlacementPlan, check_plan
 from moeray.kernels.moe import PermuteHandle, unpermute
 from moeray.models.loader import load_config, load_model
@@ -28,6 +29,7 @@ class ExpertLink:
     def __init__(self, plan: PlacementPlan):
         self.plan = plan
         self.world: World | None = None
+        self.tracker = LoadTracker(plan.num_layers, plan.num_experts)
 
     def send(self, rows: Tensor, counts: Tensor) -> None:
         """rows [n, H] sorted by (group, slot); counts [G, S]. Group g is rank g + 1."""
@@ -51,6 +53,7 @@ class RemoteExperts(nn.Module):
         self.moe_layer, self.link = moe_layer, link
 
     def dispatch(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> tuple:
+        self.link.tracker.add(self.moe_layer, topk_ids)
         rows, counts, handle = dispatch(x, topk_ids, self.link.plan, self.moe_layer)  # [T*K, H], [G, S]
         self.link.send(rows, counts)
         return rows, counts, handle, topk_weights
@@ -78,6 +81,10 @@ class Router:
     def plan(self) -> PlacementPlan:
         return self.link.plan
 
+    @property
+    def tracker(self) -> LoadTracker:
+        return self.link.tracker
+
     def join(self, world: World) -> None:
         self.link.world = world
 
@@ -91,7 +98,9 @@ class Router:
             self.link.plan, self.next_plan, command = self.next_plan, None, Command.ACTIVATE
         self._header(command)
         self.step_id += 1
-        return self.engine.execute(batch)
+        outputs = self.engine.execute(batch)
+        self.link.tracker.end_step()
+        return outputs
 
     def leave(self) -> None:
         """Tell every group to leave (REFORM) and destroy this world; `join` a new one next."""

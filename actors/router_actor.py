@@ -122,6 +122,18 @@ class RouterActor:
         engine = self.router.engine
         return {"max_model_len": engine.max_model_len, "vocab_size": engine.model.config.vocab_size}
 
+    def load_snapshot(self, window_s: float | None = None) -> dict:
+        """Tokens per logical expert over the last `window_s` seconds, with the derived group load
+        and imbalance under the active plan (`LoadSnapshot.to_dict`). Read between steps."""
+        def read() -> dict:
+            return self.router.tracker.snapshot(self.router.plan, window_s).to_dict()
+
+        if self._loop is None or not self._loop.is_alive():
+            return read()
+        done: queue.Queue = queue.Queue()
+        self._tasks.put((lambda: done.put(read()), queue.Queue()))
+        return done.get(timeout=60)
+
     def plan_json(self) -> str:
         return self.router.plan.to_json()
 
