@@ -25,7 +25,7 @@ from torch import Tensor
 
 
 class Command(enum.IntEnum):
-    IDLE = 0  # nothing to run; keeps the groups' header wait from timing out
+    IDLE = 0  # nothing to run; keeps the groups' header wait from timing out; a newer plan version activates it
     RUN = 1  # run one step with the active plan
     ACTIVATE = 2  # switch to the staged plan `version`, then run the step
     REFORM = 3  # leave the world; a new one is formed through Ray calls

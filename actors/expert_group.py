@@ -70,6 +70,8 @@ class ExpertGroup:
             if command in (Command.REFORM, Command.STOP):
                 return command
             if command == Command.IDLE:
+                if version != self.plan.version:  # the router switched plans while idle
+                    self.activate(version)
                 continue
             if command == Command.ACTIVATE:
                 self.activate(version)

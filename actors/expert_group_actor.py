@@ -26,6 +26,10 @@ class ExpertGroupActor:
     def ready(self) -> int:
         return self.group.group
 
+    def node_id(self) -> str:
+        """The Ray node this group runs on (the planner keeps replicas of one expert on different nodes)."""
+        return ray.get_runtime_context().get_node_id()
+
     def join(self, spec: WorldSpec, rank: int) -> None:
         """Join a world; when re-forming, first wait for the serve loop to leave the old one."""
         if self._loop is not None:

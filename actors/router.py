@@ -76,6 +76,7 @@ class Router:
         self.engine = Engine(model, tokenizer, engine_config)
         self.step_id = 0
         self.next_plan: PlacementPlan | None = None  # staged on every group; active from the next step
+        self.last_step_tokens = 0
 
     @property
     def plan(self) -> PlacementPlan:
@@ -98,6 +99,7 @@ class Router:
             self.link.plan, self.next_plan, command = self.next_plan, None, Command.ACTIVATE
         self._header(command)
         self.step_id += 1
+        self.last_step_tokens = sum(batch.num_new)
         outputs = self.engine.execute(batch)
         self.link.tracker.end_step()
         return outputs
@@ -109,6 +111,9 @@ class Router:
         self.link.world = None
 
     def idle(self) -> None:
+        """A heartbeat between steps; it also switches to a staged plan, so an idle server activates too."""
+        if self.next_plan is not None:
+            self.link.plan, self.next_plan = self.next_plan, None
         self._header(Command.IDLE)
 
     def stop(self) -> None:

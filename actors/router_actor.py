@@ -5,6 +5,7 @@ so the engine is never touched from two threads. `generate` is a streaming gener
 item is one step's new tokens for that request.
 """
 
+import collections
 import queue
 import threading
 import time
@@ -48,6 +49,7 @@ class RouterActor:
         self.staging_error: str | None = None
         self._running = False
         self._loop: threading.Thread | None = None
+        self.steps = collections.deque(maxlen=8192)  # (wall time at end, seconds, tokens, a plan was staging)
 
     def rendezvous(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), self.port
@@ -134,6 +136,11 @@ class RouterActor:
         self._tasks.put((lambda: done.put(read()), queue.Queue()))
         return done.get(timeout=60)
 
+    def step_log(self, since: float = 0.0) -> list[tuple[float, float, int, bool]]:
+        """Recent steps (up to 8192) that ended after wall time `since`: (end time, seconds, tokens,
+        whether a plan was staging meanwhile) — for benchmarks and latency metrics."""
+        return [s for s in list(self.steps) if s[0] > since]
+
     def plan_json(self) -> str:
         return self.router.plan.to_json()
 
@@ -164,10 +171,14 @@ class RouterActor:
                 self._admit()
                 self._check_staging()
                 if self.router.engine.has_unfinished:
-                    for out in self.router.step():
+                    start = time.perf_counter()
+                    outputs = self.router.step()
+                    self.steps.append((time.time(), time.perf_counter() - start, self.router.last_step_tokens,
+                                       self.staging is not None))
+                    for out in outputs:
                         self._emit(out)
                     last_header = time.monotonic()
-                elif time.monotonic() - last_header > IDLE_HEADER_S:
+                elif self.router.next_plan is not None or time.monotonic() - last_header > IDLE_HEADER_S:
                     self.router.idle()
                     last_header = time.monotonic()
                 else:

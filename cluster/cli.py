@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+from moeray.cluster import launch_cli, placement_cli
+
 DTYPES = ("bfloat16", "float32")  # torch dtype names; torch is imported only once arguments are good
 
 
@@ -30,6 +32,17 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= 1")
     return int(text)
+
+
+def _group_resource(text: str) -> tuple[str, float]:
+    name, _, amount = text.partition("=")
+    try:
+        value = float(amount)
+    except ValueError:
+        value = 0.0
+    if not name.strip() or not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be NAME=AMOUNT with AMOUNT > 0, e.g. moeray_expert_group=1")
+    return name.strip(), value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--grpc-port", type=_positive_int, default=None, help="KServe v2 gRPC port (default 8001)")
     srv.add_argument("--max-queued-requests", type=_positive_int, default=None,
                      help="waiting requests beyond which new ones get 429 / RESOURCE_EXHAUSTED (default 256)")
+    srv.add_argument("--policy", default=None,
+                     help="placement policy YAML, re-applied when it changes (default: the built-in default policy)")
+    srv.add_argument("--no-autoscaler", dest="autoscaler", action="store_const", const=False, default=None,
+                     help="keep the placement as deployed")
+    srv.add_argument("--group-resource", type=_group_resource, action="append", default=None, metavar="NAME=AMOUNT",
+                     help="a Ray resource each expert group asks for instead of the automatic choice (repeatable), "
+                          "e.g. moeray_expert_group=1 on a cluster from cluster/launch/*.yaml")
     srv.set_defaults(func=run_serve)
+    placement_cli.register(sub, _Parser, _positive_int, _non_negative_int)
+    launch_cli.register(sub)
     return parser
 
 
@@ -159,8 +181,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from moeray.cluster.serving import ServingSpec, load_spec
 
     keys = ("model", "served_model_name", "expert_groups", "redundant_slots", "dtype", "address", "host",
-            "http_port", "grpc_port", "max_queued_requests")
+            "http_port", "grpc_port", "max_queued_requests", "policy", "autoscaler")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.group_resource:
+        overrides["group_resources"] = dict(args.group_resource)
     try:
         spec = load_spec(args.config, overrides) if args.config else ServingSpec(**overrides)
     except ValidationError as err:
@@ -169,6 +193,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         print(f"moeray is serving {server.model_name!r}: OpenAI HTTP {server.http_url}/v1, "
               f"KServe v2 gRPC {server.grpc_target} (Ctrl-C stops it)", flush=True)
+        autoscaler = f"on, policy {spec.policy or 'built-in default'}" if server.controller is not None else "off"
+        print(f"placement autoscaler {autoscaler}; admin API {server.http_url}/admin (token {server.token_source})",
+              flush=True)
         server.wait()
     finally:
         print("moeray: shutting down", file=sys.stderr, flush=True)

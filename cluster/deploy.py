@@ -6,6 +6,12 @@ memory its weights need, and sets its own torch thread count so actors on one ma
 fight over cores. What the cluster cannot place is reported by name before anything starts,
 and an actor that fails to start (say, a checkpoint its node cannot read) fails the deployment
 with its own error instead of hanging.
+
+`ClusterConfig.group_resources` replaces that choice with exactly the resources given, e.g.
+`{"moeray_expert_group": 1}`: the worker node types in `cluster/launch/*.yaml` carry that custom
+resource, so Ray's autoscaler adds a node when a group asks for one. Such a resource may not exist
+yet when we start, so there is no up-front check then: we say what we wait for and wait up to
+`start_timeout_s`.
 """
 
 import os
@@ -39,7 +45,8 @@ class ClusterConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_queued_requests: int = 256  # waiting requests beyond which the router refuses new ones
     world_timeout_s: float = 30.0  # a collective that waits longer than this fails the step
-    start_timeout_s: float = 300.0  # loading weights on every actor
+    start_timeout_s: float = 300.0  # loading weights on every actor (and nodes the autoscaler adds)
+    group_resources: dict[str, float] = field(default_factory=dict)  # each group asks for exactly these; {}: automatic
 
 
 class Deployment:
@@ -57,6 +64,12 @@ class Deployment:
 
     def plan(self) -> PlacementPlan:
         return PlacementPlan.from_json(ray.get(self.router.plan_json.remote()), self.initial_plan.num_experts)
+
+    def group_nodes(self) -> list[int]:
+        """Per group, the index of its node (0, 1, ... in order of first appearance)."""
+        ids = ray.get([g.node_id.remote() for g in self.groups])
+        index: dict[str, int] = {}
+        return [index.setdefault(node, len(index)) for node in ids]
 
     def stats(self) -> dict:
         return {"router": ray.get(self.router.stats.remote()), "groups": ray.get([g.stats.remote() for g in self.groups])}
@@ -76,7 +89,7 @@ class Deployment:
                 ray.kill(actor)
 
 
-def deploy(config: ClusterConfig) -> Deployment:
+def deploy(config: ClusterConfig, log=lambda message: None) -> Deployment:
     """Start the actors (Ray must be initialised), form the world, start serving."""
     model_config, _ = load_config(config.model_path)
     num_moe_layers = len(model_config.moe_layer_ids)
@@ -87,8 +100,15 @@ def deploy(config: ClusterConfig) -> Deployment:
         raise DeploymentError(f"the plan has {plan.num_groups} groups but {config.num_groups} expert groups were asked for")
     path = str(Path(config.model_path).resolve())
     group_bytes = _group_weight_bytes(model_config, plan, config.dtype)
-    use_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    group_opts, router_opts, backend = _resources(config.num_groups, group_bytes, use_gpus)
+    if config.group_resources:
+        group_opts, router_opts, backend = _requested_resources(config.group_resources), {"num_cpus": 0}, "gloo"
+        missing = _missing_resources(config.group_resources, config.num_groups, ray.cluster_resources())
+        if missing:
+            log(f"waiting up to {config.start_timeout_s:.0f} s for the cluster to add {missing} "
+                f"({config.num_groups} expert groups x {config.group_resources})")
+    else:
+        use_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        group_opts, router_opts, backend = _resources(config.num_groups, group_bytes, use_gpus)
     threads = max(1, (os.cpu_count() or 1) // (config.num_groups + 1))
     groups = [ExpertGroupActor.options(**group_opts).remote(path, g, plan.to_json(), config.dtype, threads)
               for g in range(config.num_groups)]
@@ -129,10 +149,29 @@ def _resources(num_groups: int, group_bytes: int, use_gpus: bool) -> tuple[dict,
     return {"num_cpus": 0, "memory": group_bytes}, {"num_cpus": 0}, "gloo"
 
 
-def _group_weight_bytes(model_config, plan: PlacementPlan, dtype: str) -> int:
+def expert_bytes(model_config, dtype: str) -> int:
+    """Weight bytes of one expert (gate, up and down projections): what moving one costs."""
     itemsize = 2 if dtype == "bfloat16" else 4
-    per_slot = 3 * model_config.hidden_size * model_config.moe_intermediate_size * itemsize
-    return max(1, plan.num_layers * plan.slots_per_group * per_slot)
+    return 3 * model_config.hidden_size * model_config.moe_intermediate_size * itemsize
+
+
+def _requested_resources(group_resources: dict[str, float]) -> dict:
+    """Actor options asking for exactly `group_resources`; CPU, GPU and memory go by Ray's option names."""
+    custom = dict(group_resources)
+    options = {"num_cpus": custom.pop("CPU", 0), "num_gpus": custom.pop("GPU", 0)}
+    if "memory" in custom:
+        options["memory"] = custom.pop("memory")
+    return {**options, "resources": custom} if custom else options
+
+
+def _missing_resources(group_resources: dict[str, float], num_groups: int, available: dict) -> dict[str, float]:
+    """What `num_groups` groups need beyond what the cluster has now (an autoscaler may add it)."""
+    need = {name: amount * num_groups - available.get(name, 0) for name, amount in group_resources.items()}
+    return {name: short for name, short in need.items() if short > 0}
+
+
+def _group_weight_bytes(model_config, plan: PlacementPlan, dtype: str) -> int:
+    return max(1, plan.num_layers * plan.slots_per_group * expert_bytes(model_config, dtype))
 
 
 def _wait_started(pending: list[tuple[str, "ray.ObjectRef"]], timeout_s: float) -> None:

@@ -15,6 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+import json
+
+from moeray.cluster import admin
 from moeray.cluster.kserve.ingress import KServeIngress
 from moeray.cluster.openai.convert import GenerateRequest, convert_chat, convert_completion, parse_request
 from moeray.cluster.openai.errors import OpenAIError, from_exception, from_validation_error
@@ -37,8 +40,8 @@ def _error(err: OpenAIError) -> JSONResponse:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Frontend(KServeIngress):
-    def __init__(self, router, model_path: str, served_name: str):
-        self.router = router
+    def __init__(self, router, model_path: str, served_name: str, controller=None, admin_token: str | None = None):
+        self.router, self.controller, self.admin_token = router, controller, admin_token
         limits = ray.get(router.limits.remote())
         self.model = ServedModel.load(model_path, served_name, limits["max_model_len"], limits["vocab_size"])
 
@@ -71,6 +74,57 @@ class Frontend(KServeIngress):
         except OpenAIError as err:
             return _error(err)
         return await self._respond(call)
+
+    @app.get("/admin/placement")
+    async def admin_placement(self, request: Request) -> Response:
+        return await self._admin(request, self._placement)
+
+    @app.get("/admin/load")
+    async def admin_load(self, request: Request) -> Response:
+        async def body():
+            window = admin.parse_window(request.query_params.get("window_s"))
+            return await admin.call(self.router.load_snapshot.remote(window))
+
+        return await self._admin(request, body)
+
+    @app.get("/admin/policy")
+    async def admin_policy(self, request: Request) -> Response:
+        return await self._admin(request, lambda: admin.call(self.controller.policy.remote()), controller=True)
+
+    @app.put("/admin/policy")
+    async def admin_apply_policy(self, request: Request) -> Response:
+        source = request.headers.get("x-policy-source", "<policy>")
+        text = (await request.body()).decode("utf-8", errors="replace")
+        return await self._admin(request, lambda: admin.call(self.controller.apply_policy.remote(text, source)),
+                                 controller=True)
+
+    @app.post("/admin/migrate")
+    async def admin_migrate(self, request: Request) -> Response:
+        async def body():
+            return await admin.call(self.controller.migrate.remote(**admin.parse_migrate(await request.body())))
+
+        return await self._admin(request, body, controller=True)
+
+    @app.get("/admin/autoscaler")
+    async def admin_autoscaler(self, request: Request) -> Response:
+        async def body():
+            limit = admin.parse_limit(request.query_params.get("limit"))
+            return {"status": await self.controller.status.remote(), "history": await self.controller.history.remote(limit)}
+
+        return await self._admin(request, body, controller=True)
+
+    async def _placement(self) -> dict:
+        plan, stats = json.loads(await self.router.plan_json.remote()), await self.router.stats.remote()
+        return {"plan": plan, "router": stats}
+
+    async def _admin(self, request: Request, handler, controller: bool = False) -> Response:
+        try:
+            admin.authorize(request.headers.get("authorization"), self.admin_token)
+            if controller:
+                admin.need_controller(self.controller)
+            return JSONResponse(await handler())
+        except admin.AdminError as err:
+            return err.response()
 
     async def _respond(self, call: GenerateRequest) -> Response:
         items = self._items(call.prompt_ids, call.params, call.request_id)

@@ -5,7 +5,7 @@ know is an error (`extra="forbid"`), reported as `FILE:LINE: field: message`.
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,12 +18,26 @@ class ServingSpec(BaseModel):
     served_model_name: str | None = Field(
         None, description="name clients use (/v1/models, Triton model name); default: the checkpoint folder's name")
     expert_groups: int = Field(2, ge=1, description="expert-group actors (one GPU each when the cluster has GPUs)")
-    redundant_slots: int = Field(0, ge=0, description="extra expert slots per group and layer, filled with replicas")
+    redundant_slots: int | None = Field(
+        None, ge=0, description="extra expert slots per group and layer, for replicas; default: the policy's "
+                                "replication.redundant_slots_per_group")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights and activations")
+    group_resources: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="Ray resources each expert group asks for instead of the automatic choice "
+        "(one GPU, or its weights' memory), e.g. {moeray_expert_group: 1} on a cluster from cluster/launch/*.yaml, "
+        "whose autoscaler adds worker nodes carrying that resource")
     address: str | None = Field(None, description="Ray cluster to join ('auto' or HOST:PORT); default: start a local one")
     host: str = Field("127.0.0.1", description="interface the HTTP and gRPC servers bind; 0.0.0.0 to expose them")
     http_port: int = Field(8000, ge=1, le=65535, description="OpenAI-compatible HTTP API")
     grpc_port: int = Field(8001, ge=1, le=65535, description="KServe v2 / Triton gRPC API")
+    policy: str | None = Field(
+        None, description="placement policy YAML (configs/policies/*.yaml); default: the built-in default policy, "
+                          "the same as configs/policies/default.yaml")
+    autoscaler: bool = Field(True, description="run the placement autoscaler (false: the placement stays as deployed)")
+    watch_policy: bool = Field(True, description="re-apply the policy file when it changes on disk")
+    admin_token: str | None = Field(
+        None, description="bearer token of the admin API (/admin/*); default: $MOERAY_ADMIN_TOKEN, else a random "
+                          "one written to ~/.moeray/admin-token")
     max_queued_requests: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429 / RESOURCE_EXHAUSTED")
     max_num_seqs: int = Field(64, ge=1, description="sequences decoded together in one step")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per step; longer prompts are prefilled in chunks")
