@@ -9,9 +9,9 @@ that change into staging memory (on another thread) while steps go on; the heade
 """
 
 from pathlib import Path
+from typing import Callable
 
 import torch
-from torch import Tensor
 
 from moeray.actors.comm import Command, World
 from moeray.actors.placement import PlacementPlan, check_plan
@@ -21,7 +21,8 @@ from moeray.models.loader import load_config, moe_prefix
 
 
 class ExpertGroup:
-    def __init__(self, model_path: str | Path, group: int, plan: PlacementPlan, dtype: torch.dtype = torch.float32):
+    def __init__(self, model_path: str | Path, group: int, plan: PlacementPlan, dtype: torch.dtype = torch.float32,
+                 progress: Callable[[int, int], None] | None = None):
         self.config, family = load_config(model_path)
         self.group, self.dtype = group, dtype
         self.reader = CheckpointReader(model_path)
@@ -30,9 +31,12 @@ class ExpertGroup:
         c, slots = self.config, plan.slots_per_group
         self.w13 = [torch.zeros(slots, 2 * c.moe_intermediate_size, c.hidden_size, dtype=dtype) for _ in self.prefixes]  # L x [S, 2I, H]
         self.w2 = [torch.zeros(slots, c.hidden_size, c.moe_intermediate_size, dtype=dtype) for _ in self.prefixes]  # L x [S, H, I]
-        for layer, slot, w13, w2 in self._load([(l, s, int(e)) for l in range(plan.num_layers)
-                                                for s, e in enumerate(plan.physical_to_logical[l, group]) if e >= 0]):
+        slots_here = [(l, s, int(e)) for l in range(plan.num_layers)
+                      for s, e in enumerate(plan.physical_to_logical[l, group]) if e >= 0]
+        for done, (layer, slot, w13, w2) in enumerate(self._load(slots_here), 1):
             self.w13[layer][slot], self.w2[layer][slot] = w13, w2
+            if progress:
+                progress(done, len(slots_here))
         self.plan = plan
         self._staged: tuple[PlacementPlan, list] | None = None  # (plan, [(layer, slot, w13, w2)])
         self.tokens_per_slot = torch.zeros(plan.num_layers, slots, dtype=torch.long)  # [L, S] since start

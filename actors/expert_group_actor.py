@@ -18,13 +18,20 @@ from moeray.actors.placement import PlacementPlan
 class ExpertGroupActor:
     def __init__(self, model_path: str, group: int, plan_json: str, dtype: str, num_threads: int):
         torch.set_num_threads(num_threads)  # Ray sets OMP threads to the node's CPU count
-        self.group = ExpertGroup(model_path, group, PlacementPlan.from_json(plan_json), getattr(torch, dtype))
+        self._args = (model_path, group, PlacementPlan.from_json(plan_json), getattr(torch, dtype))
+        self.loaded = (0, 0)  # (experts loaded, experts to load), for progress()
+        self.group: ExpertGroup | None = None
         self.world: World | None = None
         self._loop: threading.Thread | None = None
         self.error: str | None = None
 
-    def ready(self) -> int:
+    def load(self) -> int:
+        """Read this group's experts from the checkpoint (slow: the deployer polls `progress` meanwhile)."""
+        self.group = ExpertGroup(*self._args, progress=lambda done, total: setattr(self, "loaded", (done, total)))
         return self.group.group
+
+    def progress(self) -> tuple[int, int]:
+        return self.loaded
 
     def node_id(self) -> str:
         """The Ray node this group runs on (the planner keeps replicas of one expert on different nodes)."""

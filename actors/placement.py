@@ -52,14 +52,17 @@ class PlacementPlan:
         p2l = p2l.to(torch.long)
         object.__setattr__(self, "physical_to_logical", p2l)
         _check(p2l, self.num_experts)
-        num_layers, num_groups, slots = p2l.shape
-        flat = p2l.view(num_layers, -1)  # [L, G*S]
-        counts = torch.stack([torch.bincount(row[row >= 0], minlength=self.num_experts) for row in flat])
-        l2p = torch.full((num_layers, self.num_experts, int(counts.max())), -1, dtype=torch.long)
-        for layer in range(num_layers):
-            for expert in range(self.num_experts):
-                ids = (flat[layer] == expert).nonzero().flatten()
-                l2p[layer, expert, : len(ids)] = ids
+        num_layers, experts = p2l.shape[0], self.num_experts
+        key = torch.where(p2l >= 0, p2l, experts).view(num_layers, -1)  # [L, G*S], empty slots sort last
+        order = torch.argsort(key, dim=1, stable=True)  # physical ids grouped by expert, ascending within
+        sorted_experts = torch.gather(key, 1, order)
+        counts = torch.stack([torch.bincount(row, minlength=experts + 1)[:experts] for row in key])  # [L, E]
+        starts = counts.cumsum(1) - counts
+        rank = torch.arange(key.shape[1]).expand_as(key) - starts.gather(1, sorted_experts.clamp(max=experts - 1))
+        keep = sorted_experts < experts
+        layer = torch.arange(num_layers)[:, None].expand_as(key)
+        l2p = torch.full((num_layers, experts, int(counts.max())), -1, dtype=torch.long)  # [L, E, Rmax]
+        l2p[layer[keep], sorted_experts[keep], rank[keep]] = order[keep]
         object.__setattr__(self, "replica_count", counts)
         object.__setattr__(self, "logical_to_physical", l2p)
 

@@ -18,7 +18,7 @@ from moeray.actors.dispatch import dispatch
 from moeray.actors.engine import Engine, EngineConfig, RequestOutput
 from moeray.actors.load import LoadTracker
 from moeray.actors.placement import PlacementPlan, check_plan
-from moeray.kernels.moe import PermuteHandle, unpermute
+from moeray.kernels.moe import unpermute
 from moeray.models.loader import load_config, load_model
 from moeray.models.tokenizer import Tokenizer
 
@@ -66,12 +66,13 @@ class RemoteExperts(nn.Module):
 
 class Router:
     def __init__(self, model_path: str | Path, plan: PlacementPlan, dtype: torch.dtype = torch.float32,
-                 engine_config: EngineConfig = EngineConfig()):
+                 engine_config: EngineConfig = EngineConfig(), progress=None):
         config, _ = load_config(model_path)
         check_plan(plan, config.num_experts, len(config.moe_layer_ids))
         self.link = ExpertLink(plan)
         moe_index = {layer: i for i, layer in enumerate(config.moe_layer_ids)}
-        model = load_model(model_path, dtype, make_experts=lambda layer: RemoteExperts(moe_index[layer], self.link))
+        model = load_model(model_path, dtype, progress=progress,
+                           make_experts=lambda layer: RemoteExperts(moe_index[layer], self.link))
         tokenizer = Tokenizer(model_path) if (Path(model_path) / "tokenizer.json").is_file() else None
         self.engine = Engine(model, tokenizer, engine_config)
         self.step_id = 0

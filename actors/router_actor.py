@@ -16,6 +16,7 @@ import torch
 from moeray.actors.comm import World, WorldSpec, host_store
 from moeray.actors.engine import EngineConfig
 from moeray.actors.placement import PlacementPlan
+from moeray.actors.request_stats import RequestStats
 from moeray.actors.router import Router
 from moeray.actors.sequence import SamplingParams
 
@@ -35,7 +36,9 @@ class RouterActor:
                  max_queued_requests: int = 256):
         torch.set_num_threads(num_threads)
         self.max_queued_requests = max_queued_requests  # waiting (not yet running) requests beyond which new ones are refused
-        self.router = Router(model_path, PlacementPlan.from_json(plan_json), getattr(torch, dtype), engine_config)
+        self._args = (model_path, PlacementPlan.from_json(plan_json), getattr(torch, dtype), engine_config)
+        self.loaded = (0, 0)  # (layers loaded, layers), for progress()
+        self.router: Router | None = None
         self.store, self.port = host_store()
         self.inbox: queue.Queue = queue.Queue()
         self._tasks: queue.Queue = queue.Queue()  # (callable, done queue) run between steps
@@ -50,6 +53,15 @@ class RouterActor:
         self._running = False
         self._loop: threading.Thread | None = None
         self.steps = collections.deque(maxlen=8192)  # (wall time at end, seconds, tokens, a plan was staging)
+        self.request_stats = RequestStats()
+        self.computed_tokens = 0  # tokens all steps computed (prompt chunks + decodes): every MoE layer saw each
+
+    def load(self) -> None:
+        """Build the dense model from the checkpoint (slow: the deployer polls `progress` meanwhile)."""
+        self.router = Router(*self._args, progress=lambda done, total: setattr(self, "loaded", (done, total)))
+
+    def progress(self) -> tuple[int, int]:
+        return self.loaded
 
     def rendezvous(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), self.port
@@ -75,7 +87,7 @@ class RouterActor:
             raise OverloadedError(f"server overloaded: {queued} requests are already waiting "
                                   f"(max_queued_requests={self.max_queued_requests}); retry later")
         out: queue.Queue = queue.Queue()
-        self.inbox.put((list(prompt_ids), params, out, request_id))
+        self.inbox.put((list(prompt_ids), params, out, request_id, time.monotonic()))
         while True:
             item = out.get()
             while not isinstance(item, Exception) and not item["finished"] and not out.empty():
@@ -95,6 +107,7 @@ class RouterActor:
                 self._cancelled.add(request_id)  # not admitted yet (or already done: harmless)
                 return
             self.router.engine.abort(seq_id)
+            self.request_stats.emitted(seq_id, time.monotonic(), 0, "abort")
             out = self.streams.pop(seq_id, None)
             if out is not None:
                 out.put({"token_ids": [], "text": "", "logprobs": [], "finished": True, "finish_reason": "abort"})
@@ -127,14 +140,23 @@ class RouterActor:
     def load_snapshot(self, window_s: float | None = None) -> dict:
         """Tokens per logical expert over the last `window_s` seconds, with the derived group load
         and imbalance under the active plan (`LoadSnapshot.to_dict`). Read between steps."""
-        def read() -> dict:
-            return self.router.tracker.snapshot(self.router.plan, window_s).to_dict()
+        return self._between_steps(lambda: self.router.tracker.snapshot(self.router.plan, window_s).to_dict())
 
-        if self._loop is None or not self._loop.is_alive():
-            return read()
-        done: queue.Queue = queue.Queue()
-        self._tasks.put((lambda: done.put(read()), queue.Queue()))
-        return done.get(timeout=60)
+    def metrics(self) -> dict:
+        """Everything the Prometheus endpoint exposes from the router, in one call: request stats,
+        queue gauges, tokens per expert since start, the window's group load and imbalance, replicas."""
+        return self._between_steps(self._metrics)
+
+    def _metrics(self) -> dict:
+        batcher, plan = self.router.engine.batcher, self.router.plan
+        snapshot = self.router.tracker.snapshot(plan, window_s=60.0)
+        return {"requests": self.request_stats.to_dict(), "running": len(batcher.running),
+                "waiting": len(batcher.waiting) + self.inbox.qsize(), "computed_tokens": self.computed_tokens,
+                "steps": self.router.step_id, "plan_version": plan.version, "top_k": self.router.engine.model.config.top_k,
+                "expert_tokens_total": snapshot.total.tolist(), "window_s": snapshot.window_s,
+                "group_load": snapshot.group_load.tolist(), "imbalance": snapshot.imbalance.tolist(),
+                "replica_count": plan.replica_count.tolist(), "kv_blocks": self.router.engine.cache.allocator.num_blocks,
+                "free_kv_blocks": self.router.engine.cache.allocator.num_free}
 
     def step_log(self, since: float = 0.0) -> list[tuple[float, float, int, bool]]:
         """Recent steps (up to 8192) that ended after wall time `since`: (end time, seconds, tokens,
@@ -175,6 +197,7 @@ class RouterActor:
                     outputs = self.router.step()
                     self.steps.append((time.time(), time.perf_counter() - start, self.router.last_step_tokens,
                                        self.staging is not None))
+                    self.computed_tokens += self.router.last_step_tokens
                     for out in outputs:
                         self._emit(out)
                     last_header = time.monotonic()
@@ -192,6 +215,24 @@ class RouterActor:
         finally:
             if self.router.link.world is not None:
                 self.router.link.world.destroy()
+
+    def _between_steps(self, read):
+        """`read()` on the step thread between two steps (now, if the loop is not running)."""
+        if self._loop is None or not self._loop.is_alive():
+            return read()
+        done: queue.Queue = queue.Queue()
+
+        def task():
+            try:
+                done.put((read(), None))
+            except Exception as err:  # the caller's problem, never the step loop's
+                done.put((None, err))
+
+        self._tasks.put((task, queue.Queue()))
+        result, error = done.get(timeout=60)
+        if error is not None:
+            raise error
+        return result
 
     def _run_tasks(self) -> None:
         """Control work that must run between steps, on the thread that owns the world."""
@@ -220,7 +261,8 @@ class RouterActor:
             except queue.Empty:
                 return
 
-    def _admit_one(self, prompt_ids: list[int], params: SamplingParams, out: queue.Queue, request_id: str | None) -> None:
+    def _admit_one(self, prompt_ids: list[int], params: SamplingParams, out: queue.Queue, request_id: str | None,
+                   arrival: float) -> None:
         if request_id is not None and request_id in self._cancelled:
             self._cancelled.discard(request_id)
             out.put({"token_ids": [], "text": "", "logprobs": [], "finished": True, "finish_reason": "abort"})
@@ -231,10 +273,13 @@ class RouterActor:
             out.put(err)
             return
         self.streams[seq_id] = out
+        self.request_stats.admitted(seq_id, arrival, len(prompt_ids))
         if request_id is not None:
             self.seq_ids[request_id], self.request_ids[seq_id] = seq_id, request_id
 
     def _emit(self, out) -> None:
+        self.request_stats.emitted(out.seq_id, time.monotonic(), len(out.new_token_ids),
+                                   out.finish_reason if out.finished else None)
         stream = self.streams.get(out.seq_id)
         if stream is None:
             return

@@ -37,6 +37,7 @@ class AutoscalerController:
         self.reloads = {"success": 0, "rejected": 0, "last_success_time": time.time(), "last_error": None}
         self.decisions: collections.deque = collections.deque(maxlen=256)
         self.migrations = {"success": 0, "failed": 0, "last_duration_s": None, "moved_experts": 0}
+        self.actions: collections.Counter = collections.Counter()  # decisions by action, since start
         self.pending: tuple[int, float] | None = None  # (version, start) of the plan being staged
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="autoscaler", daemon=True)
@@ -74,6 +75,7 @@ class AutoscalerController:
         last = self.decisions[-1].to_dict() if self.decisions else None
         return {"phase": self.controller.state.phase, "dry_run": self.controller.policy.dry_run,
                 "migrations": dict(self.migrations), "reloads": dict(self.reloads), "last_decision": last,
+                "decisions": dict(self.actions),
                 "pending_version": self.pending[0] if self.pending else None}
 
     def migrate(self, layer: int, expert: int, to_group: int | None = None, from_group: int | None = None) -> dict:
@@ -144,6 +146,7 @@ class AutoscalerController:
     def _record(self, decision: Decision) -> None:
         previous = self.decisions[-1] if self.decisions else None
         self.decisions.append(decision)
+        self.actions[decision.action] += 1
         if decision.action != "hold" or previous is None or previous.reason.split(":")[0] != decision.reason.split(":")[0]:
             log.info("autoscaler %s (plan v%d): %s", decision.action, decision.plan_version, decision.reason)
 

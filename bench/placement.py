@@ -1,6 +1,6 @@
 """Placement autoscaler vs EPLB: balance on the next window, and how many experts each moves.
 
-    python bench/placement.py                  # DeepSeek-V3 scale, three traces x 30 rounds, ~3 min
+    python bench/placement.py                  # DeepSeek-V3 scale, three traces x 30 rounds, ~1.5 min
     python bench/placement.py --quick          # smoke run: 4 layers, 32 experts, 8 groups, 6 rounds
     python bench/placement.py --trace drift --rounds 60 --max-moves 800
 
@@ -20,6 +20,8 @@ Replay (`moeray.autoscaler.simulate`): both contenders start from the default co
 (`bench/eplb_baseline.py`) recomputes from scratch (replicate by load per copy, then greedy
 balanced packing); its groups are relabelled to overlap its previous placement as much as possible
 before its loads are counted. moeray runs `autoscaler.planner.plan` under `limits()` below.
+A reference row, "floor", is EPLB fed the popularity that window r + 1 was drawn from (an oracle
+without sampling noise): what sampling noise alone costs on the next window.
 
 Columns: imbalance = max / mean group load per layer, averaged over layers and rounds, on the
 next window; loads/round = slots that receive an expert they did not hold (x 44 MB per DeepSeek-V3
@@ -49,6 +51,7 @@ from moeray.autoscaler.simulate import initial_plan, simulate  # noqa: E402
 
 BYTES_PER_EXPERT = 3 * 7168 * 2048  # DeepSeek-V3 routed expert: gate, up, down in FP8
 TRACES = ("zipf", "lognormal", "drift")
+REFERENCES = ("no rebalancing", "floor (EPLB on the true popularity)")  # rows without loads
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,7 @@ def _drift(rng: np.random.Generator, scale: Scale, rounds: int, num_hot: int = 6
             chosen = rng.choice(fresh, shift, replace=False)
             recent = (recent + [chosen])[-(lifetime // shift_every + 1):]
             heat = np.clip((windows - start) / shift_every, 0, 1) \
-                - np.clip((windows - start - lifetime) / shift_every, 0, 1)  # [R]
-            if start < 0:
-                heat = np.where(windows < start + lifetime, 1.0, heat)  # hot from the start
+                - np.clip((windows - start - lifetime) / shift_every, 0, 1)  # [R] rise, stay, fall
             probs[:, layer, chosen] += (hot_share / num_hot * heat)[:, None]
     return probs
 
@@ -148,6 +149,14 @@ def run_static(trace: np.ndarray, p2l: np.ndarray) -> Run:
     imbalance = np.array([eplb.imbalance(p2l, trace[r + 1]).mean() for r in range(len(trace) - 1)])
     zeros = np.zeros(len(trace) - 1)
     return Run(imbalance, zeros, eplb.colocated(p2l), zeros)
+
+
+def run_floor(probs: np.ndarray, trace: np.ndarray, scale: Scale) -> Run:
+    """EPLB on the popularity each next window is drawn from: the sampling-noise floor."""
+    imbalance = [eplb.imbalance(eplb.rebalance(probs[r + 1], scale.num_groups, scale.slots_per_group),
+                                trace[r + 1]).mean() for r in range(len(trace) - 1)]
+    zeros = np.zeros(len(trace) - 1)
+    return Run(np.array(imbalance), zeros, 0, zeros)
 
 
 def run_eplb(trace: np.ndarray, p2l: np.ndarray, scale: Scale) -> Run:
@@ -191,8 +200,11 @@ def table(name: str, runs: dict[str, Run], warmup: int) -> tuple[list[str], dict
              "| GB/round (all) | loads vs EPLB (steady / all) | co-located | ms/round |",
              "| --- |" + " --- |" * 8]
     for label, run in runs.items():
-        ratio = (f"{_ratio(run.loads[warmup:], eplb_run.loads[warmup:]):.1%} / {_ratio(run.loads, eplb_run.loads):.1%}"
-                 if label != "no rebalancing" else "-")
+        if label in REFERENCES:
+            lines.append(f"| {label} | {run.imbalance[warmup:].mean():.4f} | {run.imbalance.mean():.4f} "
+                         f"| - | - | - | - | - | - |")
+            continue
+        ratio = f"{_ratio(run.loads[warmup:], eplb_run.loads[warmup:]):.1%} / {_ratio(run.loads, eplb_run.loads):.1%}"
         lines.append(f"| {label} | {run.imbalance[warmup:].mean():.4f} | {run.imbalance.mean():.4f} "
                      f"| {run.loads[warmup:].mean():,.0f} | {run.loads.mean():,.0f} "
                      f"| {run.loads.mean() * BYTES_PER_EXPERT / 1e9:,.1f} | {ratio} | {run.colocated} "
@@ -235,14 +247,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
           f"{rounds} rounds, steady = rounds {warmup}..{rounds - 1}")
     print(f"moeray limits: max_moves={plan_limits.max_moves} max_replicas_per_expert="
           f"{plan_limits.max_replicas_per_expert} target_imbalance={plan_limits.target_imbalance} "
-          f"min_gain={plan_limits.min_gain}\n", flush=True)
+          f"min_gain={plan_limits.min_gain}", flush=True)
+    print("quick: a smoke run; the targets are meant for the full scale\n" if args.quick else "", flush=True)
     initial = initial_plan(scale.num_layers, scale.num_experts, scale.num_groups, scale.slots_per_group)
     results = {}
     for offset, name in enumerate(TRACES if args.trace == "all" else (args.trace,)):
         rng = np.random.default_rng(args.seed + offset)
-        trace = sample(popularity(name, rng, scale, rounds + 1), rng, scale)  # [R+1, L, E]
+        probs = popularity(name, rng, scale, rounds + 1)  # [R+1, L, E]
+        trace = sample(probs, rng, scale)
         start = initial.physical_to_logical.numpy()
-        runs = {"no rebalancing": run_static(trace, start), "EPLB (from scratch)": run_eplb(trace, start, scale),
+        runs = {"no rebalancing": run_static(trace, start), "floor (EPLB on the true popularity)":
+                run_floor(probs, trace, scale), "EPLB (from scratch)": run_eplb(trace, start, scale),
                 "moeray": run_moeray(trace, scale, plan_limits)}
         lines, results[name] = table(name, runs, warmup)
         print("\n".join(lines), flush=True)

@@ -7,6 +7,7 @@ apply`, `moeray placement migrate`, `moeray top`). Every route needs `Authorizat
 problem) or 409 (the autoscaler is off).
 
     GET  /admin/placement            the live plan and the router's counters
+    GET  /admin/stats?window_s=10    the router's counters and throughput over the window
     GET  /admin/load?window_s=60     LoadSnapshot.to_dict()
     GET  /admin/policy               the policy in force, its source and reload counts
     PUT  /admin/policy               body: policy YAML (header X-Policy-Source names it in errors)
@@ -96,3 +97,12 @@ def parse_limit(text: str | None, default: int = 50) -> int:
     if not text.isdigit() or int(text) < 1:
         raise AdminError(400, f"limit={text!r} must be an integer >= 1")
     return int(text)
+
+
+def throughput(steps: list, window_s: float) -> dict:
+    """Steps (end time, seconds, tokens, staging) of the last `window_s` -> rates and step latency."""
+    seconds = sorted(s[1] for s in steps)
+    return {"window_s": window_s, "steps_per_s": len(steps) / window_s,
+            "tokens_per_s": sum(s[2] for s in steps) / window_s,
+            "step_ms_p50": 1000 * seconds[len(seconds) // 2] if seconds else None,
+            "step_ms_p99": 1000 * seconds[min(len(seconds) - 1, int(len(seconds) * 0.99))] if seconds else None}

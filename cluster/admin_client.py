@@ -55,3 +55,10 @@ class AdminClient:
             raise RuntimeError(message) from None
         except urllib.error.URLError as err:
             raise RuntimeError(f"cannot reach the moeray server at {self.url}: {err.reason}") from None
+
+
+def server_flags(parser) -> None:
+    """`--url` and `--token`, the same on every command that talks to a running server."""
+    parser.add_argument("--url", default=DEFAULT_URL, help="the server's HTTP address (default %(default)s)")
+    parser.add_argument("--token", default=None, help="admin token (default: $MOERAY_ADMIN_TOKEN, "
+                                                      "else the local server's ~/.moeray/admin-token)")

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from moeray.cluster import launch_cli, placement_cli
+from moeray.cluster import launch_cli, observe_cli, placement_cli
 
 DTYPES = ("bfloat16", "float32")  # torch dtype names; torch is imported only once arguments are good
 
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1)")
     srv.add_argument("--http-port", type=_positive_int, default=None, help="OpenAI HTTP port (default 8000)")
     srv.add_argument("--grpc-port", type=_positive_int, default=None, help="KServe v2 gRPC port (default 8001)")
+    srv.add_argument("--metrics-port", type=_positive_int, default=None, help="Prometheus /metrics port (default 8002)")
     srv.add_argument("--max-queued-requests", type=_positive_int, default=None,
                      help="waiting requests beyond which new ones get 429 / RESOURCE_EXHAUSTED (default 256)")
     srv.add_argument("--policy", default=None,
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=run_serve)
     placement_cli.register(sub, _Parser, _positive_int, _non_negative_int)
     launch_cli.register(sub)
+    observe_cli.register(sub)
     return parser
 
 
@@ -181,7 +183,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from moeray.cluster.serving import ServingSpec, load_spec
 
     keys = ("model", "served_model_name", "expert_groups", "redundant_slots", "dtype", "address", "host",
-            "http_port", "grpc_port", "max_queued_requests", "policy", "autoscaler")
+            "http_port", "grpc_port", "metrics_port", "max_queued_requests", "policy", "autoscaler")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.group_resource:
         overrides["group_resources"] = dict(args.group_resource)
@@ -192,7 +194,7 @@ def run_serve(args: argparse.Namespace) -> int:
     server = start(spec)
     try:
         print(f"moeray is serving {server.model_name!r}: OpenAI HTTP {server.http_url}/v1, "
-              f"KServe v2 gRPC {server.grpc_target} (Ctrl-C stops it)", flush=True)
+              f"KServe v2 gRPC {server.grpc_target}, Prometheus {server.metrics_url} (Ctrl-C stops it)", flush=True)
         autoscaler = f"on, policy {spec.policy or 'built-in default'}" if server.controller is not None else "off"
         print(f"placement autoscaler {autoscaler}; admin API {server.http_url}/admin (token {server.token_source})",
               flush=True)

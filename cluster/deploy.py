@@ -116,8 +116,8 @@ def deploy(config: ClusterConfig, log=lambda message: None) -> Deployment:
                                                        config.max_queued_requests)
     deployment = Deployment(router, groups, plan)
     try:
-        _wait_started([("router", router.rendezvous.remote())]
-                      + [(f"expert group {g}", a.ready.remote()) for g, a in enumerate(groups)], config.start_timeout_s)
+        _wait_loaded([("router", router)] + [(f"expert group {g}", a) for g, a in enumerate(groups)],
+                     config.start_timeout_s, log)
         host, port = ray.get(router.rendezvous.remote())
         spec = WorldSpec(host, port, config.num_groups + 1, backend=backend, timeout_s=config.world_timeout_s)
         deployment.spec = spec
@@ -174,17 +174,39 @@ def _group_weight_bytes(model_config, plan: PlacementPlan, dtype: str) -> int:
     return max(1, plan.num_layers * plan.slots_per_group * expert_bytes(model_config, dtype))
 
 
-def _wait_started(pending: list[tuple[str, "ray.ObjectRef"]], timeout_s: float) -> None:
-    """Wait for every actor's first answer; name the one that failed or is stuck."""
+def _wait_loaded(actors: list[tuple[str, "ray.actor.ActorHandle"]], timeout_s: float, log) -> None:
+    """Have every actor load its weights, logging progress as it changes; name the one that failed or is stuck."""
     deadline = time.monotonic() + timeout_s
-    for name, ref in pending:
-        try:
-            ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-        except ray.exceptions.GetTimeoutError:
-            raise DeploymentError(f"{name} did not start within {timeout_s:.0f} s (still loading weights, "
-                                  "or waiting for resources the cluster does not have)") from None
-        except ray.exceptions.RayActorError as err:
-            raise DeploymentError(f"{name} failed to start: {_cause(err)}") from None
+    loads = {name: actor.load.remote() for name, actor in actors}
+    shown = f"loading weights: {', '.join(name for name, _ in actors)}"
+    log(shown)
+    while loads:
+        done, _ = ray.wait(list(loads.values()), num_returns=len(loads), timeout=1.0)
+        for name in [n for n, ref in loads.items() if ref in done]:
+            try:
+                ray.get(loads.pop(name))
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+                raise DeploymentError(f"{name} failed to start: {_cause(err)}") from None
+        if loads and time.monotonic() > deadline:
+            raise DeploymentError(f"{', '.join(loads)} did not start within {timeout_s:.0f} s (still loading "
+                                  "weights, or waiting for resources the cluster does not have)")
+        if loads and (line := _progress_line(actors, loads)) != shown:
+            log(line)
+            shown = line
+
+
+def _progress_line(actors: list[tuple[str, "ray.actor.ActorHandle"]], loading: dict) -> str:
+    """'loading weights: router 3/4, expert group 0 12/20, expert group 1 done' (asks all at once, waits <= 1 s)."""
+    asks = {name: actor.progress.remote() for name, actor in actors if name in loading}
+    ready, _ = ray.wait(list(asks.values()), num_returns=len(asks), timeout=1.0)
+    parts = []
+    for name, _actor in actors:
+        if name not in asks:
+            parts.append(f"{name} done")
+            continue
+        done, total = ray.get(asks[name]) if asks[name] in ready else (0, 0)
+        parts.append(f"{name} {done}/{total}" if total else f"{name} starting")
+    return "loading weights: " + ", ".join(parts)
 
 
 def _cause(err: Exception) -> str:

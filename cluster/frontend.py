@@ -7,6 +7,8 @@ as OpenAI responses or SSE events. Requests from every client meet in the router
 client that goes away mid-stream has its request aborted, which frees its sequence and KV.
 """
 
+import json
+import time
 from typing import AsyncIterator
 
 import ray
@@ -15,12 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-import json
-
 from moeray.cluster import admin
 from moeray.cluster.kserve.ingress import KServeIngress
 from moeray.cluster.openai.convert import GenerateRequest, convert_chat, convert_completion, parse_request
-from moeray.cluster.openai.errors import OpenAIError, from_exception, from_validation_error
+from moeray.cluster.openai.errors import OpenAIError, from_exception, from_validation_error, too_large
 from moeray.cluster.openai.protocol import ChatCompletionRequest, CompletionRequest
 from moeray.cluster.openai.responses import SSEStream, chat_response, completion_response, model_list, sse_error
 from moeray.cluster.openai.served_model import ServedModel
@@ -40,8 +40,10 @@ def _error(err: OpenAIError) -> JSONResponse:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(app)
 class Frontend(KServeIngress):
-    def __init__(self, router, model_path: str, served_name: str, controller=None, admin_token: str | None = None):
+    def __init__(self, router, model_path: str, served_name: str, controller=None, admin_token: str | None = None,
+                 max_request_bytes: int = 4 << 20):
         self.router, self.controller, self.admin_token = router, controller, admin_token
+        self.max_request_bytes = max_request_bytes
         limits = ray.get(router.limits.remote())
         self.model = ServedModel.load(model_path, served_name, limits["max_model_len"], limits["vocab_size"])
 
@@ -62,7 +64,7 @@ class Frontend(KServeIngress):
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         try:
-            call = convert_completion(parse_request(CompletionRequest, await request.body()), self.model)
+            call = convert_completion(parse_request(CompletionRequest, await self._body(request)), self.model)
         except OpenAIError as err:
             return _error(err)
         return await self._respond(call)
@@ -70,7 +72,7 @@ class Frontend(KServeIngress):
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         try:
-            call = convert_chat(parse_request(ChatCompletionRequest, await request.body()), self.model)
+            call = convert_chat(parse_request(ChatCompletionRequest, await self._body(request)), self.model)
         except OpenAIError as err:
             return _error(err)
         return await self._respond(call)
@@ -78,6 +80,15 @@ class Frontend(KServeIngress):
     @app.get("/admin/placement")
     async def admin_placement(self, request: Request) -> Response:
         return await self._admin(request, self._placement)
+
+    @app.get("/admin/stats")
+    async def admin_stats(self, request: Request) -> Response:
+        async def body():
+            window = admin.parse_window(request.query_params.get("window_s")) or 10.0
+            stats, steps = await self.router.stats.remote(), await self.router.step_log.remote(time.time() - window)
+            return {"router": stats, "throughput": admin.throughput(steps, window)}
+
+        return await self._admin(request, body)
 
     @app.get("/admin/load")
     async def admin_load(self, request: Request) -> Response:
@@ -125,6 +136,18 @@ class Frontend(KServeIngress):
             return JSONResponse(await handler())
         except admin.AdminError as err:
             return err.response()
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused (413) past `max_request_bytes` — by its Content-Length before reading any of it."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
+            raise too_large(int(declared), self.max_request_bytes)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_request_bytes:
+                raise too_large(None, self.max_request_bytes)
+        return bytes(body)
 
     async def _respond(self, call: GenerateRequest) -> Response:
         items = self._items(call.prompt_ids, call.params, call.request_id)

@@ -7,11 +7,13 @@ Problems exit with code 2 and say what to fix; `policy validate` prints every pr
 `FILE:LINE: field.path: message`.
 """
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
+
+from moeray.cluster import observe_cli
+from moeray.cluster.admin_client import server_flags
 
 
 def register(sub, parser_class, positive_int, non_negative_int) -> None:
@@ -27,10 +29,10 @@ def register(sub, parser_class, positive_int, non_negative_int) -> None:
     validate.set_defaults(func=run_policy_validate)
     apply = psub.add_parser("apply", help="apply a policy file to a running server (a bad one is rejected)")
     apply.add_argument("file", type=Path, metavar="FILE")
-    _server_flags(apply)
+    server_flags(apply)
     apply.set_defaults(func=run_policy_apply)
     show = psub.add_parser("show", help="the policy in force on a running server")
-    _server_flags(show)
+    server_flags(show)
     show.set_defaults(func=run_policy_show)
 
     placement = sub.add_parser("placement", help="placement plans: make, plan offline, simulate, show, migrate")
@@ -62,7 +64,7 @@ def register(sub, parser_class, positive_int, non_negative_int) -> None:
     simulate.add_argument("--json", action="store_true", help="print per-round records as JSON")
     simulate.set_defaults(func=run_placement_simulate)
     show = lsub.add_parser("show", help="the live plan of a running server")
-    _server_flags(show)
+    server_flags(show)
     show.add_argument("--json", action="store_true", help="print the plan JSON (usable as --current)")
     show.set_defaults(func=run_placement_show)
     migrate = lsub.add_parser("migrate", help="replicate (--to-group), move (both) or drop (--from-group) one expert copy "
@@ -71,7 +73,7 @@ def register(sub, parser_class, positive_int, non_negative_int) -> None:
     migrate.add_argument("--expert", type=non_negative_int, required=True, help="logical expert id")
     migrate.add_argument("--to-group", type=non_negative_int, default=None, help="group that gets a copy")
     migrate.add_argument("--from-group", type=non_negative_int, default=None, help="group whose copy moves or is dropped")
-    _server_flags(migrate)
+    server_flags(migrate)
     migrate.set_defaults(func=run_placement_migrate)
 
     load = sub.add_parser("load", help="expert load of a running server")
@@ -81,14 +83,9 @@ def register(sub, parser_class, positive_int, non_negative_int) -> None:
     dump.add_argument("--window-s", type=float, default=None, help="seconds each snapshot sums (default: all kept, 300)")
     dump.add_argument("--count", type=positive_int, default=1, help="snapshots to take (default 1)")
     dump.add_argument("--interval-s", type=float, default=10.0, help="seconds between snapshots (default 10)")
-    _server_flags(dump)
+    server_flags(dump)
     dump.set_defaults(func=run_load_dump)
-
-
-def _server_flags(parser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address (default %(default)s)")
-    parser.add_argument("--token", default=None,
-                        help="admin token (default: $MOERAY_ADMIN_TOKEN, else the local server's ~/.moeray/admin-token)")
+    observe_cli.register_load_plot(dsub)  # `load plot`
 
 
 def _client(args):

@@ -24,6 +24,7 @@ from moeray.actors.engine import EngineConfig
 from moeray.autoscaler.policy import Policy, load_policy
 from moeray.cluster.admin_client import TOKEN_FILE  # where the CLI finds a local server's admin token
 from moeray.cluster.deploy import ClusterConfig, Deployment, deploy, expert_bytes
+from moeray.cluster.metrics import MoerayCollector, serve_metrics
 from moeray.cluster.remote_errors import unwrap
 from moeray.cluster.serving import ServingSpec
 from moeray.models import DEFAULT_MODEL_DIR, load_config
@@ -43,6 +44,7 @@ class Server:
     token_source: str  # where the admin token came from, for the startup message
     controller: "ray.actor.ActorHandle | None" = None
     log: object = print
+    metrics: object = None  # the /metrics HTTP server
     _stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -82,8 +84,14 @@ class Server:
             self.log(f"placement policy {source} rejected; the last good one stays:\n{unwrap(err)}")
             return False
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.spec.host}:{self.spec.metrics_port}/metrics"
+
     def stop(self) -> None:
         self._stopping.set()
+        if self.metrics is not None:
+            self.metrics.stop()
         try:
             if self.controller is not None:
                 try:
@@ -116,7 +124,7 @@ def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr,
     policy_text, policy_source = (Path(spec.policy).read_text(), spec.policy) if spec.policy else ("", BUILT_IN_POLICY)
     policy = load_policy(spec.policy) if spec.policy else Policy()  # and a bad policy
     redundant_slots = policy.replication.redundant_slots_per_group if spec.redundant_slots is None else spec.redundant_slots
-    for port in (spec.http_port, spec.grpc_port):
+    for port in (spec.http_port, spec.grpc_port, spec.metrics_port):
         _check_port_free(spec.host, port)
     owns_ray = not ray.is_initialized()
     if owns_ray:
@@ -147,9 +155,11 @@ def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr,
         serve.start(http_options={"host": spec.host, "port": spec.http_port},
                     grpc_options={"port": spec.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS,
                                   "enable_reflection": False})
-        serve.run(Frontend.bind(deployment.router, str(model_path), name, controller, token), name=APP_NAME,
-                  route_prefix="/")
-        server = Server(spec, deployment, name, owns_ray, token, token_source, controller, log)
+        serve.run(Frontend.bind(deployment.router, str(model_path), name, controller, token, spec.max_request_bytes),
+                  name=APP_NAME, route_prefix="/")
+        collector = MoerayCollector(deployment.router, controller, name, spec.metrics_experts_per_layer)
+        server = Server(spec, deployment, name, owns_ray, token, token_source, controller, log,
+                        metrics=serve_metrics(collector, spec.host, spec.metrics_port))
         if controller is not None and spec.policy and spec.watch_policy:
             server.watch_policy()
         return server
@@ -210,4 +220,4 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError:
-            raise ValueError(f"port {port} on {host} is already in use (choose another with --http-port/--grpc-port)") from None
+            raise ValueError(f"port {port} on {host} is already in use (choose another with --http-port/--grpc-port/--metrics-port)") from None

@@ -30,6 +30,10 @@ class ServingSpec(BaseModel):
     host: str = Field("127.0.0.1", description="interface the HTTP and gRPC servers bind; 0.0.0.0 to expose them")
     http_port: int = Field(8000, ge=1, le=65535, description="OpenAI-compatible HTTP API")
     grpc_port: int = Field(8001, ge=1, le=65535, description="KServe v2 / Triton gRPC API")
+    metrics_port: int = Field(8002, ge=1, le=65535, description="Prometheus /metrics")
+    metrics_experts_per_layer: int | None = Field(
+        None, ge=1, description="per-expert metric series: each layer's N busiest experts plus 'other' "
+                                "(default: every expert; set it for models with hundreds of experts)")
     policy: str | None = Field(
         None, description="placement policy YAML (configs/policies/*.yaml); default: the built-in default policy, "
                           "the same as configs/policies/default.yaml")
@@ -38,6 +42,9 @@ class ServingSpec(BaseModel):
     admin_token: str | None = Field(
         None, description="bearer token of the admin API (/admin/*); default: $MOERAY_ADMIN_TOKEN, else a random "
                           "one written to ~/.moeray/admin-token")
+    max_request_bytes: int = Field(
+        4 << 20, ge=1024, description="largest request: an HTTP body (413 beyond) or a gRPC inference message "
+                                      "(RESOURCE_EXHAUSTED beyond)")
     max_queued_requests: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429 / RESOURCE_EXHAUSTED")
     max_num_seqs: int = Field(64, ge=1, description="sequences decoded together in one step")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per step; longer prompts are prefilled in chunks")

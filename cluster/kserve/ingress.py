@@ -53,7 +53,7 @@ class KServeIngress:
 
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context) -> pb.ModelInferResponse:
         try:
-            llm = parse_infer_request(request, self.model.name)
+            llm = parse_infer_request(request, self.model.name, max_bytes=self.max_request_bytes)
             responses = [r async for r in self._kserve_responses(llm)]
         except RequestError as err:
             _fail(grpc_context, err)
@@ -64,7 +64,7 @@ class KServeIngress:
 
         async def run(request: pb.ModelInferRequest) -> None:
             try:
-                llm = parse_infer_request(request, self.model.name, streaming_rpc=True)
+                llm = parse_infer_request(request, self.model.name, streaming_rpc=True, max_bytes=self.max_request_bytes)
                 async for response in self._kserve_responses(llm):
                     await out.put(pb.ModelStreamInferResponse(infer_response=response))
             except RequestError as err:

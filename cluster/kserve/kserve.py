@@ -154,13 +154,19 @@ class LLMRequest:
     empty_final_response: bool = False  # the client asked for an empty response flagged final if needed
 
 
-def parse_infer_request(req: pb.ModelInferRequest, model_name: str, *, streaming_rpc: bool = False) -> LLMRequest:
+def parse_infer_request(req: pb.ModelInferRequest, model_name: str, *, streaming_rpc: bool = False,
+                        max_bytes: int | None = None) -> LLMRequest:
     """ModelInferRequest -> LLMRequest; RequestError (INVALID_ARGUMENT, or NOT_FOUND for another model) if the
-    request is malformed. `streaming_rpc`: it came over ModelStreamInfer (only there may `stream` be true).
+    request is malformed, RESOURCE_EXHAUSTED beyond `max_bytes` (Ray Serve's gRPC proxy takes messages far
+    larger than gRPC's usual 4 MiB, so the cap is ours). `streaming_rpc`: it came over ModelStreamInfer
+    (only there may `stream` be true).
 
     Sampling values come from request parameters and the `sampling_parameters` JSON (which wins a key given in
     both). Outputs: those the request names, if any (Triton returns only requested outputs), else text_output
     plus the ones the return_* inputs switch on."""
+    if max_bytes is not None and (size := req.ByteSize()) > max_bytes:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"the request is {size} bytes; this server takes at most {max_bytes} (max_request_bytes)")
     _check_model(req.model_name, req.model_version, model_name)
     values = _read_inputs(req)
     if TEXT_INPUT not in values:

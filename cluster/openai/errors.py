@@ -10,6 +10,7 @@ handler and clients get the body OpenAI's SDKs turn into `BadRequestError`, `Not
 | a value OpenAI takes and moeray does not (n=2)    | 400    | invalid_request_error | `unsupported_value`           |
 | prompt (+ max_tokens) beyond the context          | 400    | invalid_request_error | `context_length_exceeded`     |
 | a model this server does not serve                | 404    | invalid_request_error | `model_not_found`             |
+| a body larger than `max_request_bytes`            | 413    | invalid_request_error | `request_too_large`           |
 | router queue full (`OverloadedError`), Serve back-pressure | 429 | rate_limit_error | `server_overloaded`          |
 | anything else                                     | 500    | server_error          | None                          |
 
@@ -46,6 +47,12 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
 def unsupported(param: str, value: object, why: str) -> OpenAIError:
     """400 for a value OpenAI accepts and moeray does not (n=2, tools, ...); `why` says what to send."""
     return invalid_request(f"{param}={value!r} is not supported: {why}", param, "unsupported_value")
+
+
+def too_large(size: int | None, limit: int) -> OpenAIError:
+    got = f"{size} bytes" if size is not None else "more"
+    return OpenAIError(413, f"the request body is {got}; this server takes at most {limit} bytes (max_request_bytes)",
+                       "invalid_request_error", None, "request_too_large")
 
 
 def model_not_found(model: str, served: str) -> OpenAIError:

@@ -14,6 +14,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from moeray.actors.engine import Engine
 from moeray.actors.sequence import SamplingParams
@@ -47,8 +48,8 @@ def skewed(tmp_path_factory):
 def server(ray_cluster, skewed, tmp_path_factory):
     policy = tmp_path_factory.mktemp("policy") / "policy.yaml"
     policy.write_text(POLICY)
-    server = start(ServingSpec(model=str(skewed), http_port=free_port(), grpc_port=free_port(), policy=str(policy),
-                               admin_token=TOKEN, kv_cache_bytes=16 << 20), log=lambda message: None)
+    server = start(ServingSpec(model=str(skewed), http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                               policy=str(policy), admin_token=TOKEN, kv_cache_bytes=16 << 20), log=lambda message: None)
     yield server
     server.stop()
 
@@ -154,6 +155,14 @@ def test_skewed_load_is_rebalanced_while_serving_with_unchanged_outputs(server, 
     # the rebalance ended with every layer under the trigger, on the load the autoscaler saw
     done = [d for d in status["history"] if d["action"] == "done"]
     assert done and done[-1]["imbalance"] <= 1.25, done[-1:]
+    metrics = {(s.name, s.labels.get("result") or s.labels.get("action")): s.value
+               for family in text_string_to_metric_families(httpx.get(server.metrics_url, timeout=30).text)
+               for s in family.samples}
+    assert metrics[("moeray_migrations_total", "success")] >= len(rounds)
+    assert metrics[("moeray_autoscaler_decisions_total", "migrate")] >= len(rounds)
+    assert metrics[("moeray_placement_version", None)] == plan["version"]
+    stats = admin.get("/admin/stats", params={"window_s": 60}).json()
+    assert stats["throughput"]["tokens_per_s"] > 0 and stats["router"]["plan_version"] == plan["version"]
     assert failures == []
     assert len(results) >= len(PROMPTS)
     wrong = [(p, text, expected[p]) for p, text in results if text != expected[p]]

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from moeray.actors.engine import Engine, EngineConfig
+from moeray.actors.engine import Engine
 from moeray.actors.placement import PlacementPlan
 from moeray.actors.sequence import SamplingParams
 from moeray.cluster.deploy import ClusterConfig, DeploymentError, deploy
@@ -167,9 +167,12 @@ def test_group_that_cannot_load_its_weights_fails_the_deployment(ray_cluster, ma
     del tensors["model.layers.1.block_sparse_moe.experts.5.w2.weight"]
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     start = time.monotonic()
+    lines = []
     with pytest.raises(DeploymentError, match=r"expert group 1 failed to start: .*experts\.5\.w2\.weight"):
-        deploy(ClusterConfig(str(broken), num_groups=2, start_timeout_s=120))
+        deploy(ClusterConfig(str(broken), num_groups=2, start_timeout_s=120), log=lines.append)
     assert time.monotonic() - start < 120
+    assert lines[0] == "loading weights: router, expert group 0, expert group 1"
+    assert all(line.startswith("loading weights: router") and "expert group 1" in line for line in lines)
 
 
 def test_more_memory_than_the_cluster_has_is_named(ray_cluster, tmp_path):

@@ -69,7 +69,7 @@ def test_serve_on_an_autoscaling_cluster_adds_nodes_for_expert_groups_and_answer
     serve = subprocess.Popen(
         ["moeray", "serve", "--address", "auto", "--expert-groups", str(NUM_GROUPS),
          "--group-resource", "moeray_expert_group=1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-         "--no-autoscaler"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+         "--metrics-port", str(free_port()), "--no-autoscaler"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = serve.stdout.readline()  # printed once everything listens
         if f"OpenAI HTTP http://127.0.0.1:{http_port}/v1" not in line:

@@ -21,7 +21,7 @@ def test_moeray_serve_starts_answers_and_stops_cleanly_on_ctrl_c():
     ray_dir = tempfile.mkdtemp(prefix="mr-", dir="/tmp")  # its own Ray; short: socket paths are length-limited
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_dir}
     proc = subprocess.Popen(["moeray", "serve", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                             "--expert-groups", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--metrics-port", str(free_port()), "--expert-groups", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()  # printed once everything listens
         if f"OpenAI HTTP http://127.0.0.1:{http_port}/v1" not in line:
@@ -53,12 +53,12 @@ def test_port_in_use_is_named(ray_cluster):
         port = busy.getsockname()[1]
         busy.listen()
         with pytest.raises(ValueError, match=f"port {port} on 127.0.0.1 is already in use"):
-            start(ServingSpec(http_port=port, grpc_port=free_port()), log=lambda m: None)
+            start(ServingSpec(http_port=port, grpc_port=free_port(), metrics_port=free_port()), log=lambda m: None)
 
 
 def test_a_full_queue_answers_429_and_the_server_recovers(ray_cluster):
-    server = start(ServingSpec(http_port=free_port(), grpc_port=free_port(), max_num_seqs=1, max_queued_requests=1,
-                               expert_groups=1), log=lambda m: None)
+    server = start(ServingSpec(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), max_num_seqs=1,
+                               max_queued_requests=1, expert_groups=1), log=lambda m: None)
     try:
         url = f"{server.http_url}/v1/completions"
         body = {"prompt": "The for statement", "max_tokens": 300, "temperature": 0, "ignore_eos": True}

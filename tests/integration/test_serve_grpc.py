@@ -24,7 +24,7 @@ MODEL = DEFAULT_MODEL_NAME
 
 @pytest.fixture(scope="module")
 def server(ray_cluster):
-    server = start(ServingSpec(http_port=free_port(), grpc_port=free_port()), log=lambda m: None)
+    server = start(ServingSpec(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()), log=lambda m: None)
     yield server
     server.stop()
 
@@ -101,6 +101,7 @@ def test_streaming_gives_the_same_text_and_a_final_response(client, local):
     ({"sampling": {"max_tokens": 0}}, "INVALID_ARGUMENT", "max_tokens"),
     ({"sampling": {"temperature": -2}}, "INVALID_ARGUMENT", "temperature"),
     ({"text": "x " * 3000}, "INVALID_ARGUMENT", "max_model_len"),
+    ({"text": "x" * (5 << 20)}, "RESOURCE_EXHAUSTED", "at most 4194304 (max_request_bytes)"),
 ])
 def test_bad_requests_get_a_status_that_names_the_problem(client, kwargs, code, fragment):
     model = kwargs.pop("model", MODEL)

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from moeray.actors.engine import Engine, EngineConfig
+from moeray.actors.engine import Engine
 from moeray.actors.sequence import SamplingParams
 from moeray.cluster.server import DEFAULT_MODEL_NAME, start
 from moeray.cluster.serving import ServingSpec
@@ -26,7 +26,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(ray_cluster):
-    server = start(ServingSpec(http_port=free_port(), grpc_port=free_port(), kv_cache_bytes=16 << 20),
+    server = start(ServingSpec(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), kv_cache_bytes=16 << 20),
                    log=lambda message: None)
     yield server
     server.stop()
@@ -150,3 +150,66 @@ def test_sse_framing_ends_with_done(server):
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert all(json.loads(line[6:])["object"] == "text_completion" for line in lines[:-1])
+
+
+def _scrape(server) -> dict:
+    """{(name, labels...): value} of every sample on the metrics port, via prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.metrics_url, timeout=30).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _value(samples: dict, name: str, **labels) -> float:
+    """A sample's value; 0 for a labelled counter series not created yet (e.g. no request finished that way)."""
+    key = (name, tuple(sorted({"model_name": DEFAULT_MODEL_NAME, **labels}.items())))
+    return samples.get(key, 0.0) if "finish_reason" in labels else samples[key]
+
+
+def test_prometheus_metrics_add_up(server, client):
+    before = _scrape(server)
+    prompts = ["The for statement", "A list comprehension", "def main():"]
+    usage = [client.completions.create(model=DEFAULT_MODEL_NAME, prompt=p, max_tokens=5 + i, temperature=0).usage
+             for i, p in enumerate(prompts)]
+    after = _scrape(server)
+
+    def delta(name, **labels):
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    assert delta("moeray_prompt_tokens_total") == sum(u.prompt_tokens for u in usage)
+    assert delta("moeray_generation_tokens_total") == sum(u.completion_tokens for u in usage)
+    assert sum(delta("moeray_request_success_total", finish_reason=r) for r in ("length", "stop")) == 3
+    assert delta("moeray_time_to_first_token_seconds_count") == 3
+    assert delta("moeray_e2e_request_latency_seconds_count") == 3
+    assert delta("moeray_inter_token_latency_seconds_count") == sum(u.completion_tokens - 1 for u in usage)
+    # every MoE layer routes every computed token top_k (2) times
+    computed = _value(after, "moeray_computed_tokens_total")
+    layers = sorted({dict(k[1])["layer"] for k in after if k[0] == "moeray_expert_tokens_total"})
+    assert layers == ["0", "1", "2", "3"] and computed > 0
+    for layer in layers:
+        routed = sum(v for (name, labels), v in after.items()
+                     if name == "moeray_expert_tokens_total" and dict(labels)["layer"] == layer)
+        assert routed == 2 * computed
+    assert _value(after, "moeray_placement_version") == 0
+    assert {dict(k[1])["group"] for k in after if k[0] == "moeray_group_load_tokens"} == {"0", "1"}
+    assert all(_value(after, "moeray_layer_imbalance", layer=layer) >= 1.0 for layer in layers)
+    assert _value(after, "moeray_num_requests_running") == 0
+    assert _value(after, "moeray_migrations_total", result="failed") == 0
+
+
+def test_an_oversized_body_gets_413_and_the_server_serves_on(server, client):
+    big = json.dumps({"model": DEFAULT_MODEL_NAME, "prompt": "x" * (5 << 20), "max_tokens": 1})
+    response = httpx.post(f"{server.http_url}/v1/completions", content=big, timeout=60,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large" and "4194304" in response.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the cap is enforced while reading
+        for _ in range(5):
+            yield b"x" * (1 << 20)
+
+    response = httpx.post(f"{server.http_url}/v1/chat/completions", content=chunks(), timeout=60,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert client.completions.create(model=DEFAULT_MODEL_NAME, prompt="The", max_tokens=2).choices[0].text
