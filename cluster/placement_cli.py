@@ -198,12 +198,20 @@ def run_placement_simulate(args) -> int:
         raise ValueError(f"the trace is [L={num_layers}, E={num_experts}], the plan [L={plan.num_layers}, E={plan.num_experts}]")
     records = simulate(trace, plan, topology(policy, list(range(plan.num_groups))),
                        limits(policy, num_layers, args.bytes_per_expert))
-    rows = [r if isinstance(r, dict) else r.to_dict() for r in records]
+    rounds = [{"round": r.round, "imbalance_before": r.imbalance_before, "imbalance_after": r.imbalance_after,
+               "loads": r.num_loads, "bytes": r.num_bytes, "version": r.version} for r in records]
+    summary = {"rounds": len(rounds),
+               "mean_imbalance_without": sum(r["imbalance_before"] for r in rounds) / len(rounds),
+               "mean_imbalance_with": sum(r["imbalance_after"] for r in rounds) / len(rounds),
+               "experts_moved": sum(r["loads"] for r in rounds), "bytes_moved": sum(r["bytes"] for r in rounds)}
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps({"rounds": rounds, "summary": summary}))
         return 0
-    for row in rows:
-        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print("round  imbalance (next window): as placed -> replanned  loads  bytes")
+    for r in rounds:
+        print(f"{r['round']:>5}  {r['imbalance_before']:>27.3f} -> {r['imbalance_after']:.3f}  {r['loads']:>5}  {r['bytes']}")
+    print(f"{summary['rounds']} rounds: mean imbalance {summary['mean_imbalance_without']:.3f} -> "
+          f"{summary['mean_imbalance_with']:.3f}; {summary['experts_moved']} experts, {summary['bytes_moved']} bytes moved")
     return 0
 
 

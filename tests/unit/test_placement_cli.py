@@ -96,3 +96,30 @@ def test_placement_plan_bad_plan_and_missing_files(capsys, tmp_path):
     good.write_text(PlacementPlan.default(1, 4, 2).to_json())
     code, _, err = _run(capsys, "placement", "plan", "--load", str(tmp_path / "nope.json"), "--current", str(good))
     assert code == 2 and "nope.json: no such file" in err
+
+
+def test_placement_simulate_replays_a_trace(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    popularity = np.array([8.0, 4, 2, 1, 1, 1, 1, 1])
+    windows = [[list(rng.multinomial(800, popularity / popularity.sum()).astype(float)) for _ in range(2)]
+               for _ in range(5)]  # [R=5, L=2, E=8]
+    dump = tmp_path / "load.jsonl"  # the `moeray load dump` format: one snapshot per line
+    dump.write_text("".join(json.dumps({"window": w, "plan_version": 0}) + "\n" for w in windows))
+    policy = tmp_path / "p.yaml"
+    policy.write_text("budget: {max_experts_per_round: 2}\n")
+    code, out, _ = _run(capsys, "placement", "simulate", "--trace", str(dump), "--policy", str(policy),
+                        "--groups", "2", "--bytes-per-expert", "10", "--json")
+    result = json.loads(out)
+    assert code == 0 and len(result["rounds"]) == 4
+    assert all(r["loads"] <= 2 and r["bytes"] == 10 * r["loads"] for r in result["rounds"])
+    assert result["summary"]["mean_imbalance_with"] < result["summary"]["mean_imbalance_without"]
+    npy = tmp_path / "trace.npy"
+    np.save(npy, np.array(windows))
+    code, out, _ = _run(capsys, "placement", "simulate", "--trace", str(npy), "--groups", "2")
+    assert code == 0 and "4 rounds: mean imbalance" in out
+    code, _, err = _run(capsys, "placement", "simulate", "--trace", str(npy))
+    assert code == 2 and "--groups" in err
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"window": windows[0]}) + "\n")
+    code, _, err = _run(capsys, "placement", "simulate", "--trace", str(one), "--groups", "2")
+    assert code == 2 and "at least 2 windows" in err
