@@ -8,6 +8,7 @@ results back. A new plan, once every group has staged it, becomes active on the 
 header (`ACTIVATE v`) — on all ranks at once, and never mid-step.
 """
 
+import time
 from pathlib import Path
 
 import torch
@@ -78,6 +79,7 @@ class Router:
         self.step_id = 0
         self.next_plan: PlacementPlan | None = None  # staged on every group; active from the next step
         self.last_step_tokens = 0
+        self.scheduled_at: dict[int, float] = {}  # seq id -> when a step first ran it (queue time ends there)
 
     @property
     def plan(self) -> PlacementPlan:
@@ -101,6 +103,9 @@ class Router:
         self._header(command)
         self.step_id += 1
         self.last_step_tokens = sum(batch.num_new)
+        now = time.monotonic()
+        for seq in batch.seqs:
+            self.scheduled_at.setdefault(seq.seq_id, now)
         outputs = self.engine.execute(batch)
         self.link.tracker.end_step()
         return outputs

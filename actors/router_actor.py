@@ -108,6 +108,7 @@ class RouterActor:
                 return
             self.router.engine.abort(seq_id)
             self.request_stats.emitted(seq_id, time.monotonic(), 0, "abort")
+            self.router.scheduled_at.pop(seq_id, None)
             out = self.streams.pop(seq_id, None)
             if out is not None:
                 out.put({"token_ids": [], "text": "", "logprobs": [], "finished": True, "finish_reason": "abort"})
@@ -278,13 +279,19 @@ class RouterActor:
             self.seq_ids[request_id], self.request_ids[seq_id] = seq_id, request_id
 
     def _emit(self, out) -> None:
+        item = {"token_ids": out.new_token_ids, "text": out.new_text, "logprobs": out.new_logprobs,
+                "finished": out.finished, "finish_reason": out.finish_reason}
+        opened = self.request_stats.open.get(out.seq_id)
+        if out.new_token_ids and opened is not None and opened.last is None:  # its first token: say how long it queued
+            item["timing"] = {"queue_s": self.router.scheduled_at.get(out.seq_id, opened.arrival) - opened.arrival}
         self.request_stats.emitted(out.seq_id, time.monotonic(), len(out.new_token_ids),
                                    out.finish_reason if out.finished else None)
+        if out.finished:
+            self.router.scheduled_at.pop(out.seq_id, None)
         stream = self.streams.get(out.seq_id)
         if stream is None:
             return
-        stream.put({"token_ids": out.new_token_ids, "text": out.new_text, "logprobs": out.new_logprobs,
-                    "finished": out.finished, "finish_reason": out.finish_reason})
+        stream.put(item)
         if out.finished:
             del self.streams[out.seq_id]
             self.seq_ids.pop(self.request_ids.pop(out.seq_id, None), None)
@@ -309,6 +316,9 @@ def _merge(first: dict | Exception, second: dict | Exception) -> dict | Exceptio
     """Two consecutive stream items as one (an error wins)."""
     if isinstance(second, Exception):
         return second
-    return {"token_ids": first["token_ids"] + second["token_ids"], "text": first["text"] + second["text"],
-            "logprobs": first["logprobs"] + second["logprobs"], "finished": second["finished"],
-            "finish_reason": second["finish_reason"]}
+    merged = {"token_ids": first["token_ids"] + second["token_ids"], "text": first["text"] + second["text"],
+              "logprobs": first["logprobs"] + second["logprobs"], "finished": second["finished"],
+              "finish_reason": second["finish_reason"]}
+    if "timing" in first or "timing" in second:
+        merged["timing"] = first.get("timing") or second.get("timing")
+    return merged

@@ -21,6 +21,7 @@ from moeray.actors.placement import PlacementPlan
 from moeray.autoscaler.controller import Controller, Decision
 from moeray.autoscaler.manual import manual_migrate
 from moeray.autoscaler.policy import check_fits, parse_policy
+from moeray.cluster.telemetry import tracer as otel_tracer
 
 log = logging.getLogger("moeray.autoscaler")
 
@@ -38,7 +39,8 @@ class AutoscalerController:
         self.decisions: collections.deque = collections.deque(maxlen=256)
         self.migrations = {"success": 0, "failed": 0, "last_duration_s": None, "moved_experts": 0}
         self.actions: collections.Counter = collections.Counter()  # decisions by action, since start
-        self.pending: tuple[int, float] | None = None  # (version, start) of the plan being staged
+        self.pending: tuple[int, float, object] | None = None  # (version, start, span) of the plan being staged
+        self.tracer = otel_tracer()  # migration spans, when OTEL_* asks for tracing
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="autoscaler", daemon=True)
         self._thread.start()
@@ -124,7 +126,10 @@ class AutoscalerController:
 
     def _stage(self, plan: PlacementPlan, decision: Decision) -> None:
         ray.get(self.router.set_plan.remote(plan.to_json()))
-        self.pending = (plan.version, time.monotonic())
+        span = self.tracer.start_span("migration", attributes={
+            "moeray.plan.version": plan.version, "moeray.migration.reason": decision.reason,
+            "moeray.migration.loads": sum(1 for m in decision.moves if m.get("new_expert", 0) >= 0)}) if self.tracer else None
+        self.pending = (plan.version, time.monotonic(), span)
         self.migrations["moved_experts"] += sum(1 for m in decision.moves if m.get("new_expert", 0) >= 0)
         self._record(decision)
 
@@ -132,16 +137,20 @@ class AutoscalerController:
         """Close the books on the staged plan: active (success) or not staged (failed)."""
         if self.pending is None:
             return
-        version, start = self.pending
+        version, start, span = self.pending
         if stats["plan_version"] >= version:
-            self.migrations["success"] += 1
+            result = "success"
         elif stats["staging_version"] is None and stats["staging_error"] and f"v{version}" in stats["staging_error"]:
-            self.migrations["failed"] += 1
+            result = "failed"
             log.warning("migration to plan v%d failed: %s", version, stats["staging_error"])
         else:
             return
+        self.migrations[result] += 1
         self.migrations["last_duration_s"] = time.monotonic() - start
         self.pending = None
+        if span is not None:
+            span.set_attribute("moeray.migration.result", result)
+            span.end()
 
     def _record(self, decision: Decision) -> None:
         previous = self.decisions[-1] if self.decisions else None

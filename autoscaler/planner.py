@@ -36,6 +36,9 @@ Each layer, while its imbalance is above target, takes one of two kinds of step:
    group and lowers F strictly, so planning ends. A copy is *spare* only if dropping it leaves the
    expert's copies under SPLIT_LEVEL, so rebalancing never undoes a split.
 
+Groups in `limits.closed_groups` never receive a copy, though they may lose one (drop, move):
+`reshape.grow` closes the serving groups so that only the new groups load weights.
+
 Copies that would share a node with another copy of the same expert (soft anti-affinity) count
 NODE_SHARING_DISCOUNT of their gain. A split can lift a group above the layer's starting busiest
 load; such a layer is *in debt* and its steps go before every other layer's, and if the budget runs
@@ -86,6 +89,7 @@ class PlanLimits:
     layers: frozenset[int] | None = None  # MoE layers the planner may change (None = all)
     pinned: frozenset[tuple[int, int, int]] = frozenset()  # (layer, group, expert): that copy stays put
     min_gain: float = 0.0  # a rebalance step must lower F by this fraction of the busiest group's load
+    closed_groups: frozenset[int] = frozenset()  # groups that may lose copies but never receive one (see reshape.grow)
 
     @property
     def max_loads(self) -> int:
@@ -103,7 +107,7 @@ class Move:
     slot: int
     old_expert: int  # -1 = was empty
     new_expert: int  # -1 = emptied
-    kind: str  # the step that last changed this slot: "replicate" | "move" | "swap" | "drop"
+    kind: str  # the step that last changed this slot: "replicate" | "move" | "swap" | "drop" | "reload" (reshape)
 
     @property
     def is_load(self) -> bool:
@@ -170,6 +174,7 @@ class _Layer:
         self.pinned = pinned  # [G, S] bool
         self.node_of = node_of  # [G]
         self.limits = limits
+        self.closed = np.isin(np.arange(p2l.shape[0]), list(limits.closed_groups))  # [G] never receive a copy
         self.mean = load.sum() / p2l.shape[0]  # mean group load, fixed by the load
         self.target_load = limits.target_imbalance * self.mean
         self.split_load = SPLIT_LEVEL * self.mean
@@ -239,6 +244,9 @@ def _check(load: Tensor, current: PlacementPlan, topology: Topology, limits: Pla
     bad = [layer for layer in limits.layers or () if not 0 <= layer < current.num_layers]
     if bad:
         raise ValueError(f"layers {bad} are outside the plan's {current.num_layers} MoE layers")
+    bad = sorted(group for group in limits.closed_groups if not 0 <= group < current.num_groups)
+    if bad:
+        raise ValueError(f"closed_groups {bad} are outside the plan's {current.num_groups} groups")
     return load_np
 
 
@@ -316,7 +324,7 @@ def _split(st: _Layer, budget: int) -> _Step | None:
         return None
     experts = np.nonzero(hot)[0]  # [I]
     donors = (st.replicas > 1) & (st.after_drop < (1 - SPLIT_MARGIN) * st.share[experts].max())
-    groups, slots, olds, delta = _open_slots(st, np.zeros(len(st.group_load), dtype=bool), donors)  # [D]
+    groups, slots, olds, delta = _open_slots(st, st.closed, donors)  # [D]
     donor_after = np.where(olds >= 0, st.after_drop[olds.clip(min=0)], 0.0)  # [D] 0 for an empty slot
     cost = _load_cost(st, experts[:, None], groups[None], slots[None])  # [I, D]
     valid = ~st.present[experts][:, groups] & (cost <= budget) \
@@ -342,7 +350,7 @@ def _rebalance(st: _Layer, budget: int) -> _Step | None:
     busiest = int(np.argmax(st.group_load))
     top = st.group_load[busiest]
     sources = np.nonzero(st.p2l[busiest] >= 0)[0]  # [I] slots of b
-    closed = np.arange(st.p2l.shape[0]) == busiest
+    closed = (np.arange(st.p2l.shape[0]) == busiest) | st.closed
     open_slots = _open_slots(st, closed, st.spare)  # where replicate and move may put a copy
     now = _overload(st.group_load, st.target_load)
     best = None
@@ -414,9 +422,12 @@ def _fill(st: _Layer, b: int, sources: np.ndarray, open_slots: tuple, replicate:
 def _swaps(st: _Layer, b: int, sources: np.ndarray):
     """Exchange an expert e of b with an expert f of another group h: only b and h change.
     Only pairs that lower b without lifting h to b's load are scored (most pairs are not)."""
+    if st.closed[b]:
+        return None  # a swap puts an expert into b
     sources = sources[~st.pinned[b, sources]]
     occupied = (st.p2l >= 0) & ~st.pinned
     occupied[b] = False
+    occupied[st.closed] = False
     groups, slots = np.nonzero(occupied)  # [D]
     experts, others = st.p2l[b, sources], st.p2l[groups, slots]  # [I], [D]
     loads = st.group_load

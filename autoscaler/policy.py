@@ -83,13 +83,38 @@ class LayerOverride(_Section):
 
 
 class Scaling(_Section):
+    enabled: bool = Field(False, description="true: the autoscaler adds and removes expert groups by itself within "
+                                             "min_groups..max_groups (moeray scale works either way)")
     min_groups: int = Field(1, ge=1, description="fewest expert groups the pool may shrink to")
     max_groups: int = Field(64, ge=1, description="most expert groups the pool may grow to")
+    high_utilization: float = Field(
+        0.85, gt=0, le=1, description="scale out when batch occupancy (running sequences / max_num_seqs, averaged over "
+                                      "the steps since the last look) stays above this")
+    low_utilization: float = Field(
+        0.3, ge=0, lt=1, description="scale in when batch occupancy stays below this and no request waits; keep it under "
+                                     "high_utilization * (G-1)/G so one scale-in does not undo itself")
+    max_queue_length: int = Field(
+        8, ge=0, description="scale out when more requests than this wait for a place in the batch")
+    scale_out_step: int = Field(1, ge=1, description="expert groups added per scale-out")
+    scale_in_step: int = Field(1, ge=1, description="expert groups removed per scale-in")
+    scale_out_stabilization_s: float = Field(
+        60.0, ge=0, description="how long the pressure (queue, occupancy, or imbalance placement cannot fix) must hold "
+                                "before a scale-out")
+    scale_in_stabilization_s: float = Field(
+        600.0, ge=0, description="how long the pool must stay idle (low occupancy, empty queue) before a scale-in")
+    scale_out_cooldown_s: float = Field(
+        300.0, ge=0, description="after any scale action, seconds before a scale-out may start (a new group needs "
+                                 "time to start, stage its experts and show in the load)")
+    scale_in_cooldown_s: float = Field(
+        900.0, ge=0, description="after any scale action, seconds before a scale-in may start")
 
     @model_validator(mode="after")
     def _ordered(self):
         if self.min_groups > self.max_groups:
             raise ValueError(f"min_groups ({self.min_groups}) is more than max_groups ({self.max_groups})")
+        if self.low_utilization >= self.high_utilization:
+            raise ValueError(f"low_utilization ({self.low_utilization}) must be below high_utilization "
+                             f"({self.high_utilization}), or the pool would flap")
         return self
 
 

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from moeray.cluster import admin
+from moeray.cluster import admin, telemetry
 from moeray.cluster.kserve.ingress import KServeIngress
 from moeray.cluster.openai.convert import GenerateRequest, convert_chat, convert_completion, parse_request
 from moeray.cluster.openai.errors import OpenAIError, from_exception, from_validation_error, too_large
@@ -44,6 +44,7 @@ class Frontend(KServeIngress):
                  max_request_bytes: int = 4 << 20):
         self.router, self.controller, self.admin_token = router, controller, admin_token
         self.max_request_bytes = max_request_bytes
+        self.tracer = telemetry.tracer()
         limits = ray.get(router.limits.remote())
         self.model = ServedModel.load(model_path, served_name, limits["max_model_len"], limits["vocab_size"])
 
@@ -67,7 +68,7 @@ class Frontend(KServeIngress):
             call = convert_completion(parse_request(CompletionRequest, await self._body(request)), self.model)
         except OpenAIError as err:
             return _error(err)
-        return await self._respond(call)
+        return await self._respond(call, dict(request.headers))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -75,7 +76,7 @@ class Frontend(KServeIngress):
             call = convert_chat(parse_request(ChatCompletionRequest, await self._body(request)), self.model)
         except OpenAIError as err:
             return _error(err)
-        return await self._respond(call)
+        return await self._respond(call, dict(request.headers))
 
     @app.get("/admin/placement")
     async def admin_placement(self, request: Request) -> Response:
@@ -149,8 +150,9 @@ class Frontend(KServeIngress):
                 raise too_large(None, self.max_request_bytes)
         return bytes(body)
 
-    async def _respond(self, call: GenerateRequest) -> Response:
-        items = self._items(call.prompt_ids, call.params, call.request_id)
+    async def _respond(self, call: GenerateRequest, headers: dict[str, str]) -> Response:
+        items = self._items(call.prompt_ids, call.params, call.request_id,
+                            "chat" if call.kind == "chat" else "text_completion", headers)
         try:
             first = await anext(items)  # errors before any output become a status code, not an event
         except Exception as err:  # the router's refusal (bad request, overload) or failure
@@ -182,16 +184,26 @@ class Frontend(KServeIngress):
             await items.aclose()  # a client that went away: the router aborts the request
         yield stream.close()
 
-    async def _items(self, prompt_ids: list[int], params, request_id: str) -> AsyncIterator[dict]:
-        """The router's items for one request; aborts it there if we stop reading early."""
-        finished = False
+    async def _items(self, prompt_ids: list[int], params, request_id: str, operation: str = "text_completion",
+                     carrier: dict[str, str] | None = None) -> AsyncIterator[dict]:
+        """The router's items for one request, traced; aborts it there if we stop reading early."""
+        finished, error = False, None
+        span = telemetry.RequestTrace(self.tracer, operation, self.model.name, request_id, params, len(prompt_ids),
+                                      carrier or {}) if self.tracer else None
         try:
             async for ref in self.router.generate.remote(prompt_ids, params, request_id):
                 item = await ref
                 finished = item["finished"]
+                if span:
+                    span.item(item)
                 yield item
+        except BaseException as err:  # GeneratorExit too: the client went away
+            error = err
+            raise
         finally:
             if not finished:
                 self.router.abort.remote(request_id)
+            if span:
+                span.end(error if not isinstance(error, GeneratorExit) else RuntimeError("the client went away"))
 
 

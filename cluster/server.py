@@ -27,6 +27,7 @@ from moeray.cluster.deploy import ClusterConfig, Deployment, deploy, expert_byte
 from moeray.cluster.metrics import MoerayCollector, serve_metrics
 from moeray.cluster.remote_errors import unwrap
 from moeray.cluster.serving import ServingSpec
+from moeray.cluster.telemetry import exporter_names, otel_env
 from moeray.models import DEFAULT_MODEL_DIR, load_config
 
 DEFAULT_MODEL_NAME = "moeray-default"  # what the built-in model is served as
@@ -121,6 +122,7 @@ def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr,
 
     model_path = Path(spec.model) if spec.model else DEFAULT_MODEL_DIR
     model_config, _ = load_config(model_path)  # a bad checkpoint fails here, before Ray starts
+    exporter_names()  # and a bad OTEL_TRACES_EXPORTER
     policy_text, policy_source = (Path(spec.policy).read_text(), spec.policy) if spec.policy else ("", BUILT_IN_POLICY)
     policy = load_policy(spec.policy) if spec.policy else Policy()  # and a bad policy
     redundant_slots = policy.replication.redundant_slots_per_group if spec.redundant_slots is None else spec.redundant_slots
@@ -142,7 +144,7 @@ def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr,
         controller = None
         if spec.autoscaler:
             log(f"starting the placement autoscaler (policy: {policy_source})")
-            controller = AutoscalerController.options(num_cpus=0).remote(
+            controller = AutoscalerController.options(num_cpus=0, runtime_env=_env()).remote(
                 deployment.router, policy_text, policy_source, model_config.num_experts,
                 expert_bytes(model_config, spec.dtype), deployment.group_nodes())
             try:
@@ -155,7 +157,8 @@ def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr,
         serve.start(http_options={"host": spec.host, "port": spec.http_port},
                     grpc_options={"port": spec.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS,
                                   "enable_reflection": False})
-        serve.run(Frontend.bind(deployment.router, str(model_path), name, controller, token, spec.max_request_bytes),
+        ingress = Frontend.options(ray_actor_options={"num_cpus": 0, "runtime_env": _env()})
+        serve.run(ingress.bind(deployment.router, str(model_path), name, controller, token, spec.max_request_bytes),
                   name=APP_NAME, route_prefix="/")
         collector = MoerayCollector(deployment.router, controller, name, spec.metrics_experts_per_layer)
         server = Server(spec, deployment, name, owns_ray, token, token_source, controller, log,
@@ -172,6 +175,12 @@ def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr,
         if owns_ray:
             ray.shutdown()
         raise
+
+
+def _env() -> dict:
+    """What actors started here inherit from this process: the OTEL_* settings (telemetry.py)."""
+    variables = otel_env()
+    return {"env_vars": variables} if variables else {}
 
 
 def admin_token(spec: ServingSpec) -> tuple[str, str]:

@@ -54,7 +54,7 @@ class KServeIngress:
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context) -> pb.ModelInferResponse:
         try:
             llm = parse_infer_request(request, self.model.name, max_bytes=self.max_request_bytes)
-            responses = [r async for r in self._kserve_responses(llm)]
+            responses = [r async for r in self._kserve_responses(llm, _carrier(grpc_context))]
         except RequestError as err:
             _fail(grpc_context, err)
         return responses[-1]
@@ -62,10 +62,12 @@ class KServeIngress:
     async def ModelStreamInfer(self, request_stream, grpc_context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         out: asyncio.Queue = asyncio.Queue()
 
+        carrier = _carrier(grpc_context)
+
         async def run(request: pb.ModelInferRequest) -> None:
             try:
                 llm = parse_infer_request(request, self.model.name, streaming_rpc=True, max_bytes=self.max_request_bytes)
-                async for response in self._kserve_responses(llm):
+                async for response in self._kserve_responses(llm, carrier):
                     await out.put(pb.ModelStreamInferResponse(infer_response=response))
             except RequestError as err:
                 await out.put(stream_error(err.message, request.id, self.model.name))
@@ -82,7 +84,7 @@ class KServeIngress:
         finally:
             reader.cancel()
 
-    async def _kserve_responses(self, llm: LLMRequest) -> AsyncIterator[pb.ModelInferResponse]:
+    async def _kserve_responses(self, llm: LLMRequest, carrier: dict[str, str]) -> AsyncIterator[pb.ModelInferResponse]:
         """Responses to one request: one per step's new text when streaming, else one with all of it."""
         try:
             params = SamplingParams(**llm.sampling)
@@ -91,7 +93,7 @@ class KServeIngress:
         prompt_ids = self.model.tokenizer.encode(llm.text)
         text, num_output_tokens, unreported, reason = "", 0, 0, None
         try:
-            async for item in self._items(prompt_ids, params, f"kserve-{uuid.uuid4().hex}"):
+            async for item in self._items(prompt_ids, params, f"kserve-{uuid.uuid4().hex}", "text_completion", carrier):
                 num_output_tokens += len(item["token_ids"])
                 unreported += len(item["token_ids"])  # tokens whose text is held back count with the next response
                 reason = item["finish_reason"]
@@ -130,6 +132,17 @@ def _router_error(err: BaseException) -> RequestError:
     if isinstance(cause, ValueError):
         return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(cause))
     return RequestError(grpc.StatusCode.INTERNAL, f"{type(cause).__name__}: {cause}")
+
+
+def _carrier(grpc_context) -> dict[str, str]:
+    """The call's metadata as a W3C trace-context carrier (Ray's gRPC proxy also lifts traceparent out)."""
+    carrier = {key: value for key, value in (grpc_context.invocation_metadata() or []) if isinstance(value, str)}
+    for key in ("traceparent", "tracestate"):
+        value = getattr(grpc_context, key, None)
+        value = value() if callable(value) else value
+        if isinstance(value, str) and value and key not in carrier:
+            carrier[key] = value
+    return carrier
 
 
 def _fail(grpc_context, err: RequestError):

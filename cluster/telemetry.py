@@ -1,0 +1,138 @@
+"""OpenTelemetry traces: one span per request, GenAI attributes, phases as child spans, W3C context in.
+
+Set-up follows the standard variables, read in every process that makes spans (the ingress
+replicas, the autoscaler):
+
+    OTEL_TRACES_EXPORTER         otlp | console | none, comma-separated (default: otlp when an OTLP
+                                 endpoint is set, else none — no tracing, no cost)
+    OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT   where OTLP goes (http/protobuf)
+    OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG), OTEL_BSP_*   as the SDK reads them
+
+`moeray serve` hands every `OTEL_*` variable of its own environment to the actors it starts.
+
+A request's span (kind SERVER, named "{operation} {model}", child of the client's `traceparent`
+when the HTTP headers or gRPC metadata carry one) has the GenAI semantic-convention attributes
+(`gen_ai.operation.name`, `gen_ai.provider.name`, `gen_ai.request.*`, `gen_ai.response.*`,
+`gen_ai.usage.*`) and vLLM's latency attributes (`gen_ai.latency.time_to_first_token`,
+`gen_ai.latency.time_in_queue`, `gen_ai.latency.e2e`). Its children: `queue` (arrival at the router
+to first scheduled), `prefill` (to the first token) and `decode` (to the last token; one span for
+the whole phase, its step count as `moeray.decode.steps` — per-step spans would cost more than
+the steps). Migrations get spans from the autoscaler (`migration`, staging start to activation).
+"""
+
+import os
+import time
+
+from opentelemetry import trace
+from opentelemetry.propagate import extract
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+PROVIDER_NAME = "moeray"
+EXPORTERS = ("otlp", "console", "none")
+_provider = None  # one per process
+
+
+def exporter_names(env=os.environ) -> list[str]:
+    """The exporters OTEL_TRACES_EXPORTER asks for; ValueError naming an unknown one."""
+    raw = env.get("OTEL_TRACES_EXPORTER")
+    if raw is None:
+        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        return ["otlp"] if endpoint else []
+    names = [n.strip().lower() for n in raw.split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXPORTERS]
+    if unknown:
+        raise ValueError(f"OTEL_TRACES_EXPORTER={raw!r}: unknown exporter {unknown[0]!r} (moeray supports "
+                         f"{', '.join(EXPORTERS)})")
+    return [n for n in names if n != "none"]
+
+
+def tracer(env=os.environ) -> "trace.Tracer | None":
+    """This process's tracer, set up once from the environment; None when tracing is off."""
+    global _provider
+    if _provider is None:
+        names = exporter_names(env)
+        if not names:
+            _provider = False
+        else:
+            _provider = _make_provider(names, env)
+    return _provider.get_tracer("moeray") if _provider else None
+
+
+def _make_provider(names: list[str], env):
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    provider = TracerProvider(resource=Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "moeray")}))
+    for name in names:
+        if name == "console":
+            provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        else:
+            protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            if protocol not in (None, "http/protobuf"):
+                raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: moeray exports OTLP over http/protobuf")
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider
+
+
+def otel_env(env=os.environ) -> dict[str, str]:
+    """The OTEL_* variables to pass to actors (runtime_env), so they trace like this process says."""
+    return {k: v for k, v in env.items() if k.startswith("OTEL_")}
+
+
+class RequestTrace:
+    """The span of one request, fed the router's stream items as they pass through the ingress."""
+
+    def __init__(self, tracer_, operation: str, model: str, request_id: str, params, prompt_tokens: int,
+                 carrier: dict[str, str]):
+        self.tracer, self.start_ns = tracer_, time.time_ns()
+        attributes = {"gen_ai.operation.name": operation, "gen_ai.provider.name": PROVIDER_NAME,
+                      "gen_ai.request.model": model, "gen_ai.response.model": model, "gen_ai.response.id": request_id,
+                      "gen_ai.request.max_tokens": params.max_tokens, "gen_ai.request.temperature": params.temperature,
+                      "gen_ai.request.top_p": params.top_p, "gen_ai.usage.input_tokens": prompt_tokens}
+        if params.top_k:
+            attributes["gen_ai.request.top_k"] = params.top_k
+        if params.seed is not None:
+            attributes["gen_ai.request.seed"] = params.seed
+        self.span = tracer_.start_span(f"{operation} {model}", context=extract(carrier), kind=SpanKind.SERVER,
+                                       attributes=attributes, start_time=self.start_ns)
+        self.output_tokens, self.items, self.first_ns, self.finish_reason = 0, 0, None, None
+        self.timing: dict | None = None
+
+    def item(self, item: dict) -> None:
+        now = time.time_ns()
+        self.items += 1
+        if item["token_ids"] and self.first_ns is None:
+            self.first_ns, self.timing = now, item.get("timing")
+        self.output_tokens += len(item["token_ids"])
+        if item["finished"]:
+            self.finish_reason = item["finish_reason"]
+
+    def end(self, error: BaseException | None = None) -> None:
+        end_ns = time.time_ns()
+        span = self.span
+        span.set_attribute("gen_ai.usage.output_tokens", self.output_tokens)
+        span.set_attribute("gen_ai.latency.e2e", (end_ns - self.start_ns) / 1e9)
+        if self.finish_reason:
+            span.set_attribute("gen_ai.response.finish_reasons", [self.finish_reason])
+        if self.first_ns is not None:
+            span.set_attribute("gen_ai.latency.time_to_first_token", (self.first_ns - self.start_ns) / 1e9)
+            self._phases(end_ns)
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        span.end(end_time=end_ns)
+
+    def _phases(self, end_ns: int) -> None:
+        """queue / prefill / decode children; the router's clock gives the queue/prefill split."""
+        context = trace.set_span_in_context(self.span)
+        queue_ns = int(1e9 * (self.timing or {}).get("queue_s", 0.0))
+        queued_until = min(self.start_ns + queue_ns, self.first_ns)
+        self.span.set_attribute("gen_ai.latency.time_in_queue", (queued_until - self.start_ns) / 1e9)
+        for name, start, end, extra in (("queue", self.start_ns, queued_until, {}),
+                                        ("prefill", queued_until, self.first_ns, {}),
+                                        ("decode", self.first_ns, end_ns, {"moeray.decode.steps": max(0, self.items - 1),
+                                                                           "gen_ai.usage.output_tokens": self.output_tokens})):
+            self.tracer.start_span(name, context=context, start_time=start, attributes=extra).end(end_time=end)

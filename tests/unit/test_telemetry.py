@@ -1,0 +1,61 @@
+"""Tracing set-up from OTEL_* variables and the request span, into an in-memory exporter."""
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from moeray.actors.sequence import SamplingParams
+from moeray.cluster.telemetry import RequestTrace, exporter_names, otel_env
+
+
+@pytest.mark.parametrize("env, names", [
+    ({}, []),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, ["otlp"]),
+    ({"OTEL_TRACES_EXPORTER": "console, otlp"}, ["console", "otlp"]),
+    ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x"}, []),
+])
+def test_exporters_follow_the_standard_variables(env, names):
+    assert exporter_names(env) == names
+
+
+def test_an_unknown_exporter_is_named():
+    with pytest.raises(ValueError, match="OTEL_TRACES_EXPORTER='zipkin': unknown exporter 'zipkin'"):
+        exporter_names({"OTEL_TRACES_EXPORTER": "zipkin"})
+
+
+def test_only_otel_variables_travel_to_actors():
+    assert otel_env({"OTEL_SERVICE_NAME": "s", "HOME": "/root"}) == {"OTEL_SERVICE_NAME": "s"}
+
+
+def test_request_span_phases_and_attributes():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    params = SamplingParams(max_tokens=3, temperature=0.5, top_k=5, seed=7)
+    trace = RequestTrace(provider.get_tracer("t"), "chat", "m", "chatcmpl-1", params, prompt_tokens=4,
+                         carrier={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    trace.item({"token_ids": [1], "finished": False, "finish_reason": None, "timing": {"queue_s": 0.0}})
+    trace.item({"token_ids": [2, 3], "finished": True, "finish_reason": "length"})
+    trace.end()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    root = spans["chat m"]
+    assert format(root.context.trace_id, "032x") == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert format(root.parent.span_id, "016x") == "00f067aa0ba902b7"
+    assert root.attributes["gen_ai.request.top_k"] == 5 and root.attributes["gen_ai.request.seed"] == 7
+    assert root.attributes["gen_ai.usage.output_tokens"] == 3
+    assert root.attributes["gen_ai.response.finish_reasons"] == ("length",)
+    assert {"queue", "prefill", "decode"} <= set(spans)
+    assert all(spans[p].parent.span_id == root.context.span_id for p in ("queue", "prefill", "decode"))
+    assert spans["decode"].attributes["moeray.decode.steps"] == 1
+
+
+def test_a_failed_request_marks_the_span():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace = RequestTrace(provider.get_tracer("t"), "text_completion", "m", "r", SamplingParams(), 2, {})
+    trace.end(RuntimeError("router step failed"))
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code.name == "ERROR" and "router step failed" in span.status.description
+    assert "gen_ai.latency.time_to_first_token" not in span.attributes
