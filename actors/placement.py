@@ -53,7 +53,7 @@ class PlacementPlan:
         object.__setattr__(self, "physical_to_logical", p2l)
         _check(p2l, self.num_experts)
         num_layers, experts = p2l.shape[0], self.num_experts
-        key = torch.where(p2l >= 0, p2l, experts).view(num_layers, -1)  # [L, G*S], empty slots sort last
+        key = torch.where(p2l >= 0, p2l, experts).reshape(num_layers, -1)  # [L, G*S], empty slots sort last
         order = torch.argsort(key, dim=1, stable=True)  # physical ids grouped by expert, ascending within
         sorted_experts = torch.gather(key, 1, order)
         counts = torch.stack([torch.bincount(row, minlength=experts + 1)[:experts] for row in key])  # [L, E]

@@ -17,11 +17,15 @@ from torch import Tensor, nn
 from moeray.actors.comm import Command, World
 from moeray.actors.dispatch import dispatch
 from moeray.actors.engine import Engine, EngineConfig, RequestOutput
+from moeray.actors.client_load import ClientLoad
 from moeray.actors.load import LoadTracker
 from moeray.actors.placement import PlacementPlan, check_plan
 from moeray.kernels.moe import unpermute
 from moeray.models.loader import load_config, load_model
 from moeray.models.tokenizer import Tokenizer
+
+
+ANONYMOUS = "anonymous"  # the client of a request that names none
 
 
 class ExpertLink:
@@ -31,6 +35,7 @@ class ExpertLink:
         self.plan = plan
         self.world: World | None = None
         self.tracker = LoadTracker(plan.num_layers, plan.num_experts)
+        self.client_load = ClientLoad(plan.num_layers, plan.num_experts)
 
     def send(self, rows: Tensor, counts: Tensor) -> None:
         """rows [n, H] sorted by (group, slot); counts [G, S]. Group g is rank g + 1."""
@@ -55,6 +60,7 @@ class RemoteExperts(nn.Module):
 
     def dispatch(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> tuple:
         self.link.tracker.add(self.moe_layer, topk_ids)
+        self.link.client_load.add(self.moe_layer, topk_ids)
         rows, counts, handle = dispatch(x, topk_ids, self.link.plan, self.moe_layer)  # [T*K, H], [G, S]
         self.link.send(rows, counts)
         return rows, counts, handle, topk_weights
@@ -80,6 +86,7 @@ class Router:
         self.next_plan: PlacementPlan | None = None  # staged on every group; active from the next step
         self.last_step_tokens = 0
         self.scheduled_at: dict[int, float] = {}  # seq id -> when a step first ran it (queue time ends there)
+        self.clients: dict[int, str] = {}  # seq id -> the client that sent it (load attribution)
 
     @property
     def plan(self) -> PlacementPlan:
@@ -106,8 +113,10 @@ class Router:
         now = time.monotonic()
         for seq in batch.seqs:
             self.scheduled_at.setdefault(seq.seq_id, now)
+        self.link.client_load.set_owners([self.clients.get(seq.seq_id, ANONYMOUS) for seq in batch.seqs], batch.num_new)
         outputs = self.engine.execute(batch)
         self.link.tracker.end_step()
+        self.link.client_load.end_step()
         return outputs
 
     def leave(self) -> None:

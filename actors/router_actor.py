@@ -6,6 +6,7 @@ item is one step's new tokens for that request.
 """
 
 import collections
+import logging
 import queue
 import threading
 import time
@@ -15,11 +16,13 @@ import torch
 
 from moeray.actors.comm import World, WorldSpec, host_store
 from moeray.actors.engine import EngineConfig
+from moeray.actors.client_load import ClientPolicy, TokenBucket, concentration
 from moeray.actors.placement import PlacementPlan
 from moeray.actors.request_stats import RequestStats
-from moeray.actors.router import Router
+from moeray.actors.router import ANONYMOUS, Router
 from moeray.actors.sequence import SamplingParams
 
+log = logging.getLogger("moeray.router")
 IDLE_HEADER_S = 1.0  # how often an idle router tells the groups it is alive (well under the world timeout)
 
 
@@ -33,11 +36,15 @@ class OverloadedError(RuntimeError):
 @ray.remote(max_concurrency=8, concurrency_groups={"streams": MAX_STREAMS})
 class RouterActor:
     def __init__(self, model_path: str, plan_json: str, dtype: str, engine_config: EngineConfig, num_threads: int,
-                 max_queued_requests: int = 256):
+                 max_queued_requests: int = 256, client_policy: ClientPolicy = ClientPolicy()):
         torch.set_num_threads(num_threads)
         self.max_queued_requests = max_queued_requests  # waiting (not yet running) requests beyond which new ones are refused
         self._args = (model_path, PlacementPlan.from_json(plan_json), getattr(torch, dtype), engine_config)
         self.loaded = (0, 0)  # (layers loaded, layers), for progress()
+        self.client_policy = client_policy
+        rate = client_policy.token_rate_limit
+        self.buckets = TokenBucket(rate, rate * client_policy.token_burst_s) if rate else None
+        self.flagged: set[str] = set()  # clients flagged for expert saturation (logged once each)
         self.router: Router | None = None
         self.store, self.port = host_store()
         self.inbox: queue.Queue = queue.Queue()
@@ -76,18 +83,26 @@ class RouterActor:
         self._loop.start()
 
     @ray.method(concurrency_group="streams")
-    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                 client: str | None = None):
         """Streams dicts {token_ids, text, logprobs, finished, finish_reason} for one request.
 
         A consumer that falls behind gets the steps it missed merged into one item: one Ray
         message per item is the streaming cost, so slow readers cost less, not more. A full
-        queue refuses the request (OverloadedError) instead of growing without bound."""
+        queue refuses the request (OverloadedError) instead of growing without bound, and so
+        does a client over its token rate (`ClientPolicy.token_rate_limit`)."""
         queued = self.inbox.qsize() + len(self.router.engine.batcher.waiting)
         if queued >= self.max_queued_requests:
             raise OverloadedError(f"server overloaded: {queued} requests are already waiting "
                                   f"(max_queued_requests={self.max_queued_requests}); retry later")
+        client = client or ANONYMOUS
+        if self.buckets is not None:
+            wait = self.buckets.take(client, len(prompt_ids) + params.max_tokens, time.monotonic())
+            if wait is not None:
+                raise OverloadedError(f"client {client!r} is over its token rate "
+                                      f"({self.client_policy.token_rate_limit:g} tokens/s); retry in {wait:.1f} s")
         out: queue.Queue = queue.Queue()
-        self.inbox.put((list(prompt_ids), params, out, request_id, time.monotonic()))
+        self.inbox.put((list(prompt_ids), params, out, request_id, time.monotonic(), client))
         while True:
             item = out.get()
             while not isinstance(item, Exception) and not item["finished"] and not out.empty():
@@ -109,6 +124,7 @@ class RouterActor:
             self.router.engine.abort(seq_id)
             self.request_stats.emitted(seq_id, time.monotonic(), 0, "abort")
             self.router.scheduled_at.pop(seq_id, None)
+            self.router.clients.pop(seq_id, None)
             out = self.streams.pop(seq_id, None)
             if out is not None:
                 out.put({"token_ids": [], "text": "", "logprobs": [], "finished": True, "finish_reason": "abort"})
@@ -158,6 +174,22 @@ class RouterActor:
                 "group_load": snapshot.group_load.tolist(), "imbalance": snapshot.imbalance.tolist(),
                 "replica_count": plan.replica_count.tolist(), "kv_blocks": self.router.engine.cache.allocator.num_blocks,
                 "free_kv_blocks": self.router.engine.cache.allocator.num_free}
+
+    def clients(self) -> list[dict]:
+        """Per client (busiest first): routed pairs, concentration score, its hot experts per layer, and
+        whether it is flagged for expert saturation. A newly flagged client is logged once."""
+        counts = self._between_steps(self.router.link.client_load.counts)
+        top = self.router.engine.model.config.top_k
+        policy, rows = self.client_policy, []
+        for client, info in concentration(counts, top).items():
+            flagged = info["pairs"] >= policy.saturation_min_pairs and info["score"] >= policy.saturation_score
+            if flagged and client not in self.flagged:
+                self.flagged.add(client)
+                log.warning("client %r looks like expert saturation: score %.2f over %d routed pairs "
+                            "(its traffic concentrates on experts %s of layer 0)",
+                            client, info["score"], info["pairs"], info["hot_experts"][0])
+            rows.append({"client": client, **info, "flagged": flagged})
+        return sorted(rows, key=lambda r: -r["pairs"])
 
     def step_log(self, since: float = 0.0) -> list[tuple[float, float, int, bool]]:
         """Recent steps (up to 8192) that ended after wall time `since`: (end time, seconds, tokens,
@@ -263,7 +295,7 @@ class RouterActor:
                 return
 
     def _admit_one(self, prompt_ids: list[int], params: SamplingParams, out: queue.Queue, request_id: str | None,
-                   arrival: float) -> None:
+                   arrival: float, client: str) -> None:
         if request_id is not None and request_id in self._cancelled:
             self._cancelled.discard(request_id)
             out.put({"token_ids": [], "text": "", "logprobs": [], "finished": True, "finish_reason": "abort"})
@@ -274,6 +306,7 @@ class RouterActor:
             out.put(err)
             return
         self.streams[seq_id] = out
+        self.router.clients[seq_id] = client
         self.request_stats.admitted(seq_id, arrival, len(prompt_ids))
         if request_id is not None:
             self.seq_ids[request_id], self.request_ids[seq_id] = seq_id, request_id
@@ -288,6 +321,7 @@ class RouterActor:
                                    out.finish_reason if out.finished else None)
         if out.finished:
             self.router.scheduled_at.pop(out.seq_id, None)
+            self.router.clients.pop(out.seq_id, None)
         stream = self.streams.get(out.seq_id)
         if stream is None:
             return

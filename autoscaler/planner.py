@@ -36,8 +36,10 @@ Each layer, while its imbalance is above target, takes one of two kinds of step:
    group and lowers F strictly, so planning ends. A copy is *spare* only if dropping it leaves the
    expert's copies under SPLIT_LEVEL, so rebalancing never undoes a split.
 
-Groups in `limits.closed_groups` never receive a copy, though they may lose one (drop, move):
-`reshape.grow` closes the serving groups so that only the new groups load weights.
+Groups in `limits.closed_groups` never receive a copy, though they may lose one (drop, move), and
+while any group is closed a split may not lift the busiest group (the steps that would repair it
+could only fill the open groups): `reshape.grow` closes the serving groups so that only the new
+groups load weights.
 
 Copies that would share a node with another copy of the same expert (soft anti-affinity) count
 NODE_SHARING_DISCOUNT of their gain. A split can lift a group above the layer's starting busiest
@@ -336,6 +338,11 @@ def _split(st: _Layer, budget: int) -> _Step | None:
     added = st.load[e] / (st.replicas[e] + 1)  # [C] what each copy of e carries afterwards
     changed = st.group_load + st.present[e] * (added - st.share[e])[:, None] + delta[pair_d]  # [C, G]
     changed[np.arange(len(e)), h] += added
+    if st.closed.any():  # no later step could repair a lifted busiest group by filling a closed group
+        keep = np.nonzero(changed.max(-1) <= st.group_load.max() * (1 + 1e-12))[0]
+        if len(keep) == 0:
+            return None
+        pair_i, pair_d, e, h, added, changed = (x[keep] for x in (pair_i, pair_d, e, h, added, changed))
     shared = st.node_copies[e, st.node_of[h]] > 0  # [C]
     pick = np.lexsort((_overload(changed, st.target_load), changed.max(-1), shared))[0]
     gain = st.share[e[pick]] - max(added[pick], donor_after[pair_d[pick]])

@@ -110,7 +110,7 @@ def remove_group(plan: PlacementPlan, group: int) -> PlacementPlan:
         raise PlanError(f"group {group} still holds expert {int(plan.physical_to_logical[layer, group, slot])} "
                         f"(layer {layer} slot {slot}; {len(held)} slot(s) in all): drain it before removing it")
     keep = [g for g in range(plan.num_groups) if g != group]
-    return PlacementPlan(plan.physical_to_logical[:, keep], plan.num_experts, plan.version + 1)
+    return PlacementPlan(plan.physical_to_logical[:, keep].contiguous(), plan.num_experts, plan.version + 1)
 
 
 def lose_group(plan: PlacementPlan, group: int, load: Tensor, limits: PlanLimits,
@@ -133,7 +133,8 @@ def lose_group(plan: PlacementPlan, group: int, load: Tensor, limits: PlanLimits
     moves = [Move(layer, g - (g > group), s, old, expert, "reload") for layer, g, s, old, expert in placed]
     moves.sort(key=lambda m: (m.layer, m.group, m.slot))
     lost = sorted((layer, expert) for layer, experts in enumerate(orphans) for expert in experts)
-    return PlacementPlan(torch.from_numpy(new[:, keep]), plan.num_experts, plan.version + 1), moves, lost
+    survivors = torch.from_numpy(np.ascontiguousarray(new[:, keep]))  # PlacementPlan views it flat
+    return PlacementPlan(survivors, plan.num_experts, plan.version + 1), moves, lost
 
 
 def drain_candidate(plan: PlacementPlan, load: Tensor) -> int:
@@ -152,7 +153,7 @@ def drain_candidate(plan: PlacementPlan, load: Tensor) -> int:
 
 def _rehome_all(p2l: np.ndarray, gone: int, load: np.ndarray, pinned: np.ndarray, what: str, hint: str = ""):
     """p2l [L, G, S], load [L, E], pinned [L, G, S] -> (new p2l [L, G, S] with row `gone` all -1,
-    placed [(layer, group, slot, old expert, expert)], orphans [L] sets of sole-copy experts).
+    placed [(layer, group, slot, old expert, expert)], orphans [L] lists of sole-copy experts).
     PlanError naming every short layer if some layer has no room."""
     short = {layer: need for layer in range(p2l.shape[0])
              if (need := _shortage(p2l[layer], gone, pinned[layer], load.shape[1])) > 0}

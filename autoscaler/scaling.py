@@ -39,7 +39,7 @@ drain on a scale-in, and the plans for it, are reshape.py's (drain_candidate, gr
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from moeray.autoscaler.policy import Policy
+from moeray.autoscaler.policy import Policy, Scaling
 
 Action = Literal["hold", "scale_out", "scale_in"]
 
@@ -82,13 +82,9 @@ def evaluate(state: ScalingState, snapshot: ScalingSnapshot, policy: Policy, now
     state = replace(state, pressure_since=_since(state.pressure_since, pressure, now),
                     idle_since=_since(state.idle_since, idle, now))
     if pressure:
-        return _maybe("scale_out", pressure, now - state.pressure_since, scaling.scale_out_stabilization_s,
-                      scaling.scale_out_cooldown_s, min(groups + scaling.scale_out_step, scaling.max_groups),
-                      snapshot, policy, state, now)
+        return _maybe("scale_out", pressure, now - state.pressure_since, snapshot, scaling, state, now)
     if idle:
-        return _maybe("scale_in", idle, now - state.idle_since, scaling.scale_in_stabilization_s,
-                      scaling.scale_in_cooldown_s, max(groups - scaling.scale_in_step, scaling.min_groups),
-                      snapshot, policy, state, now)
+        return _maybe("scale_in", idle, now - state.idle_since, snapshot, scaling, state, now)
     return ScalingVerdict("hold", groups, f"steady: utilization {snapshot.utilization:.2f} within "
                                           f"[{scaling.low_utilization}, {scaling.high_utilization}], "
                                           f"{snapshot.queue_length} waiting", state)
@@ -125,7 +121,8 @@ def _idle(snapshot: ScalingSnapshot, policy: Policy) -> str | None:
     """Why the pool could do with fewer groups, or None."""
     scaling = policy.scaling
     if snapshot.utilization < scaling.low_utilization and snapshot.queue_length == 0:
-        return f"utilization {snapshot.utilization:.2f} < scaling.low_utilization={scaling.low_utilization}, none waiting"
+        return (f"utilization {snapshot.utilization:.2f} < scaling.low_utilization={scaling.low_utilization}, "
+                f"none waiting")
     return None
 
 
@@ -136,17 +133,23 @@ def _since(since: float | None, condition: str | None, now: float) -> float | No
     return now if since is None else since
 
 
-def _maybe(action: Action, why: str, held: float, window: float, cooldown: float, target: int,
-           snapshot: ScalingSnapshot, policy: Policy, state: ScalingState, now: float) -> ScalingVerdict:
+def _maybe(action: Action, why: str, held: float, snapshot: ScalingSnapshot, scaling: Scaling, state: ScalingState,
+           now: float) -> ScalingVerdict:
     """Act once `why` has held for the window, outside the cooldown, and if the bound leaves room."""
-    groups, direction = snapshot.num_groups, action.replace("_", "-")
+    groups = snapshot.num_groups
+    if action == "scale_out":
+        window, cooldown = scaling.scale_out_stabilization_s, scaling.scale_out_cooldown_s
+        target, bound = min(groups + scaling.scale_out_step, scaling.max_groups), "max_groups"
+    else:
+        window, cooldown = scaling.scale_in_stabilization_s, scaling.scale_in_cooldown_s
+        target, bound = max(groups - scaling.scale_in_step, scaling.min_groups), "min_groups"
     if held < window:
         return ScalingVerdict("hold", groups, f"{why} for {held:.0f}s of {window:.0f}s", state)
     if target == groups:
-        bound = "max_groups" if action == "scale_out" else "min_groups"
         return ScalingVerdict("hold", groups, f"{why}, but the pool is at scaling.{bound}={groups}", state)
     left = 0.0 if state.last_action_at is None else cooldown - (now - state.last_action_at)
     if left > 0:
+        direction = action.replace("_", "-")
         return ScalingVerdict("hold", groups, f"{why}; {direction} cooldown: {left:.0f}s left", state)
     return _act(action, groups, target, f"{why} for {held:.0f}s", now)
 

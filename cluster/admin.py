@@ -9,6 +9,7 @@ problem) or 409 (the autoscaler is off).
     GET  /admin/placement            the live plan and the router's counters
     GET  /admin/stats?window_s=10    the router's counters and throughput over the window
     GET  /admin/load?window_s=60     LoadSnapshot.to_dict()
+    GET  /admin/clients              per client: routed pairs, concentration score, hot experts, flagged
     GET  /admin/policy               the policy in force, its source and reload counts
     PUT  /admin/policy               body: policy YAML (header X-Policy-Source names it in errors)
     POST /admin/migrate              body: {"layer", "expert", "to_group"?, "from_group"?} (replicate/move/drop)

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import ray
 
+from moeray.actors.client_load import ClientPolicy
 from moeray.actors.comm import WorldSpec
 from moeray.actors.engine import EngineConfig
 from moeray.actors.expert_group_actor import ExpertGroupActor
@@ -47,6 +48,7 @@ class ClusterConfig:
     world_timeout_s: float = 30.0  # a collective that waits longer than this fails the step
     start_timeout_s: float = 300.0  # loading weights on every actor (and nodes the autoscaler adds)
     group_resources: dict[str, float] = field(default_factory=dict)  # each group asks for exactly these; {}: automatic
+    client_policy: ClientPolicy = field(default_factory=ClientPolicy)  # saturation flags, per-client token rate
 
 
 class Deployment:
@@ -113,7 +115,7 @@ def deploy(config: ClusterConfig, log=lambda message: None) -> Deployment:
     groups = [ExpertGroupActor.options(**group_opts).remote(path, g, plan.to_json(), config.dtype, threads)
               for g in range(config.num_groups)]
     router = RouterActor.options(**router_opts).remote(path, plan.to_json(), config.dtype, config.engine, threads,
-                                                       config.max_queued_requests)
+                                                       config.max_queued_requests, config.client_policy)
     deployment = Deployment(router, groups, plan)
     try:
         _wait_loaded([("router", router)] + [(f"expert group {g}", a) for g, a in enumerate(groups)],

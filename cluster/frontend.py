@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from moeray.cluster import admin, telemetry
+from moeray.cluster.identity import client_identity
 from moeray.cluster.kserve.ingress import KServeIngress
 from moeray.cluster.openai.convert import GenerateRequest, convert_chat, convert_completion, parse_request
 from moeray.cluster.openai.errors import OpenAIError, from_exception, from_validation_error, too_large
@@ -90,6 +91,10 @@ class Frontend(KServeIngress):
             return {"router": stats, "throughput": admin.throughput(steps, window)}
 
         return await self._admin(request, body)
+
+    @app.get("/admin/clients")
+    async def admin_clients(self, request: Request) -> Response:
+        return await self._admin(request, lambda: admin.call(self.router.clients.remote()))
 
     @app.get("/admin/load")
     async def admin_load(self, request: Request) -> Response:
@@ -191,7 +196,8 @@ class Frontend(KServeIngress):
         span = telemetry.RequestTrace(self.tracer, operation, self.model.name, request_id, params, len(prompt_ids),
                                       carrier or {}) if self.tracer else None
         try:
-            async for ref in self.router.generate.remote(prompt_ids, params, request_id):
+            async for ref in self.router.generate.remote(prompt_ids, params, request_id,
+                                                         client_identity(carrier or {})):
                 item = await ref
                 finished = item["finished"]
                 if span:

@@ -17,6 +17,8 @@ everything is under the prefix `moeray_`, labelled with `model_name`:
 | moeray_layer_imbalance (busiest group / mean group over the last 60 s) | gauge | layer |
 | moeray_placement_version | gauge | |
 | moeray_expert_replicas (copies of a logical expert) | gauge | layer, expert |
+| moeray_client_concentration (the 20 busiest clients) | gauge | client |
+| moeray_saturation_flagged_clients | gauge | |
 | moeray_migrations_total | counter | result |
 | moeray_autoscaler_decisions_total | counter | action |
 | moeray_migration_duration_seconds (the last one, staging start to activation) | gauge | |
@@ -33,6 +35,9 @@ import threading
 import ray
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+
+MAX_CLIENT_SERIES = 20  # per-client series: the busiest clients only, so label sets stay bounded
 
 
 class MoerayCollector:
@@ -83,7 +88,21 @@ class MoerayCollector:
                 if self.experts_per_layer is None or count > 1:
                     replicas.add_metric([self.model_name, str(layer), str(expert)], count)
         yield replicas
+        yield from self._clients()
         yield from self._autoscaler()
+
+    def _clients(self):
+        rows = ray.get(self.router.clients.remote(), timeout=30)
+        flagged = GaugeMetricFamily("moeray_saturation_flagged_clients", "clients flagged for expert saturation",
+                                    labels=["model_name"])
+        flagged.add_metric([self.model_name], sum(r["flagged"] for r in rows))
+        yield flagged
+        scores = GaugeMetricFamily("moeray_client_concentration", "how much more a client's traffic concentrates on "
+                                   f"its busiest experts than everyone else's (the {MAX_CLIENT_SERIES} busiest clients)",
+                                   labels=["model_name", "client"])
+        for row in rows[:MAX_CLIENT_SERIES]:
+            scores.add_metric([self.model_name, row["client"]], row["score"])
+        yield scores
 
     def _autoscaler(self):
         if self.controller is None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
+from moeray.actors.client_load import ClientPolicy
 from moeray.actors.engine import EngineConfig
 from moeray.autoscaler.policy import Policy, load_policy
 from moeray.cluster.admin_client import TOKEN_FILE  # where the CLI finds a local server's admin token
@@ -140,7 +141,9 @@ def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr,
         deployment = deploy(ClusterConfig(str(model_path), num_groups=spec.expert_groups,
                                           redundant_slots=redundant_slots, dtype=spec.dtype, engine=engine,
                                           max_queued_requests=spec.max_queued_requests,
-                                          group_resources=dict(spec.group_resources)), log=log)
+                                          group_resources=dict(spec.group_resources),
+                                          client_policy=ClientPolicy(spec.saturation_score, spec.saturation_min_pairs,
+                                                                     spec.client_token_rate_limit)), log=log)
         controller = None
         if spec.autoscaler:
             log(f"starting the placement autoscaler (policy: {policy_source})")

@@ -45,6 +45,16 @@ class ServingSpec(BaseModel):
     max_request_bytes: int = Field(
         4 << 20, ge=1024, description="largest request: an HTTP body (413 beyond) or a gRPC inference message "
                                       "(RESOURCE_EXHAUSTED beyond)")
+    saturation_score: float = Field(
+        1.5, gt=1.0, description="flag a client for expert saturation when its traffic concentrates on its busiest "
+                                 "experts this many times more than everyone else's does on theirs (about 1 = like "
+                                 "everyone; the most a client can reach is 1 / the others' top-k share, e.g. ~1.8 on "
+                                 "the built-in model, ~10 on a 256-expert one)")
+    saturation_min_pairs: int = Field(1024, ge=1, description="... once it has routed at least this many (token, expert) pairs")
+    client_token_rate_limit: float | None = Field(
+        None, gt=0, description="tokens per second one client may ask for (prompt + max_tokens, 10 s of burst); "
+                                "beyond it 429 / RESOURCE_EXHAUSTED. Clients are named by the x-moeray-client header "
+                                "or their API key. Default: no limit")
     max_queued_requests: int = Field(256, ge=1, description="waiting requests beyond which new ones get 429 / RESOURCE_EXHAUSTED")
     max_num_seqs: int = Field(64, ge=1, description="sequences decoded together in one step")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per step; longer prompts are prefilled in chunks")

@@ -68,6 +68,19 @@ def test_grow_moves_experts_off_the_full_group_into_the_new_one():
     assert sorted(grown.group_load(torch.ones(1, 8))[0].tolist()) == [2.0, 3.0, 3.0]
 
 
+def test_grow_does_not_pile_hot_copies_onto_the_new_group():
+    """Zipf load on the contiguous default: the new group takes copies only while that lowers the
+    busiest group (it could not hand them back: the serving groups are closed)."""
+    rng = np.random.default_rng(0)
+    ranks = np.stack([rng.permutation(64) for _ in range(2)]) + 1
+    load = torch.tensor(1000.0 * ranks ** -1.1 / (ranks ** -1.1).sum(-1, keepdims=True))
+    current = PlacementPlan.default(2, 64, 8, redundant_slots=1)
+    limits = dataclasses.replace(LIMITS, max_replicas_per_expert=4, target_imbalance=1.1)
+    for new_groups, most in ((1, 0.7), (2, 0.55)):  # splits that lift the new group above the rest: ~0.95, ~0.63
+        grown, _ = grow(current, new_groups, load, limits, _nodes(8 + new_groups))
+        assert (grown.group_load(load).amax(-1) < most * current.group_load(load).amax(-1)).all()
+
+
 def test_grow_an_idle_layer_still_fills_the_new_group():
     """No tokens in the window (an admin scale-out at night): every expert counts as equally hot."""
     current = _plan([[[0, 1, 2, 3], [4, 5, 6, 7]]], 8)
@@ -123,16 +136,15 @@ def test_drain_puts_sole_copies_where_they_balance_best():
 
 
 def test_drain_overwrites_a_surplus_copy_but_never_a_pinned_one():
-    # g0 full, g1 holds a surplus copy of 0 and of 1; expert 3 (sole, in g2) must go over one of them
-    current = _plan([[[0, 1, 2], [1, 0, -2 + 1], [3, -1, -1]]])
+    # expert 3 (sole, in g2) must go over a surplus copy; 0 and 2 are cold (0.5 a copy), 1 is hot (2 a copy)
     current = _plan([[[0, 1, 2], [1, 0, 2], [3, -1, -1]]])
     load = torch.tensor([[1.0, 4.0, 1.0, 1.0]])
     drained, moves = drain(current, 2, load, LIMITS, _nodes(3))
-    assert drained.physical_to_logical[0, 1].tolist() == [1, 3, 2]  # over the cold surplus expert 0 (0.5 a copy)
-    pinned = dataclasses.replace(LIMITS, pinned=frozenset({(0, 1, 0), (0, 1, 2)}))
-    drained, _ = drain(current, 2, load, pinned, _nodes(3))
-    assert drained.physical_to_logical[0, 1].tolist() == [1, 0, 2] or 3 in drained.physical_to_logical[0, 0].tolist()
-    assert drained.physical_to_logical[0, 1, 1] == 0 and drained.physical_to_logical[0, 1, 2] == 2
+    assert drained.physical_to_logical[0, :2].tolist() == [[3, 1, 2], [1, 0, 2]]  # loads [3.5, 3.5]
+    assert Move(0, 0, 0, 0, 3, "move") in moves
+    cold_pinned = dataclasses.replace(LIMITS, pinned=frozenset({(0, 0, 0), (0, 0, 2), (0, 1, 0), (0, 1, 2)}))
+    drained, _ = drain(current, 2, load, cold_pinned, _nodes(3))
+    assert drained.physical_to_logical[0, :2].tolist() == [[0, 3, 2], [1, 0, 2]]  # only the hot 1 could give way
 
 
 def test_drain_with_no_room_names_the_missing_slots():
@@ -140,9 +152,12 @@ def test_drain_with_no_room_names_the_missing_slots():
     with pytest.raises(PlanError, match=r"drain group 0: 4 slot\(s\) missing: layer 0 needs 2 more, "
                                         r"layer 1 needs 2 more .experts whose only copy is in group 0"):
         drain(current, 0, torch.ones(2, 4), LIMITS, _nodes(2))
-    pinned = dataclasses.replace(LIMITS, pinned=frozenset({(0, 1, 0)}))  # the only surplus copy is pinned
-    with pytest.raises(PlanError, match="1 slot"):
-        drain(_plan([[[0, 1], [0, 2]], [[0, 1], [2, -1]]], 3), 0, torch.ones(2, 3), pinned, _nodes(2))
+    current = _plan([[[1, -1], [0, 2], [0, 3]]])  # expert 1 can only go over a surplus copy of 0
+    drained, _ = drain(current, 0, LOAD, dataclasses.replace(LIMITS, pinned=frozenset({(0, 1, 0)})), _nodes(3))
+    assert drained.physical_to_logical.tolist() == [[[-1, -1], [0, 2], [1, 3]]]
+    both = dataclasses.replace(LIMITS, pinned=frozenset({(0, 1, 0), (0, 2, 0)}))
+    with pytest.raises(PlanError, match=r"drain group 0: 1 slot\(s\) missing"):
+        drain(current, 0, LOAD, both, _nodes(3))
 
 
 def test_remove_group_renumbers_the_groups_after_it():
@@ -189,8 +204,9 @@ def test_lose_group_without_room_says_restart():
 def test_drain_candidate_prefers_few_sole_copies_then_light_then_last():
     grown = _plan([[[0, 1, -1], [2, 3, 0], [0, 2, 3]]])
     assert drain_candidate(grown, LOAD) == 2  # groups 1 and 2 hold no sole copy and carry 4 each
-    assert drain_candidate(grown, torch.tensor([[6.0, 2.0, 2.0, 1.0]])) == 2
-    assert drain_candidate(_plan([[[0, 1, 2], [3, 0, 1]]]), torch.tensor([[1.0, 1.0, 5.0, 1.0]])) == 1
+    assert drain_candidate(_plan([[[0, 1, 2], [3, 0, 1]]]), torch.tensor([[1.0, 1.0, 5.0, 1.0]])) == 1  # lighter
+    few_sole = _plan([[[0, 1], [2, 3], [0, 2]]])  # g2 carries 5.5 to g0's 1.5 but holds no sole copy
+    assert drain_candidate(few_sole, torch.tensor([[1.0, 1.0, 10.0, 1.0]])) == 2
 
 
 # --- properties, seeded random loops ---------------------------------------------------------------------
@@ -242,7 +258,8 @@ def sole_copies(current: PlacementPlan, group: int) -> list[tuple[int, int]]:
 def test_grow_properties(seed):
     rng, current, load, limits = random_case(seed)
     new_groups = int(rng.integers(1, 3))
-    grown, moves = grow(current, new_groups, load, limits, Topology(tuple(rng.integers(0, 3, current.num_groups + new_groups).tolist())))
+    topology = Topology(tuple(rng.integers(0, 3, current.num_groups + new_groups).tolist()))
+    grown, moves = grow(current, new_groups, load, limits, topology)
     num_groups = current.num_groups
     assert grown.physical_to_logical.shape == (current.num_layers, num_groups + new_groups, current.slots_per_group)
     assert_valid(grown, current.num_experts)
@@ -259,6 +276,8 @@ def test_grow_properties(seed):
     p2l = grown.physical_to_logical
     assert diff == [(l, g, s, int(wider[l, g, s]), int(p2l[l, g, s])) for l, g, s in (p2l != wider).nonzero().tolist()]
     assert grown.version == current.version + 1
+    before, after = current.group_load(load).amax(-1), grown.group_load(load).amax(-1)  # [L]
+    assert (after <= before * (1 + 1e-9)).all()  # the busiest group never gets busier
 
 
 @pytest.mark.parametrize("seed", range(40))
