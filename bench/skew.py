@@ -36,7 +36,7 @@ import ray  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the skewed checkpoint builder
 
-from skewed import write_skewed_default  # noqa: E402
+from skewed import PROMPTS, write_skewed_default  # noqa: E402
 
 from moeray.actors.sequence import SamplingParams  # noqa: E402
 from moeray.autoscaler.controller_actor import AutoscalerController  # noqa: E402
@@ -52,8 +52,6 @@ target: {imbalance: 1.1}
 replication: {redundant_slots_per_group: 1, max_replicas_per_expert: 4}
 budget: {max_experts_per_round: 4, round_spacing_s: 1}
 """
-PROMPTS = ["The quick brown fox", "def fibonacci(n):", "Once upon a time", "1 2 3 4 5", "The capital of France is",
-           "import numpy as np", "In the beginning", "Dear Sir or Madam,"]
 
 
 def run(model: Path, autoscale: bool, args) -> dict:

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from moeray.models import DEFAULT_MODEL_DIR
 from moeray.models.tokenizer import Tokenizer
 
+PROMPTS = ["The quick brown fox", "def fibonacci(n):", "Once upon a time", "1 2 3 4 5", "The capital of France is",
+           "import numpy as np", "In the beginning", "Dear Sir or Madam,"]  # load for the skewed model
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "def fibonacci(n):\n    return n",
          "Once upon a time there was a king", "1 2 3 4 5 6 7 8 9 10"]
 

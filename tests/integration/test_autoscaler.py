@@ -24,7 +24,7 @@ from moeray.cluster.serving import ServingSpec
 from moeray.models import load_model
 from moeray.models.tokenizer import Tokenizer
 from test_serve_http import free_port
-from skewed import write_skewed_default
+from skewed import PROMPTS, write_skewed_default
 
 TOKEN = "test-admin-token"
 POLICY = """\
@@ -35,8 +35,6 @@ target: {imbalance: 1.1}
 replication: {redundant_slots_per_group: 1, max_replicas_per_expert: 2}
 budget: {max_experts_per_round: 2, round_spacing_s: 0.5}
 """
-PROMPTS = ["The quick brown fox", "def fibonacci(n):", "Once upon a time", "1 2 3 4 5", "The capital of France is",
-           "import numpy as np", "In the beginning", "Dear Sir or Madam,"]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 
 from moeray.actors.placement import PlacementPlan
 from moeray.autoscaler.planner import Move, PlanLimits, Topology, loads_of, mean_imbalance, plan
+from plans import random_plan
 
 LIMITS = PlanLimits(max_moves=100, max_bytes=None, bytes_per_expert=1, max_replicas_per_expert=4,
                     target_imbalance=1.0)
@@ -187,19 +188,6 @@ def test_converges_from_the_default_plan_and_then_stays_put():
 
 
 # --- properties, seeded random loops ----------------------------------------------------------------
-
-
-def random_plan(rng, num_layers, num_experts, num_groups, slots):
-    """Every expert once, then random extra copies (anti-affinity kept) and random empty slots."""
-    p2l = np.full((num_layers, num_groups, slots), -1)
-    for layer in range(num_layers):
-        cells = rng.permutation(num_groups * slots)[:num_experts]
-        p2l[layer].reshape(-1)[cells] = rng.permutation(num_experts)
-        for g, s in zip(*np.nonzero(p2l[layer] < 0)):
-            missing = np.setdiff1d(np.arange(num_experts), p2l[layer, g])
-            if rng.random() < 0.6 and len(missing):
-                p2l[layer, g, s] = rng.choice(missing)
-    return PlacementPlan(torch.tensor(p2l), num_experts, version=int(rng.integers(0, 5)))
 
 
 def random_limits(rng, num_layers, current):

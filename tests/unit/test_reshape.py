@@ -11,6 +11,7 @@ import torch
 from moeray.actors.placement import PlacementPlan, PlanError
 from moeray.autoscaler.planner import Move, PlanLimits, Topology, plan
 from moeray.autoscaler.reshape import drain, drain_candidate, grow, lose_group, remove_group
+from plans import random_plan
 
 LIMITS = PlanLimits(max_moves=0, max_bytes=None, bytes_per_expert=1, max_replicas_per_expert=4, target_imbalance=1.0)
 LOAD = torch.tensor([[6.0, 2.0, 2.0, 2.0]])
@@ -212,24 +213,11 @@ def test_drain_candidate_prefers_few_sole_copies_then_light_then_last():
 # --- properties, seeded random loops ---------------------------------------------------------------------
 
 
-def random_plan(rng, num_layers, num_experts, num_groups, slots):
-    """Every expert once, then random extra copies (anti-affinity kept) and random empty slots."""
-    p2l = np.full((num_layers, num_groups, slots), -1)
-    for layer in range(num_layers):
-        cells = rng.permutation(num_groups * slots)[:num_experts]
-        p2l[layer].reshape(-1)[cells] = rng.permutation(num_experts)
-        for g, s in zip(*np.nonzero(p2l[layer] < 0)):
-            missing = np.setdiff1d(np.arange(num_experts), p2l[layer, g])
-            if rng.random() < 0.5 and len(missing):
-                p2l[layer, g, s] = rng.choice(missing)
-    return PlacementPlan(torch.tensor(p2l), num_experts, version=int(rng.integers(0, 5)))
-
-
 def random_case(seed):
     rng = np.random.default_rng(seed)
     num_layers, num_groups, slots = 3, int(rng.integers(2, 6)), int(rng.integers(2, 6))
     num_experts = int(rng.integers(2, num_groups * slots + 1))
-    current = random_plan(rng, num_layers, num_experts, num_groups, slots)
+    current = random_plan(rng, num_layers, num_experts, num_groups, slots, fill=0.5)
     load = torch.tensor(np.exp(rng.normal(0, 1.5, (num_layers, num_experts))) * 100)
     load[0, : rng.integers(0, num_experts + 1)] = 0  # idle experts, sometimes a whole idle layer
     pins = {(int(rng.integers(num_layers)), int(rng.integers(num_groups)), int(rng.integers(num_experts)))
