@@ -56,6 +56,19 @@ class ExpertGroup:
                              f"{tuple(plan.physical_to_logical.shape)}, active is {tuple(self.plan.physical_to_logical.shape)}")
         self._staged = (plan, list(self._load(plan.changed_slots(self.plan).get(self.group, []))))
 
+    def adopt(self, plan: PlacementPlan, group: int) -> None:
+        """Take `plan` as group `group` (between worlds: the pool grew or shrank). Each of this group's
+        slots must keep its expert or be emptied — a re-formation loads no weights (migrations do
+        that before it); a slot emptied here is simply no longer routed to."""
+        if plan.slots_per_group != self.plan.slots_per_group or plan.num_layers != self.plan.num_layers:
+            raise ValueError(f"group {self.group}: plan v{plan.version} has {plan.num_layers} layers x "
+                             f"{plan.slots_per_group} slots, this group {self.plan.num_layers} x {self.plan.slots_per_group}")
+        mine, theirs = self.plan.physical_to_logical[:, self.group], plan.physical_to_logical[:, group]
+        if ((theirs != mine) & (theirs >= 0)).any():
+            raise ValueError(f"group {self.group}: plan v{plan.version} gives group {group} other experts than "
+                             f"this group holds; stage a migration first")
+        self.plan, self.group, self._staged = plan, group, None
+
     def activate(self, version: int) -> None:
         """Copy staged weights into their slots (between steps) and switch to plan `version`."""
         if self._staged is None or self._staged[0].version != version:

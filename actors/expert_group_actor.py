@@ -37,12 +37,15 @@ class ExpertGroupActor:
         """The Ray node this group runs on (the planner keeps replicas of one expert on different nodes)."""
         return ray.get_runtime_context().get_node_id()
 
-    def join(self, spec: WorldSpec, rank: int) -> None:
-        """Join a world; when re-forming, first wait for the serve loop to leave the old one."""
+    def join(self, spec: WorldSpec, rank: int, plan_json: str | None = None) -> None:
+        """Join a world; when re-forming, first wait for the serve loop to leave the old one. With
+        `plan_json` (the pool grew or shrank) take that plan as group rank - 1 before joining."""
         if self._loop is not None:
             self._loop.join(timeout=spec.timeout_s)
             if self._loop.is_alive():
                 raise RuntimeError(f"group {self.group.group} is still serving world {self.world.spec.generation}")
+        if plan_json is not None:
+            self.group.adopt(PlacementPlan.from_json(plan_json, self.group.config.num_experts), rank - 1)
         self.world = World(spec, rank)
 
     def serve(self) -> None:

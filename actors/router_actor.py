@@ -199,13 +199,22 @@ class RouterActor:
     def plan_json(self) -> str:
         return self.router.plan.to_json()
 
-    def reform(self, spec: WorldSpec) -> None:
+    def reform(self, spec: WorldSpec, plan_json: str | None = None, groups: list | None = None) -> None:
         """Leave the world at the next step boundary and join `spec` (a new generation, possibly
-        other members). Returns once the new world is formed; requests in flight just wait."""
+        other members). Returns once the new world is formed; requests in flight just wait.
+        With `plan_json` and `groups` the pool changed: the new world runs that plan (of another
+        group count) with those group actors, from its first step."""
+        if (plan_json is None) != (groups is None):
+            raise ValueError("a new pool needs both its plan and its group actors")
+        if plan_json is not None and self.staging is not None:
+            raise RuntimeError(f"plan v{self.staging[0].version} is still staging; re-form after it is active")
+        plan = PlacementPlan.from_json(plan_json, self.router.plan.num_experts) if plan_json is not None else None
         done: queue.Queue = queue.Queue()
 
         def task():
             self.router.leave()
+            if plan is not None:
+                self.router.link.plan, self.router.next_plan, self.groups = plan, None, list(groups)
             self.router.join(World(spec, 0, self.store))
 
         self._tasks.put((task, done))

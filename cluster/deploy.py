@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import ray
+import torch
 
 from moeray.actors.client_load import ClientPolicy
 from moeray.actors.comm import WorldSpec
@@ -29,6 +30,8 @@ from moeray.actors.expert_group_actor import ExpertGroupActor
 from moeray.actors.placement import PlacementPlan, check_plan
 from moeray.actors.router_actor import RouterActor
 from moeray.actors.sequence import SamplingParams
+from moeray.autoscaler.planner import PlanLimits, Topology
+from moeray.autoscaler.reshape import drain, drain_candidate, grow, remove_group
 from moeray.models.loader import load_config
 
 
@@ -54,8 +57,10 @@ class ClusterConfig:
 class Deployment:
     """A running router + expert groups. `generate` streams one request's outputs."""
 
-    def __init__(self, router, groups: list, plan: PlacementPlan, spec: WorldSpec | None = None):
+    def __init__(self, router, groups: list, plan: PlacementPlan, config: ClusterConfig, model_path: str,
+                 threads: int, group_options: dict, spec: WorldSpec | None = None):
         self.router, self.groups, self.initial_plan, self.spec = router, groups, plan, spec
+        self.config, self.model_path, self.threads, self.group_options = config, model_path, threads, group_options  # to start more groups
 
     def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> Iterator[dict]:
         for ref in self.router.generate.remote(prompt_ids, params):
@@ -75,6 +80,80 @@ class Deployment:
 
     def stats(self) -> dict:
         return {"router": ray.get(self.router.stats.remote()), "groups": ray.get([g.stats.remote() for g in self.groups])}
+
+    def scale_to(self, num_groups: int, log=lambda message: None, timeout_s: float = 300.0) -> PlacementPlan:
+        """Grow or shrink the expert pool to `num_groups` groups while serving goes on.
+
+        Out: the new groups start (asking Ray for their resources, so an autoscaling cluster adds
+        nodes), load the experts `reshape.grow` gives them — the old groups keep every slot — and
+        the world re-forms at a step boundary with the wider plan active from its first step.
+        In, one group at a time: `reshape.drain` moves its sole copies elsewhere (a normal staged
+        migration, serving on), then the world re-forms without it (`remove_group` renumbers the
+        groups after it) and its actor goes, releasing its resources. Requests in flight wait at
+        most one re-formation; none is dropped."""
+        if num_groups < 1:
+            raise ValueError(f"expert_groups={num_groups} must be at least 1")
+        plan = self.plan()
+        if num_groups > plan.num_experts:
+            raise ValueError(f"expert_groups={num_groups} is more than the {plan.num_experts} experts per layer")
+        if num_groups > plan.num_groups:
+            return self._grow(plan, num_groups, log, timeout_s)
+        while plan.num_groups > num_groups:
+            plan = self._shrink(plan, log, timeout_s)
+        return plan
+
+    def _grow(self, plan: PlacementPlan, num_groups: int, log, timeout_s: float) -> PlacementPlan:
+        new_plan, _ = grow(plan, num_groups - plan.num_groups, self._load(plan), _reshape_limits(plan, num_groups),
+                           Topology(tuple(range(num_groups))))
+        log(f"scaling out: starting expert groups {plan.num_groups}..{num_groups - 1}")
+        new = [ExpertGroupActor.options(**self.group_options).remote(self.model_path, g, new_plan.to_json(),
+                                                                     self.config.dtype, self.threads)
+               for g in range(plan.num_groups, num_groups)]
+        try:
+            _wait_loaded([(f"expert group {g}", a) for g, a in enumerate(new, plan.num_groups)], timeout_s, log)
+            self._reform(new_plan, self.groups + new)
+        except BaseException:
+            for actor in new:
+                ray.kill(actor)
+            raise
+        log(f"scaled out to {num_groups} expert groups (plan v{new_plan.version})")
+        return new_plan
+
+    def _shrink(self, plan: PlacementPlan, log, timeout_s: float) -> PlacementPlan:
+        load = self._load(plan)
+        group = drain_candidate(plan, load)
+        drained, moves = drain(plan, group, load, _reshape_limits(plan, plan.num_groups), Topology(tuple(range(plan.num_groups))))
+        log(f"scaling in: moving {sum(m.new_expert >= 0 for m in moves)} expert copies off group {group}")
+        self.set_plan(drained)
+        self._wait_active(drained.version, timeout_s)
+        smaller = remove_group(drained, group)
+        leaving = self.groups[group]
+        self._reform(smaller, [a for g, a in enumerate(self.groups) if g != group])
+        ray.kill(leaving)
+        log(f"scaled in to {smaller.num_groups} expert groups (plan v{smaller.version})")
+        return smaller
+
+    def _reform(self, plan: PlacementPlan, groups: list) -> None:
+        spec = replace(self.spec, generation=self.spec.generation + 1, world_size=len(groups) + 1)
+        refs = [self.router.reform.remote(spec, plan.to_json(), groups)]
+        refs += [a.join.remote(spec, g + 1, plan.to_json()) for g, a in enumerate(groups)]
+        ray.get(refs, timeout=spec.timeout_s * 2)
+        ray.get([a.serve.remote() for a in groups])
+        self.groups, self.spec = groups, spec
+
+    def _load(self, plan: PlacementPlan):
+        """The router's load window [L, E] (all kept), to place experts by."""
+        window = ray.get(self.router.load_snapshot.remote(None))["window"]
+        return torch.tensor(window, dtype=torch.float64)
+
+    def _wait_active(self, version: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (stats := ray.get(self.router.stats.remote()))["plan_version"] < version:
+            if stats["staging_error"] and f"v{version}" in stats["staging_error"]:
+                raise DeploymentError(stats["staging_error"])
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"plan v{version} was not active within {timeout_s:.0f} s")
+            time.sleep(0.05)
 
     def reform(self) -> None:
         """Re-form the world (next generation) at a step boundary, with the same members."""
@@ -116,7 +195,7 @@ def deploy(config: ClusterConfig, log=lambda message: None) -> Deployment:
               for g in range(config.num_groups)]
     router = RouterActor.options(**router_opts).remote(path, plan.to_json(), config.dtype, config.engine, threads,
                                                        config.max_queued_requests, config.client_policy)
-    deployment = Deployment(router, groups, plan)
+    deployment = Deployment(router, groups, plan, config, path, threads, group_opts)
     try:
         _wait_loaded([("router", router)] + [(f"expert group {g}", a) for g, a in enumerate(groups)],
                      config.start_timeout_s, log)
@@ -132,6 +211,12 @@ def deploy(config: ClusterConfig, log=lambda message: None) -> Deployment:
             ray.kill(actor)
         raise
     return deployment
+
+
+def _reshape_limits(plan: PlacementPlan, num_groups: int) -> PlanLimits:
+    """Room to fill every new slot, and copies up to one per group."""
+    return PlanLimits(max_moves=num_groups * plan.slots_per_group * plan.num_layers, max_bytes=None,
+                      bytes_per_expert=1, max_replicas_per_expert=num_groups, target_imbalance=1.0)
 
 
 def _resources(num_groups: int, group_bytes: int, use_gpus: bool) -> tuple[dict, dict, str]:

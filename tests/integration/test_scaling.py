@@ -1,0 +1,78 @@
+"""Growing and shrinking the expert pool while it serves: 2 -> 3 -> 2 groups under streaming load.
+
+Greedy outputs must equal the in-process engine's (the built-in model: batch-invariant enough
+for greedy tokens, see README's note on determinism), no request may fail, and the plan in force
+must have the new group count with every expert kept.
+"""
+
+import threading
+
+import pytest
+import ray
+
+from moeray.actors.engine import Engine
+from moeray.actors.sequence import SamplingParams
+from moeray.cluster.deploy import ClusterConfig, deploy
+from moeray.models import DEFAULT_MODEL_DIR, load_model
+from moeray.models.tokenizer import Tokenizer
+
+PROMPTS = ["The for statement", "A list comprehension", "def main():", "Exceptions are", "import os",
+           "The while loop", "Dictionaries map", "class Point:"]
+
+
+def test_scale_out_and_in_under_load_keeps_every_request_and_output(ray_cluster):
+    tokenizer = Tokenizer(DEFAULT_MODEL_DIR)
+    engine = Engine(load_model(DEFAULT_MODEL_DIR), tokenizer)
+    params = SamplingParams(max_tokens=24)
+    expected = {p: engine.generate([tokenizer.encode(p)], params)[0].token_ids for p in PROMPTS}
+    deployment = deploy(ClusterConfig(str(DEFAULT_MODEL_DIR), num_groups=2, redundant_slots=1))
+    results, failures, stop = [], [], threading.Event()
+
+    def client(k: int) -> None:
+        i = k
+        while not stop.is_set():
+            prompt = PROMPTS[i % len(PROMPTS)]
+            try:
+                ids = [t for item in deployment.generate(tokenizer.encode(prompt), params) for t in item["token_ids"]]
+                results.append((prompt, ids))
+            except Exception as err:
+                failures.append(f"{prompt!r}: {type(err).__name__}: {err}")
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    log: list[str] = []
+    try:
+        for t in threads:
+            t.start()
+        grown = deployment.scale_to(3, log=log.append)
+        assert grown.num_groups == 3 and len(deployment.groups) == 3
+        assert (grown.physical_to_logical[:, 2] >= 0).any(1).all()  # the new group serves experts in every layer
+        assert deployment.plan().num_groups == 3
+        served_by_3 = len(results)
+        shrunk = deployment.scale_to(2, log=log.append)
+        assert shrunk.num_groups == 2 and len(deployment.groups) == 2 and deployment.plan() == shrunk
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        stats = ray.get(deployment.router.stats.remote())
+        assert stats["error"] is None and stats["running"] == 0
+    finally:
+        stop.set()
+        deployment.shutdown()
+    assert failures == []
+    assert len(results) > served_by_3 > 0
+    wrong = [(p, ids) for p, ids in results if ids != expected[p]]
+    assert wrong == []
+    assert any(line.startswith("scaled out to 3") for line in log) and any(line.startswith("scaled in to 2") for line in log)
+
+
+def test_scale_bounds_are_named(ray_cluster):
+    deployment = deploy(ClusterConfig(str(DEFAULT_MODEL_DIR), num_groups=1))
+    try:
+        with pytest.raises(ValueError, match="expert_groups=0 must be at least 1"):
+            deployment.scale_to(0)
+        with pytest.raises(ValueError, match="expert_groups=9 is more than the 8 experts"):
+            deployment.scale_to(9)
+        assert deployment.scale_to(1).num_groups == 1  # already there: nothing to do
+    finally:
+        deployment.shutdown()

@@ -1,0 +1,27 @@
+"""ExpertGroup without Ray: it loads exactly its own slots, and adopts a re-formed pool's plan only
+when that plan keeps (or empties) every slot it holds."""
+
+import pytest
+import torch
+
+from moeray.actors.expert_group import ExpertGroup
+from moeray.actors.placement import PlacementPlan
+
+
+def test_a_group_loads_its_slots_and_adopts_only_plans_that_keep_them(make_checkpoint):
+    path = make_checkpoint("mixtral_swa")  # 2 MoE layers, 6 experts
+    plan = PlacementPlan.default(2, 6, 2, redundant_slots=1)  # group 1: [3, 4, 5, 0]
+    seen = []
+    group = ExpertGroup(path, 1, plan, progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (8, 8)  # 4 slots x 2 layers
+    wider = torch.cat([plan.physical_to_logical, torch.tensor([[[0, 1, 2, -1]]] * 2)], dim=1)  # a third group
+    wider[:, 1, 3] = -1  # group 1's replica of 0 is dropped: allowed
+    group.adopt(PlacementPlan(wider, 6, version=1), 1)
+    assert group.plan.version == 1 and group.group == 1
+    renumbered = PlacementPlan(wider[:, 1:], 6, version=2)  # group 0 removed: group 1 becomes 0
+    group.adopt(renumbered, 0)
+    assert group.group == 0
+    other = renumbered.physical_to_logical.clone()
+    other[:, 0, 3] = 1  # an empty slot that would need weights loaded
+    with pytest.raises(ValueError, match="gives group 0 other experts than this group holds"):
+        group.adopt(PlacementPlan(other, 6, version=3), 0)
