@@ -59,7 +59,7 @@ class RouterActor:
         self.staging_error: str | None = None
         self._running = False
         self._loop: threading.Thread | None = None
-        self.steps = collections.deque(maxlen=8192)  # (wall time at end, seconds, tokens, a plan was staging)
+        self.steps = collections.deque(maxlen=8192)  # (wall time at end, seconds, tokens, staging?, running seqs)
         self.request_stats = RequestStats()
         self.computed_tokens = 0  # tokens all steps computed (prompt chunks + decodes): every MoE layer saw each
 
@@ -152,7 +152,8 @@ class RouterActor:
     def limits(self) -> dict:
         """What the ingress validates requests against."""
         engine = self.router.engine
-        return {"max_model_len": engine.max_model_len, "vocab_size": engine.model.config.vocab_size}
+        return {"max_model_len": engine.max_model_len, "vocab_size": engine.model.config.vocab_size,
+                "max_num_seqs": engine.batcher.max_num_seqs}
 
     def load_snapshot(self, window_s: float | None = None) -> dict:
         """Tokens per logical expert over the last `window_s` seconds, with the derived group load
@@ -191,9 +192,10 @@ class RouterActor:
             rows.append({"client": client, **info, "flagged": flagged})
         return sorted(rows, key=lambda r: -r["pairs"])
 
-    def step_log(self, since: float = 0.0) -> list[tuple[float, float, int, bool]]:
+    def step_log(self, since: float = 0.0) -> list[tuple[float, float, int, bool, int]]:
         """Recent steps (up to 8192) that ended after wall time `since`: (end time, seconds, tokens,
-        whether a plan was staging meanwhile) — for benchmarks and latency metrics."""
+        whether a plan was staging meanwhile, sequences running after it) — for benchmarks, latency
+        metrics and the scaling policy's batch occupancy."""
         return [s for s in list(self.steps) if s[0] > since]
 
     def plan_json(self) -> str:
@@ -238,7 +240,7 @@ class RouterActor:
                     start = time.perf_counter()
                     outputs = self.router.step()
                     self.steps.append((time.time(), time.perf_counter() - start, self.router.last_step_tokens,
-                                       self.staging is not None))
+                                       self.staging is not None, len(self.router.engine.batcher.running)))
                     self.computed_tokens += self.router.last_step_tokens
                     for out in outputs:
                         self._emit(out)

@@ -21,6 +21,8 @@ from moeray.actors.placement import PlacementPlan
 from moeray.autoscaler.controller import Controller, Decision
 from moeray.autoscaler.manual import manual_migrate
 from moeray.autoscaler.policy import check_fits, parse_policy
+from moeray.autoscaler.scaler import Scaler
+from moeray.autoscaler.scaling import ScalingSnapshot
 from moeray.cluster.telemetry import tracer as otel_tracer
 
 log = logging.getLogger("moeray.autoscaler")
@@ -41,6 +43,9 @@ class AutoscalerController:
         self.actions: collections.Counter = collections.Counter()  # decisions by action, since start
         self.pending: tuple[int, float, object] | None = None  # (version, start, span) of the plan being staged
         self.tracer = otel_tracer()  # migration spans, when OTEL_* asks for tracing
+        self.scaler = Scaler(len(group_nodes), num_experts)
+        self.max_num_seqs = ray.get(router.limits.remote())["max_num_seqs"]
+        self.last_look = time.time()  # the scaling signals cover the steps since then
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="autoscaler", daemon=True)
         self._thread.start()
@@ -78,7 +83,8 @@ class AutoscalerController:
         return {"phase": self.controller.state.phase, "dry_run": self.controller.policy.dry_run,
                 "migrations": dict(self.migrations), "reloads": dict(self.reloads), "last_decision": last,
                 "decisions": dict(self.actions),
-                "pending_version": self.pending[0] if self.pending else None}
+                "pending_version": self.pending[0] if self.pending else None,
+                "scaling": dict(self.scaler.last) if self.scaler.last else None}
 
     def migrate(self, layer: int, expert: int, to_group: int | None = None, from_group: int | None = None) -> dict:
         """An operator's replicate, move or drop (see `manual_migrate`); staged like any autoscaler round."""
@@ -111,6 +117,26 @@ class AutoscalerController:
             except Exception as err:  # a router that is restarting, say: try again next interval
                 log.warning("autoscaler tick failed: %s: %s", type(err).__name__, err)
 
+    def scale(self, groups: int) -> dict:
+        """An operator's request (`moeray scale`): queue a resize of the pool to `groups` groups."""
+        with self.lock:
+            return self.scaler.request(groups, self.controller.policy, f"operator: scale to {groups} expert groups")
+
+    def take_scale_request(self) -> tuple[int, str] | None:
+        """For the process that owns the deployment: the resize to do now, if any."""
+        with self.lock:
+            return self.scaler.take()
+
+    def scale_done(self, num_groups: int, error: str | None, group_nodes: list[int]) -> None:
+        with self.lock:
+            target = self.scaler.last["target"]
+            self.scaler.done(num_groups, error, time.monotonic())
+            self.controller.group_nodes = list(group_nodes)
+            action = "scaled" if error is None else "scale_failed"
+            self._record(Decision(time=time.time(), action=action, plan_version=self._plan().version, imbalance=0.0,
+                                  reason=f"{self.scaler.last['reason']}: now {num_groups} groups"
+                                         + (f" (asked {target}): {error}" if error else "")))
+
     def _tick(self) -> None:
         policy = self.controller.policy
         stats = ray.get(self.router.stats.remote())
@@ -118,11 +144,26 @@ class AutoscalerController:
         snapshot = LoadSnapshot.from_dict(ray.get(self.router.load_snapshot.remote(policy.load.window_s)))
         plan = self._plan()
         busy = f"plan v{stats['staging_version']} is still staging" if stats["staging_version"] is not None else None
-        decision, new_plan = self.controller.tick(snapshot, plan, busy)
+        decision, new_plan = self.controller.tick(snapshot, plan, busy or self.scaler.busy)
         if new_plan is not None:
             self._stage(new_plan, decision)
         else:
             self._record(decision)
+        if policy.scaling.enabled and not self.scaler.busy:
+            self._scaling_look(stats, plan, decision)
+
+    def _scaling_look(self, stats: dict, plan: PlacementPlan, decision: Decision) -> None:
+        """The scaling policy's turn: batch occupancy and queue since the last look, and whether
+        placement gave up on an imbalanced layer."""
+        steps = ray.get(self.router.step_log.remote(self.last_look))
+        self.last_look = time.time()
+        occupancy = sum(s[4] for s in steps) / len(steps) / self.max_num_seqs if steps else 0.0
+        stuck = decision.action == "done" and "no move improves" in decision.reason
+        signals = ScalingSnapshot(plan.num_groups, occupancy, stats["waiting"], decision.imbalance, stuck)
+        reason = self.scaler.evaluate(signals, self.controller.policy, time.monotonic())
+        if reason is not None:
+            self._record(Decision(time=time.time(), action="scale", reason=reason, plan_version=plan.version,
+                                  imbalance=decision.imbalance))
 
     def _stage(self, plan: PlacementPlan, decision: Decision) -> None:
         ray.get(self.router.set_plan.remote(plan.to_json()))

@@ -12,6 +12,7 @@ problem) or 409 (the autoscaler is off).
     GET  /admin/clients              per client: routed pairs, concentration score, hot experts, flagged
     GET  /admin/policy               the policy in force, its source and reload counts
     PUT  /admin/policy               body: policy YAML (header X-Policy-Source names it in errors)
+    POST /admin/scale                body: {"expert_groups": N} — resize the pool (it runs in the background)
     POST /admin/migrate              body: {"layer", "expert", "to_group"?, "from_group"?} (replicate/move/drop)
     GET  /admin/autoscaler?limit=50  phase, migrations, reloads and the recent decisions
 """
@@ -78,6 +79,16 @@ def parse_migrate(body: bytes) -> dict:
             raise AdminError(400, f"{name} must be an integer, got {data.get(name)!r}")
     return {"layer": data["layer"], "expert": data["expert"], "to_group": data.get("to_group"),
             "from_group": data.get("from_group")}
+
+
+def parse_scale(body: bytes) -> int:
+    try:
+        data = json.loads(body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdminError(400, f"body is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or set(data) != {"expert_groups"} or type(data["expert_groups"]) is not int:
+        raise AdminError(400, f"body must be {{\"expert_groups\": N}} with N an integer, got {data!r}")
+    return data["expert_groups"]
 
 
 def parse_window(text: str | None) -> float | None:

@@ -122,6 +122,13 @@ class Frontend(KServeIngress):
 
         return await self._admin(request, body, controller=True)
 
+    @app.post("/admin/scale")
+    async def admin_scale(self, request: Request) -> Response:
+        async def body():
+            return await admin.call(self.controller.scale.remote(admin.parse_scale(await request.body())))
+
+        return await self._admin(request, body, controller=True)
+
     @app.get("/admin/autoscaler")
     async def admin_autoscaler(self, request: Request) -> Response:
         async def body():

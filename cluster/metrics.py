@@ -15,7 +15,7 @@ everything is under the prefix `moeray_`, labelled with `model_name`:
 | moeray_expert_tokens_total (routed tokens per logical expert since start) | counter | layer, expert |
 | moeray_group_load_tokens (tokens per group over the last 60 s, summed over layers) | gauge | group |
 | moeray_layer_imbalance (busiest group / mean group over the last 60 s) | gauge | layer |
-| moeray_placement_version | gauge | |
+| moeray_placement_version, moeray_expert_groups | gauge | |
 | moeray_expert_replicas (copies of a logical expert) | gauge | layer, expert |
 | moeray_client_concentration (the 20 busiest clients) | gauge | client |
 | moeray_saturation_flagged_clients | gauge | |
@@ -81,6 +81,7 @@ class MoerayCollector:
             imbalance.add_metric([self.model_name, str(layer)], value)
         yield imbalance
         yield _gauge("moeray_placement_version", "version of the placement plan in force", name, m["plan_version"])
+        yield _gauge("moeray_expert_groups", "expert groups in the pool", name, len(m["group_load"][0]))
         replicas = GaugeMetricFamily("moeray_expert_replicas", "copies of a logical expert",
                                      labels=["model_name", "layer", "expert"])
         for layer, counts in enumerate(m["replica_count"]):

@@ -76,6 +76,13 @@ def register(sub, parser_class, positive_int, non_negative_int) -> None:
     server_flags(migrate)
     migrate.set_defaults(func=run_placement_migrate)
 
+    scale = sub.add_parser("scale", help="resize the expert pool of a running server (serving goes on)")
+    scale.add_argument("--expert-groups", type=positive_int, required=True, help="groups to have")
+    scale.add_argument("--wait", action="store_true", help="wait until the resize is done (exit 1 if it fails)")
+    scale.add_argument("--timeout-s", type=float, default=600.0, help="with --wait: give up after this (default 600)")
+    server_flags(scale)
+    scale.set_defaults(func=run_scale)
+
     load = sub.add_parser("load", help="expert load of a running server")
     dsub = load.add_subparsers(dest="action", required=True, parser_class=parser_class)
     dump = dsub.add_parser("dump", help="append load snapshots (JSON lines) to a file, for placement simulate and plots")
@@ -233,6 +240,24 @@ def run_placement_migrate(args) -> int:
                                                          "to_group": args.to_group, "from_group": args.from_group})
     print(f"staging plan v{result['new_version']}: {result['reason']}")
     return 0
+
+
+def run_scale(args) -> int:
+    client = _client(args)
+    queued = client.post_json("/admin/scale", {"expert_groups": args.expert_groups})
+    print(f"resize to {queued['target']} expert groups queued ({queued['reason']})", file=sys.stderr)
+    if not args.wait:
+        return 0
+    deadline = time.monotonic() + args.timeout_s
+    while time.monotonic() < deadline:
+        last = client.get("/admin/autoscaler?limit=1")["status"]["scaling"]
+        if last and last["target"] == args.expert_groups and last["result"] in ("done", "failed"):
+            if last["result"] == "failed":
+                raise RuntimeError(f"resize to {args.expert_groups} expert groups failed: {last['error']}")
+            print(f"the pool has {args.expert_groups} expert groups (resized in {last['seconds']:.1f} s)")
+            return 0
+        time.sleep(0.5)
+    raise RuntimeError(f"the resize to {args.expert_groups} expert groups was not done within {args.timeout_s:.0f} s")
 
 
 def run_load_dump(args) -> int:

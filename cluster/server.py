@@ -65,6 +65,30 @@ class Server:
         while not stop.is_set():
             stop.wait(0.5)
 
+    def run_scaler(self, interval_s: float = 0.5) -> None:
+        """Carry out the autoscaler's resize requests (`moeray scale`, or the scaling policy) on a
+        background thread: this process owns the deployment, so it starts and stops the groups."""
+        def loop():
+            while not self._stopping.wait(interval_s):
+                try:
+                    request = ray.get(self.controller.take_scale_request.remote(), timeout=30)
+                except ray.exceptions.RayError:
+                    continue
+                if request is None:
+                    continue
+                target, reason = request
+                self.log(f"resizing the expert pool to {target} groups ({reason})")
+                error = None
+                try:
+                    self.deployment.scale_to(target, log=self.log)
+                except Exception as err:  # reported to the autoscaler; serving goes on with the pool it has
+                    error = f"{type(err).__name__}: {unwrap(err)}"
+                    self.log(f"resizing to {target} groups failed: {error}")
+                ray.get(self.controller.scale_done.remote(len(self.deployment.groups), error,
+                                                          self.deployment.group_nodes()))
+
+        threading.Thread(target=loop, name="scaler", daemon=True).start()
+
     def watch_policy(self, interval_s: float = 0.5) -> None:
         """Re-apply the policy file whenever its contents change, on a background thread, until `stop`."""
         watch = PolicyWatch(self.spec.policy)
@@ -168,6 +192,8 @@ def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr,
                         metrics=serve_metrics(collector, spec.host, spec.metrics_port))
         if controller is not None and spec.policy and spec.watch_policy:
             server.watch_policy()
+        if controller is not None:
+            server.run_scaler()
         return server
     except BaseException:
         if controller is not None:

@@ -190,3 +190,25 @@ def _wait_for(condition, timeout_s: float = 30) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.3)
+
+
+def test_moeray_scale_resizes_the_pool_of_a_running_server(server, admin, skewed):
+    expected = _reference(skewed)
+    client = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert cli.main(["scale", "--expert-groups", "3", "--wait", "--url", server.http_url, "--token", TOKEN]) == 0
+    plan = admin.get("/admin/placement").json()["plan"]
+    assert plan["num_groups"] == 3 and len(server.deployment.groups) == 3
+    prompt = PROMPTS[0]
+    text = client.completions.create(model=server.model_name, prompt=prompt, max_tokens=24, temperature=0).choices[0].text
+    assert text == expected[prompt]
+    assert cli.main(["scale", "--expert-groups", "2", "--wait", "--url", server.http_url, "--token", TOKEN]) == 0
+    assert admin.get("/admin/placement").json()["plan"]["num_groups"] == 2
+    text = client.completions.create(model=server.model_name, prompt=prompt, max_tokens=24, temperature=0).choices[0].text
+    assert text == expected[prompt]
+    status = admin.get("/admin/autoscaler").json()["status"]
+    assert status["scaling"]["result"] == "done" and status["scaling"]["target"] == 2
+    for body, message in (({"expert_groups": 0}, "cannot scale to 0 expert groups"),
+                          ({"expert_groups": 9}, "the model has 8 experts per layer"),
+                          ({"expert_groups": "3"}, "with N an integer")):
+        refused = admin.post("/admin/scale", json=body)
+        assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.text
