@@ -69,6 +69,21 @@ class ExpertGroup:
                              f"this group holds; stage a migration first")
         self.plan, self.group, self._staged = plan, group, None
 
+    def rebuild(self, plan: PlacementPlan, group: int) -> list[tuple[int, int, int]]:
+        """Take `plan` as group `group`, loading from the checkpoint every slot whose expert changed
+        (failure recovery: the experts of a lost group move into survivors' slots). Returns the
+        (layer, slot, expert) it loaded."""
+        if plan.slots_per_group != self.plan.slots_per_group or plan.num_layers != self.plan.num_layers:
+            raise ValueError(f"group {self.group}: plan v{plan.version} has another shape per group")
+        mine, theirs = self.plan.physical_to_logical[:, self.group], plan.physical_to_logical[:, group]
+        changed = [(layer, slot, int(theirs[layer, slot]))
+                   for layer, slot in ((theirs != mine) & (theirs >= 0)).nonzero().tolist()]
+        for layer, slot, w13, w2 in self._load(changed):
+            self.w13[layer][slot].copy_(w13)
+            self.w2[layer][slot].copy_(w2)
+        self.plan, self.group, self._staged = plan, group, None
+        return changed
+
     def activate(self, version: int) -> None:
         """Copy staged weights into their slots (between steps) and switch to plan `version`."""
         if self._staged is None or self._staged[0].version != version:

@@ -4,6 +4,7 @@ Threaded: `serve` runs the step loop on its own thread so that control calls (st
 are answered while steps go on. Per-layer traffic never goes through Ray calls.
 """
 
+import os
 import threading
 
 import ray
@@ -33,19 +34,25 @@ class ExpertGroupActor:
     def progress(self) -> tuple[int, int]:
         return self.loaded
 
+    def pid(self) -> int:
+        """This group's process id (chaos tests and `bench/chaos.py` kill it with SIGKILL)."""
+        return os.getpid()
+
     def node_id(self) -> str:
         """The Ray node this group runs on (the planner keeps replicas of one expert on different nodes)."""
         return ray.get_runtime_context().get_node_id()
 
-    def join(self, spec: WorldSpec, rank: int, plan_json: str | None = None) -> None:
+    def join(self, spec: WorldSpec, rank: int, plan_json: str | None = None, load_missing: bool = False) -> None:
         """Join a world; when re-forming, first wait for the serve loop to leave the old one. With
-        `plan_json` (the pool grew or shrank) take that plan as group rank - 1 before joining."""
+        `plan_json` (the pool grew or shrank) take that plan as group rank - 1 before joining; with
+        `load_missing` (a group was lost) load the experts it now holds that it did not."""
         if self._loop is not None:
             self._loop.join(timeout=spec.timeout_s)
             if self._loop.is_alive():
                 raise RuntimeError(f"group {self.group.group} is still serving world {self.world.spec.generation}")
         if plan_json is not None:
-            self.group.adopt(PlacementPlan.from_json(plan_json, self.group.config.num_experts), rank - 1)
+            plan = PlacementPlan.from_json(plan_json, self.group.config.num_experts)
+            (self.group.rebuild if load_missing else self.group.adopt)(plan, rank - 1)
         self.world = World(spec, rank)
 
     def serve(self) -> None:

@@ -104,6 +104,13 @@ class Router:
         batch = self.engine.batcher.schedule()
         if not batch.seqs:
             return []
+        return self.run(batch)
+
+    def run(self, batch) -> list[RequestOutput]:
+        """header -> model -> sample for a scheduled batch. If the world breaks mid-step this raises
+        before anything is sampled or marked computed, so the same batch can run again (replay)
+        on a re-formed world and give the same result."""
+        self.link.tracker.step_counts.zero_()  # a failed attempt's partial counts do not count
         command = Command.RUN
         if self.next_plan is not None:
             self.link.plan, self.next_plan, command = self.next_plan, None, Command.ACTIVATE
@@ -120,7 +127,10 @@ class Router:
         return outputs
 
     def leave(self) -> None:
-        """Tell every group to leave (REFORM) and destroy this world; `join` a new one next."""
+        """Tell every group to leave (REFORM) and destroy this world; `join` a new one next.
+        Nothing to do when the world already broke (a group died) and was destroyed."""
+        if self.link.world is None:
+            return
         self._header(Command.REFORM)
         self.link.world.destroy()
         self.link.world = None

@@ -23,6 +23,7 @@ from moeray.actors.router import ANONYMOUS, Router
 from moeray.actors.sequence import SamplingParams
 
 log = logging.getLogger("moeray.router")
+RECOVERY_TIMEOUT_S = 60.0  # a broken world not re-formed by then fails the requests it holds
 IDLE_HEADER_S = 1.0  # how often an idle router tells the groups it is alive (well under the world timeout)
 
 
@@ -45,6 +46,8 @@ class RouterActor:
         rate = client_policy.token_rate_limit
         self.buckets = TokenBucket(rate, rate * client_policy.token_burst_s) if rate else None
         self.flagged: set[str] = set()  # clients flagged for expert saturation (logged once each)
+        self.broken: str | None = None  # why the world broke, while waiting for its re-formation
+        self.recoveries, self.last_recovery_s = 0, None
         self.router: Router | None = None
         self.store, self.port = host_store()
         self.inbox: queue.Queue = queue.Queue()
@@ -147,7 +150,12 @@ class RouterActor:
                 "staging_version": self.staging[0].version if self.staging else None,
                 "running": len(self.router.engine.batcher.running), "waiting": len(self.router.engine.batcher.waiting),
                 "streams": len(self.streams), "free_kv_blocks": self.router.engine.cache.allocator.num_free,
-                "kv_blocks": self.router.engine.cache.allocator.num_blocks}
+                "kv_blocks": self.router.engine.cache.allocator.num_blocks, "broken": self.broken,
+                "recoveries": self.recoveries, "last_recovery_s": self.last_recovery_s}
+
+    def group_handles(self) -> list:
+        """The expert-group actors of the world in force (after recoveries and resizes)."""
+        return list(self.groups)
 
     def limits(self) -> dict:
         """What the ingress validates requests against."""
@@ -209,7 +217,10 @@ class RouterActor:
         if (plan_json is None) != (groups is None):
             raise ValueError("a new pool needs both its plan and its group actors")
         if plan_json is not None and self.staging is not None:
-            raise RuntimeError(f"plan v{self.staging[0].version} is still staging; re-form after it is active")
+            if self.broken is None:
+                raise RuntimeError(f"plan v{self.staging[0].version} is still staging; re-form after it is active")
+            self.staging_error = f"plan v{self.staging[0].version} dropped: the world was re-formed after a failure"
+            self.staging = None
         plan = PlacementPlan.from_json(plan_json, self.router.plan.num_experts) if plan_json is not None else None
         done: queue.Queue = queue.Queue()
 
@@ -238,7 +249,7 @@ class RouterActor:
                 self._check_staging()
                 if self.router.engine.has_unfinished:
                     start = time.perf_counter()
-                    outputs = self.router.step()
+                    outputs = self._step()
                     self.steps.append((time.time(), time.perf_counter() - start, self.router.last_step_tokens,
                                        self.staging is not None, len(self.router.engine.batcher.running)))
                     self.computed_tokens += self.router.last_step_tokens
@@ -246,7 +257,10 @@ class RouterActor:
                         self._emit(out)
                     last_header = time.monotonic()
                 elif self.router.next_plan is not None or time.monotonic() - last_header > IDLE_HEADER_S:
-                    self.router.idle()
+                    try:
+                        self.router.idle()
+                    except Exception as err:  # a group died while idle: same recovery as mid-step
+                        self._await_recovery(err)
                     last_header = time.monotonic()
                 else:
                     self._wait_for_request(0.05)
@@ -259,6 +273,44 @@ class RouterActor:
         finally:
             if self.router.link.world is not None:
                 self.router.link.world.destroy()
+
+    def _step(self) -> list:
+        """One step; if the world breaks (a group died), wait for the owner to re-form it without the
+        lost group (`reform`, called by `Deployment.recover`) and run the same batch again."""
+        batch = self.router.engine.batcher.schedule()
+        if not batch.seqs:
+            return []
+        while True:
+            try:
+                return self.router.run(batch)
+            except Exception as err:  # the world broke under this step
+                self._await_recovery(err)
+
+    def _await_recovery(self, err: Exception) -> None:
+        """Destroy the broken world and wait (serving paused, requests kept) until a re-formation
+        task runs; RuntimeError after RECOVERY_TIMEOUT_S, which fails the open streams."""
+        self.broken = f"{type(err).__name__}: {err}"
+        started = time.monotonic()
+        log.warning("the expert world broke mid-step (%s); waiting for it to be re-formed", self.broken)
+        if self.router.link.world is not None:
+            self.router.link.world.destroy()
+            self.router.link.world = None
+        while self.router.link.world is None:
+            if time.monotonic() - started > RECOVERY_TIMEOUT_S:
+                raise RuntimeError(f"no recovery within {RECOVERY_TIMEOUT_S:.0f} s after: {self.broken}")
+            try:
+                task, done = self._tasks.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                task()
+                done.put(None)
+            except Exception as task_err:  # a failed re-formation: keep waiting for another
+                done.put(task_err)
+        self.recoveries += 1
+        self.last_recovery_s = time.monotonic() - started
+        log.warning("recovered in %.2f s; replaying the step", self.last_recovery_s)
+        self.broken = None
 
     def _between_steps(self, read):
         """`read()` on the step thread between two steps (now, if the loop is not running)."""

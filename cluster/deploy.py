@@ -15,6 +15,7 @@ yet when we start, so there is no up-front check then: we say what we wait for a
 """
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,11 +28,11 @@ from moeray.actors.client_load import ClientPolicy
 from moeray.actors.comm import WorldSpec
 from moeray.actors.engine import EngineConfig
 from moeray.actors.expert_group_actor import ExpertGroupActor
-from moeray.actors.placement import PlacementPlan, check_plan
+from moeray.actors.placement import PlacementPlan, PlanError, check_plan
 from moeray.actors.router_actor import RouterActor
 from moeray.actors.sequence import SamplingParams
 from moeray.autoscaler.planner import PlanLimits, Topology
-from moeray.autoscaler.reshape import drain, drain_candidate, grow, remove_group
+from moeray.autoscaler.reshape import drain, drain_candidate, grow, lose_group, remove_group
 from moeray.models.loader import load_config
 
 
@@ -61,6 +62,8 @@ class Deployment:
                  threads: int, group_options: dict, spec: WorldSpec | None = None):
         self.router, self.groups, self.initial_plan, self.spec = router, groups, plan, spec
         self.config, self.model_path, self.threads, self.group_options = config, model_path, threads, group_options  # to start more groups
+        self.target_groups = len(groups)  # the pool size asked for (by deploy or scale_to): what `watch` heals to
+        self._lock = threading.RLock()  # one resize or recovery at a time
 
     def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> Iterator[dict]:
         for ref in self.router.generate.remote(prompt_ids, params):
@@ -93,14 +96,86 @@ class Deployment:
         most one re-formation; none is dropped."""
         if num_groups < 1:
             raise ValueError(f"expert_groups={num_groups} must be at least 1")
+        with self._lock:
+            self._sync_groups()
+            return self._scale_to(num_groups, log, timeout_s)
+
+    def _scale_to(self, num_groups: int, log, timeout_s: float) -> PlacementPlan:
         plan = self.plan()
         if num_groups > plan.num_experts:
             raise ValueError(f"expert_groups={num_groups} is more than the {plan.num_experts} experts per layer")
+        self.target_groups = num_groups
         if num_groups > plan.num_groups:
             return self._grow(plan, num_groups, log, timeout_s)
         while plan.num_groups > num_groups:
             plan = self._shrink(plan, log, timeout_s)
         return plan
+
+    def recover(self, log=lambda message: None) -> bool:
+        """If the router waits on a broken world (a group died), re-form it without the dead groups:
+        their experts are served from replicas elsewhere, or loaded into survivors' free or surplus
+        slots (`reshape.lose_group`), and the router replays the step that failed. -> whether it did."""
+        with self._lock:
+            self._sync_groups()
+            if ray.get(self.router.stats.remote())["broken"] is None:
+                return False
+            return self._recover(log)
+
+    def _recover(self, log) -> bool:
+        started = time.monotonic()
+        dead = [g for g, actor in enumerate(self.groups) if not _alive(actor)]
+        if not dead:
+            log("the expert world broke but every group answers; leaving it to the router's timeout")
+            return False
+        for group in dead:
+            ray.kill(self.groups[group])  # frees its resources for a replacement
+        plan = self.plan()
+        try:  # the survivors take over: no new process, only the lost sole copies to load
+            survivors_plan, reloads = self._without(plan, dead)
+        except PlanError as err:  # no room for them: replace the dead groups instead
+            log(f"survivors cannot hold the lost experts ({err}); starting replacement group(s) {dead}")
+            groups = list(self.groups)
+            for group in dead:
+                groups[group] = ExpertGroupActor.options(**self.group_options).remote(
+                    self.model_path, group, plan.to_json(), self.config.dtype, self.threads)
+            _wait_loaded([(f"expert group {g} (replacement)", groups[g]) for g in dead], self.config.start_timeout_s, log)
+            self._reform(plan, groups, load_missing=False)
+            how = f"replaced group(s) {dead}"
+        else:
+            self._reform(survivors_plan, [a for g, a in enumerate(self.groups) if g not in dead], load_missing=True)
+            how = f"survivors took over, {reloads} expert copies reloaded, plan v{survivors_plan.version}"
+        log(f"recovered from the loss of expert group(s) {dead} in {time.monotonic() - started:.1f} s: {how}")
+        return True
+
+    def _without(self, plan: PlacementPlan, dead: list[int]) -> tuple[PlacementPlan, int]:
+        """The plan served by the survivors alone (`reshape.lose_group`), and the copies they must load."""
+        load, reloads = self._load(plan), 0
+        for group in sorted(dead, reverse=True):  # highest first: the lower indices stay valid
+            plan, moves, _lost = lose_group(plan, group, load, _reshape_limits(plan, plan.num_groups),
+                                            Topology(tuple(range(plan.num_groups))))
+            reloads += len(moves)
+        return plan, reloads
+
+    def watch(self, log=lambda message: None, interval_s: float = 0.5) -> threading.Event:
+        """Recover from lost groups, then heal the pool back to `target_groups`, on a background
+        thread until the returned event is set."""
+        stop = threading.Event()
+
+        def loop():
+            while not stop.wait(interval_s):
+                try:
+                    if self.recover(log) and len(self.groups) < self.target_groups:
+                        log(f"healing the pool: back to {self.target_groups} expert groups")
+                        self.scale_to(self.target_groups, log)
+                except Exception as err:  # keep watching; the next look may succeed
+                    log(f"recovery failed: {type(err).__name__}: {err}")
+
+        threading.Thread(target=loop, name="deployment-watch", daemon=True).start()
+        return stop
+
+    def _sync_groups(self) -> None:
+        """The router's list is the truth: recoveries change it behind our back."""
+        self.groups = ray.get(self.router.group_handles.remote(), timeout=30)
 
     def _grow(self, plan: PlacementPlan, num_groups: int, log, timeout_s: float) -> PlacementPlan:
         new_plan, _ = grow(plan, num_groups - plan.num_groups, self._load(plan), _reshape_limits(plan, num_groups),
@@ -133,10 +208,10 @@ class Deployment:
         log(f"scaled in to {smaller.num_groups} expert groups (plan v{smaller.version})")
         return smaller
 
-    def _reform(self, plan: PlacementPlan, groups: list) -> None:
+    def _reform(self, plan: PlacementPlan, groups: list, load_missing: bool = False) -> None:
         spec = replace(self.spec, generation=self.spec.generation + 1, world_size=len(groups) + 1)
         refs = [self.router.reform.remote(spec, plan.to_json(), groups)]
-        refs += [a.join.remote(spec, g + 1, plan.to_json()) for g, a in enumerate(groups)]
+        refs += [a.join.remote(spec, g + 1, plan.to_json(), load_missing) for g, a in enumerate(groups)]
         ray.get(refs, timeout=spec.timeout_s * 2)
         ray.get([a.serve.remote() for a in groups])
         self.groups, self.spec = groups, spec
@@ -163,6 +238,10 @@ class Deployment:
         ray.get([g.serve.remote() for g in self.groups])
 
     def shutdown(self) -> None:
+        try:
+            self._sync_groups()
+        except ray.exceptions.RayError:
+            pass  # the router is gone: kill the groups we know
         try:
             ray.get(self.router.shutdown.remote(), timeout=60)
         finally:
@@ -211,6 +290,14 @@ def deploy(config: ClusterConfig, log=lambda message: None) -> Deployment:
             ray.kill(actor)
         raise
     return deployment
+
+
+def _alive(actor) -> bool:
+    try:
+        ray.get(actor.node_id.remote(), timeout=10)
+        return True
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False
 
 
 def _reshape_limits(plan: PlacementPlan, num_groups: int) -> PlanLimits:

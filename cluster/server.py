@@ -47,6 +47,7 @@ class Server:
     controller: "ray.actor.ActorHandle | None" = None
     log: object = print
     metrics: object = None  # the /metrics HTTP server
+    watching: threading.Event | None = None  # set to stop the deployment's recovery watch
     _stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -116,6 +117,8 @@ class Server:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.watching is not None:
+            self.watching.set()
         if self.metrics is not None:
             self.metrics.stop()
         try:
@@ -194,6 +197,7 @@ def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr,
             server.watch_policy()
         if controller is not None:
             server.run_scaler()
+        server.watching = deployment.watch(log)  # recover from lost groups, heal the pool
         return server
     except BaseException:
         if controller is not None:
