@@ -45,7 +45,7 @@ class Frontend(KServeIngress):
                  max_request_bytes: int = 4 << 20):
         self.router, self.controller, self.admin_token = router, controller, admin_token
         self.max_request_bytes = max_request_bytes
-        self.tracer = telemetry.tracer()
+        self.tracer, self.metrics = telemetry.tracer(), telemetry.request_metrics()
         limits = ray.get(router.limits.remote())
         self.model = ServedModel.load(model_path, served_name, limits["max_model_len"], limits["vocab_size"])
 
@@ -201,7 +201,7 @@ class Frontend(KServeIngress):
         """The router's items for one request, traced; aborts it there if we stop reading early."""
         finished, error = False, None
         span = telemetry.RequestTrace(self.tracer, operation, self.model.name, request_id, params, len(prompt_ids),
-                                      carrier or {}) if self.tracer else None
+                                      carrier or {}, self.metrics) if self.tracer or self.metrics else None
         try:
             async for ref in self.router.generate.remote(prompt_ids, params, request_id,
                                                          client_identity(carrier or {})):

@@ -150,7 +150,7 @@ def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr,
 
     model_path = Path(spec.model) if spec.model else DEFAULT_MODEL_DIR
     model_config, _ = load_config(model_path)  # a bad checkpoint fails here, before Ray starts
-    exporter_names()  # and a bad OTEL_TRACES_EXPORTER
+    exporter_names(), exporter_names(signal="METRICS")  # and a bad OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER
     policy_text, policy_source = (Path(spec.policy).read_text(), spec.policy) if spec.policy else ("", BUILT_IN_POLICY)
     policy = load_policy(spec.policy) if spec.policy else Policy()  # and a bad policy
     redundant_slots = policy.replication.redundant_slots_per_group if spec.redundant_slots is None else spec.redundant_slots

@@ -1,10 +1,10 @@
-"""OpenTelemetry traces from a real server to a real OTLP/HTTP receiver on loopback.
+"""OpenTelemetry traces and metrics from a real server to a real OTLP/HTTP receiver on loopback.
 
 The server is started with the standard OTEL_* variables pointing at a tiny OTLP endpoint in this
 process (an HTTP server that decodes `ExportTraceServiceRequest` protobufs). Requests carry a W3C
 `traceparent` (an HTTP header for the `openai` client, gRPC metadata for `tritonclient`); the
 request span must join that trace, carry the GenAI attributes, and have queue / prefill / decode
-children.
+children; the GenAI request metrics must arrive too.
 """
 
 import json
@@ -17,6 +17,7 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as triton
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from moeray.cluster.server import DEFAULT_MODEL_NAME, start
@@ -29,15 +30,25 @@ PARENT = "00f067aa0ba902b7"
 
 class Receiver(BaseHTTPRequestHandler):
     spans: list = []
+    metrics: list = []  # (name, data point) of every export
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = self.rfile.read(int(self.headers["content-length"]))
+        if self.path == "/v1/metrics":
+            for resource in ExportMetricsServiceRequest.FromString(body).resource_metrics:
+                for scope in resource.scope_metrics:
+                    for metric in scope.metrics:
+                        Receiver.metrics += [(metric.name, point) for point in metric.histogram.data_points]
+            return self._ok()
         request = ExportTraceServiceRequest.FromString(body)
         for resource in request.resource_spans:
             service = {a.key: a.value.string_value for a in resource.resource.attributes}.get("service.name")
             for scope in resource.scope_spans:
                 for span in scope.spans:
                     Receiver.spans.append((service, span))
+        self._ok()
+
+    def _ok(self):
         self.send_response(200)
         self.send_header("content-type", "application/x-protobuf")
         self.end_headers()
@@ -50,14 +61,15 @@ class Receiver(BaseHTTPRequestHandler):
 def receiver():
     httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Receiver)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1/traces"
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
 
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, receiver):
-    settings = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver,
-                "OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_SERVICE_NAME": "moeray-test"}
+    settings = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{receiver}/v1/traces",
+                "OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"{receiver}/v1/metrics",
+                "OTEL_METRIC_EXPORT_INTERVAL": "500", "OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_SERVICE_NAME": "moeray-test"}
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     try:
@@ -138,3 +150,18 @@ def test_a_request_without_traceparent_starts_its_own_trace(server):
             break
         time.sleep(0.2)
     assert roots and not roots[0].parent_span_id and _attrs(roots[0])["gen_ai.operation.name"] == "chat"
+
+
+def test_genai_request_metrics_are_exported(server):
+    client = openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    client.completions.create(model=DEFAULT_MODEL_NAME, prompt="The for statement", max_tokens=3)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        names = {name for name, _ in Receiver.metrics}
+        if {"gen_ai.server.request.duration", "gen_ai.server.time_to_first_token", "gen_ai.client.token.usage"} <= names:
+            break
+        time.sleep(0.3)
+    durations = [p for name, p in Receiver.metrics if name == "gen_ai.server.request.duration"]
+    assert durations and max(p.count for p in durations) >= 1
+    attributes = {a.key: a.value.string_value for a in durations[-1].attributes}
+    assert attributes["gen_ai.request.model"] == DEFAULT_MODEL_NAME and attributes["gen_ai.provider.name"] == "moeray"

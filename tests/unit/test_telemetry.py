@@ -59,3 +59,41 @@ def test_a_failed_request_marks_the_span():
     (span,) = exporter.get_finished_spans()
     assert span.status.status_code.name == "ERROR" and "router step failed" in span.status.description
     assert "gen_ai.latency.time_to_first_token" not in span.attributes
+
+
+def test_request_metrics_follow_the_genai_conventions():
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from moeray.cluster.telemetry import RequestMetrics
+
+    reader = InMemoryMetricReader()
+    metrics = RequestMetrics(MeterProvider(metric_readers=[reader]).get_meter("t"))
+    trace = RequestTrace(None, "text_completion", "m", "r", SamplingParams(), 4, {}, metrics)
+    trace.item({"token_ids": [1], "finished": False, "finish_reason": None})
+    trace.item({"token_ids": [2, 3], "finished": True, "finish_reason": "length"})
+    trace.end()
+    RequestTrace(None, "chat", "m", "r2", SamplingParams(), 2, {}, metrics).end(RuntimeError("boom"))
+    points = {}
+    for resource in reader.get_metrics_data().resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    points[(metric.name, tuple(sorted(point.attributes.items())))] = point
+    ok = (("gen_ai.operation.name", "text_completion"), ("gen_ai.provider.name", "moeray"), ("gen_ai.request.model", "m"))
+    assert points[("gen_ai.server.request.duration", ok)].count == 1
+    assert points[("gen_ai.server.time_to_first_token", ok)].count == 1
+    assert points[("gen_ai.server.time_per_output_token", ok)].count == 1
+    assert points[("gen_ai.client.token.usage", tuple(sorted(ok + (("gen_ai.token.type", "output"),))))].sum == 3
+    assert points[("gen_ai.client.token.usage", tuple(sorted(ok + (("gen_ai.token.type", "input"),))))].sum == 4
+    failed = (("error.type", "RuntimeError"), ("gen_ai.operation.name", "chat"), ("gen_ai.provider.name", "moeray"),
+              ("gen_ai.request.model", "m"))
+    assert points[("gen_ai.server.request.duration", failed)].count == 1
+    assert ("gen_ai.server.time_to_first_token", failed) not in points  # no token came
+
+
+def test_metrics_exporters_follow_the_standard_variables():
+    assert exporter_names({"OTEL_METRICS_EXPORTER": "prometheus,otlp"}, "METRICS") == ["otlp"]
+    assert exporter_names({"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://x"}, "METRICS") == ["otlp"]
+    with pytest.raises(ValueError, match="OTEL_METRICS_EXPORTER='statsd'"):
+        exporter_names({"OTEL_METRICS_EXPORTER": "statsd"}, "METRICS")
