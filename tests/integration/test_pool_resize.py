@@ -5,8 +5,6 @@ for greedy tokens, see README's note on determinism), no request may fail, and t
 must have the new group count with every expert kept.
 """
 
-import threading
-
 import pytest
 import ray
 
@@ -15,6 +13,7 @@ from moeray.actors.sequence import SamplingParams
 from moeray.cluster.deploy import ClusterConfig, deploy
 from moeray.models import DEFAULT_MODEL_DIR, load_model
 from moeray.models.tokenizer import Tokenizer
+from load import StreamingLoad
 
 PROMPTS = ["The for statement", "A list comprehension", "def main():", "Exceptions are", "import os",
            "The while loop", "Dictionaries map", "class Point:"]
@@ -26,39 +25,21 @@ def test_scale_out_and_in_under_load_keeps_every_request_and_output(ray_cluster)
     params = SamplingParams(max_tokens=24)
     expected = {p: engine.generate([tokenizer.encode(p)], params)[0].token_ids for p in PROMPTS}
     deployment = deploy(ClusterConfig(str(DEFAULT_MODEL_DIR), num_groups=2, redundant_slots=1))
-    results, failures, stop = [], [], threading.Event()
-
-    def client(k: int) -> None:
-        i = k
-        while not stop.is_set():
-            prompt = PROMPTS[i % len(PROMPTS)]
-            try:
-                ids = [t for item in deployment.generate(tokenizer.encode(prompt), params) for t in item["token_ids"]]
-                results.append((prompt, ids))
-            except Exception as err:
-                failures.append(f"{prompt!r}: {type(err).__name__}: {err}")
-            i += 1
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
     log: list[str] = []
     try:
-        for t in threads:
-            t.start()
-        grown = deployment.scale_to(3, log=log.append)
-        assert grown.num_groups == 3 and len(deployment.groups) == 3
-        assert (grown.physical_to_logical[:, 2] >= 0).any(1).all()  # the new group serves experts in every layer
-        assert deployment.plan().num_groups == 3
-        served_by_3 = len(results)
-        shrunk = deployment.scale_to(2, log=log.append)
-        assert shrunk.num_groups == 2 and len(deployment.groups) == 2 and deployment.plan() == shrunk
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
+        with StreamingLoad(deployment, tokenizer, PROMPTS, params) as load:
+            grown = deployment.scale_to(3, log=log.append)
+            assert grown.num_groups == 3 and len(deployment.groups) == 3
+            assert (grown.physical_to_logical[:, 2] >= 0).any(1).all()  # the new group serves experts in every layer
+            assert deployment.plan().num_groups == 3
+            served_by_3 = len(load.results)
+            shrunk = deployment.scale_to(2, log=log.append)
+            assert shrunk.num_groups == 2 and len(deployment.groups) == 2 and deployment.plan() == shrunk
         stats = ray.get(deployment.router.stats.remote())
         assert stats["error"] is None and stats["running"] == 0
     finally:
-        stop.set()
         deployment.shutdown()
+    results, failures = load.results, load.failures
     assert failures == []
     assert len(results) > served_by_3 > 0
     wrong = [(p, ids) for p, ids in results if ids != expected[p]]

@@ -8,7 +8,6 @@ not, a replacement group is started in the dead one's place.
 
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -19,6 +18,7 @@ from moeray.actors.sequence import SamplingParams
 from moeray.cluster.deploy import ClusterConfig, deploy
 from moeray.models import DEFAULT_MODEL_DIR, load_model
 from moeray.models.tokenizer import Tokenizer
+from load import StreamingLoad
 
 PROMPTS = ["The for statement", "A list comprehension", "def main():", "Exceptions are", "import os",
            "The while loop", "Dictionaries map", "class Point:"]
@@ -38,41 +38,24 @@ def test_a_killed_group_is_recovered_mid_stream_with_unchanged_outputs(ray_clust
                                       world_timeout_s=20))
     log: list[str] = []
     watching = deployment.watch(log=log.append, interval_s=0.2)
-    results, failures, stop = [], [], threading.Event()
-
-    def client(k: int) -> None:
-        i = k
-        while not stop.is_set():
-            prompt = PROMPTS[i % len(PROMPTS)]
-            try:
-                ids = [t for item in deployment.generate(tokenizer.encode(prompt), params) for t in item["token_ids"]]
-                results.append((prompt, ids))
-            except Exception as err:
-                failures.append(f"{prompt!r}: {type(err).__name__}: {err}")
-            i += 1
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
     try:
-        for t in threads:
-            t.start()
-        while len(results) < 4:
-            time.sleep(0.1)
-        os.kill(ray.get(deployment.groups[victim].pid.remote()), signal.SIGKILL)
-        killed_at = len(results)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # recovered, healed back to 2 groups, and serving on
-            stats = ray.get(deployment.router.stats.remote())
-            if stats["recoveries"] == 1 and len(deployment.groups) == num_groups and len(results) > killed_at + 8:
-                break
-            time.sleep(0.2)
-        stop.set()
-        for t in threads:
-            t.join(timeout=120)
+        with StreamingLoad(deployment, tokenizer, PROMPTS, params) as load:
+            while len(load.results) < 4:
+                time.sleep(0.1)
+            os.kill(ray.get(deployment.groups[victim].pid.remote()), signal.SIGKILL)
+            killed_at = len(load.results)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # recovered, back to its size, and serving on
+                stats = ray.get(deployment.router.stats.remote())
+                healed = stats["recoveries"] == 1 and len(deployment.groups) == num_groups
+                if healed and len(load.results) > killed_at + 8:
+                    break
+                time.sleep(0.2)
         stats = ray.get(deployment.router.stats.remote())
     finally:
-        stop.set()
         watching.set()
         deployment.shutdown()
+    results, failures = load.results, load.failures
     assert stats["recoveries"] == 1 and stats["error"] is None and stats["broken"] is None, (stats, log)
     assert stats["last_recovery_s"] < 30
     assert any(f"recovered from the loss of expert group(s) [{victim}]" in line and how in line for line in log), log
