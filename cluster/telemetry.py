@@ -19,9 +19,9 @@ when the HTTP headers or gRPC metadata carry one) has the GenAI semantic-convent
 (`gen_ai.operation.name`, `gen_ai.provider.name`, `gen_ai.request.*`, `gen_ai.response.*`,
 `gen_ai.usage.*`) and vLLM's latency attributes (`gen_ai.latency.time_to_first_token`,
 `gen_ai.latency.time_in_queue`, `gen_ai.latency.e2e`). Its children: `queue` (arrival at the router
-to first scheduled), `prefill` (to the first token) and `decode` (to the last token; one span for
-the whole phase, its step count as `moeray.decode.steps` — per-step spans would cost more than
-the steps). Migrations get spans from the autoscaler (`migration`, staging start to activation).
+to first scheduled), `prefill` (to the first token) and `decode` (to the last token, its step count
+as `moeray.decode.steps`), under which sampled `decode_step` spans (every 8th step: a span per step
+would cost more than the step) run from one streamed item to the next. Migrations get spans from the autoscaler (`migration`, staging start to activation).
 
 Metrics, recorded per request by the ingress (so they are the latencies clients see), with the
 semantic conventions' names and attributes (`gen_ai.operation.name`, `gen_ai.request.model`,
@@ -38,6 +38,7 @@ from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 PROVIDER_NAME = "moeray"
+DECODE_STEP_SAMPLE = 8  # one decode step in this many gets a span of its own (the 1st, 9th, 17th, ...)
 EXPORTERS = ("otlp", "console", "none")
 _provider = None  # one per process
 
@@ -172,10 +173,13 @@ class RequestTrace:
                                        attributes=attributes, start_time=self.start_ns) if tracer_ else None
         self.output_tokens, self.items, self.first_ns, self.finish_reason = 0, 0, None, None
         self.timing: dict | None = None
+        self.decode_items: list[tuple[int, int]] = []  # (arrival ns, tokens) of each item after the first
 
     def item(self, item: dict) -> None:
         now = time.time_ns()
         self.items += 1
+        if item["token_ids"] and self.first_ns is not None and self.tracer is not None:
+            self.decode_items.append((now, len(item["token_ids"])))
         if item["token_ids"] and self.first_ns is None:
             self.first_ns, self.timing = now, item.get("timing")
         self.output_tokens += len(item["token_ids"])
@@ -210,7 +214,15 @@ class RequestTrace:
         queued_until = min(self.start_ns + queue_ns, self.first_ns)
         self.span.set_attribute("gen_ai.latency.time_in_queue", (queued_until - self.start_ns) / 1e9)
         for name, start, end, extra in (("queue", self.start_ns, queued_until, {}),
-                                        ("prefill", queued_until, self.first_ns, {}),
-                                        ("decode", self.first_ns, end_ns, {"moeray.decode.steps": max(0, self.items - 1),
-                                                                           "gen_ai.usage.output_tokens": self.output_tokens})):
+                                        ("prefill", queued_until, self.first_ns, {})):
             self.tracer.start_span(name, context=context, start_time=start, attributes=extra).end(end_time=end)
+        decode = self.tracer.start_span("decode", context=context, start_time=self.first_ns, attributes={
+            "moeray.decode.steps": len(self.decode_items), "gen_ai.usage.output_tokens": self.output_tokens})
+        steps = trace.set_span_in_context(decode)
+        previous = self.first_ns
+        for index, (arrived, tokens) in enumerate(self.decode_items):  # every DECODE_STEP_SAMPLE-th step
+            if index % DECODE_STEP_SAMPLE == 0:
+                self.tracer.start_span("decode_step", context=steps, start_time=previous, attributes={
+                    "moeray.decode.step": index + 1, "moeray.decode.tokens": tokens}).end(end_time=arrived)
+            previous = arrived
+        decode.end(end_time=end_ns)

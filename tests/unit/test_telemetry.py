@@ -48,6 +48,8 @@ def test_request_span_phases_and_attributes():
     assert {"queue", "prefill", "decode"} <= set(spans)
     assert all(spans[p].parent.span_id == root.context.span_id for p in ("queue", "prefill", "decode"))
     assert spans["decode"].attributes["moeray.decode.steps"] == 1
+    assert spans["decode_step"].parent.span_id == spans["decode"].context.span_id
+    assert spans["decode_step"].attributes["moeray.decode.tokens"] == 2
 
 
 def test_a_failed_request_marks_the_span():
@@ -97,3 +99,15 @@ def test_metrics_exporters_follow_the_standard_variables():
     assert exporter_names({"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://x"}, "METRICS") == ["otlp"]
     with pytest.raises(ValueError, match="OTEL_METRICS_EXPORTER='statsd'"):
         exporter_names({"OTEL_METRICS_EXPORTER": "statsd"}, "METRICS")
+
+
+def test_decode_steps_are_sampled():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace = RequestTrace(provider.get_tracer("t"), "chat", "m", "r", SamplingParams(max_tokens=20), 1, {})
+    for i in range(20):
+        trace.item({"token_ids": [i], "finished": i == 19, "finish_reason": "length" if i == 19 else None})
+    trace.end()
+    steps = [s.attributes["moeray.decode.step"] for s in exporter.get_finished_spans() if s.name == "decode_step"]
+    assert steps == [1, 9, 17]  # 19 decode steps after the first token, every 8th traced
