@@ -1,4 +1,5 @@
-"""A SIGKILLed expert group mid-stream: the world re-forms, the failed step is replayed, every request
+"""An expert group lost mid-stream — SIGKILLed, or hung (SIGSTOP: the step's collective times out and
+the group answers no Ray call): the world re-forms, the failed step is replayed, every request
 completes with the same greedy output, and the pool is back to its size.
 
 Two ways back: when the survivors have free or surplus slots for the lost group's sole experts they
@@ -24,25 +25,26 @@ PROMPTS = ["The for statement", "A list comprehension", "def main():", "Exceptio
            "The while loop", "Dictionaries map", "class Point:"]
 
 
-@pytest.mark.parametrize("num_groups, redundant_slots, victim, how", [
-    (2, 1, 1, "replaced group(s) [1]"),  # group 0 holds 5 slots: no room for group 1's 3 sole experts
-    (3, 2, 2, "survivors took over"),  # 2 surplus replicas per survivor: room for group 2's experts
+@pytest.mark.parametrize("num_groups, redundant_slots, victim, how, sig", [
+    (2, 1, 1, "replaced group(s) [1]", signal.SIGKILL),  # group 0's 5 slots: no room for group 1's 3 sole experts
+    (3, 2, 2, "survivors took over", signal.SIGKILL),  # 2 surplus replicas per survivor: room for group 2's
+    (2, 1, 1, "replaced group(s) [1]", signal.SIGSTOP),  # hung: the step times out, the group answers nothing
 ])
-def test_a_killed_group_is_recovered_mid_stream_with_unchanged_outputs(ray_cluster, num_groups, redundant_slots,
-                                                                        victim, how):
+def test_a_lost_group_is_recovered_mid_stream_with_unchanged_outputs(ray_cluster, num_groups, redundant_slots,
+                                                                     victim, how, sig):
     tokenizer = Tokenizer(DEFAULT_MODEL_DIR)
     engine = Engine(load_model(DEFAULT_MODEL_DIR), tokenizer)
     params = SamplingParams(max_tokens=32)
     expected = {p: engine.generate([tokenizer.encode(p)], params)[0].token_ids for p in PROMPTS}
     deployment = deploy(ClusterConfig(str(DEFAULT_MODEL_DIR), num_groups=num_groups, redundant_slots=redundant_slots,
-                                      world_timeout_s=20))
+                                      world_timeout_s=5))
     log: list[str] = []
     watching = deployment.watch(log=log.append, interval_s=0.2)
     try:
         with StreamingLoad(deployment, tokenizer, PROMPTS, params) as load:
             while len(load.results) < 4:
                 time.sleep(0.1)
-            os.kill(ray.get(deployment.groups[victim].pid.remote()), signal.SIGKILL)
+            os.kill(ray.get(deployment.groups[victim].pid.remote()), sig)
             killed_at = len(load.results)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:  # recovered, back to its size, and serving on
