@@ -69,6 +69,10 @@ class LoadTracker:
         """Count one MoE layer's routed pairs: topk_ids [T, K] logical expert ids."""
         self.step_counts[moe_layer] += torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts)
 
+    def begin_step(self) -> None:
+        """Start counting a step afresh (a failed attempt's partial counts are dropped on replay)."""
+        self.step_counts.zero_()
+
     def end_step(self) -> None:
         """Fold the open step's counts into the bucket, the EMA and the total."""
         slot = self._advance()

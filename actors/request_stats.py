@@ -60,6 +60,11 @@ class RequestStats:
         self.open[seq_id] = _Open(arrival)
         self.prompt_tokens += prompt_tokens
 
+    def awaiting_first_token(self, seq_id: int) -> float | None:
+        """The request's arrival time while it has no output token yet, else None."""
+        timing = self.open.get(seq_id)
+        return timing.arrival if timing is not None and timing.last is None else None
+
     def emitted(self, seq_id: int, now: float, num_tokens: int, finish_reason: str | None) -> None:
         """A step's output for one request: `num_tokens` new tokens, finished if `finish_reason`."""
         timing = self.open.get(seq_id)

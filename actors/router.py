@@ -110,7 +110,7 @@ class Router:
         """header -> model -> sample for a scheduled batch. If the world breaks mid-step this raises
         before anything is sampled or marked computed, so the same batch can run again (replay)
         on a re-formed world and give the same result."""
-        self.link.tracker.step_counts.zero_()  # a failed attempt's partial counts do not count
+        self.link.tracker.begin_step()
         command = Command.RUN
         if self.next_plan is not None:
             self.link.plan, self.next_plan, command = self.next_plan, None, Command.ACTIVATE

@@ -157,6 +157,13 @@ class RouterActor:
         """The expert-group actors of the world in force (after recoveries and resizes)."""
         return list(self.groups)
 
+    def group_nodes(self) -> list[int]:
+        """Per group of the world in force, the index of its Ray node (0, 1, ... in order of first
+        appearance): the planner keeps replicas of one expert on different nodes."""
+        ids = ray.get([g.node_id.remote() for g in self.groups], timeout=30)
+        index: dict[str, int] = {}
+        return [index.setdefault(node, len(index)) for node in ids]
+
     def limits(self) -> dict:
         """What the ingress validates requests against."""
         engine = self.router.engine
@@ -302,11 +309,7 @@ class RouterActor:
                 task, done = self._tasks.get(timeout=0.1)
             except queue.Empty:
                 continue
-            try:
-                task()
-                done.put(None)
-            except Exception as task_err:  # a failed re-formation: keep waiting for another
-                done.put(task_err)
+            self._run_task(task, done)  # a failed re-formation: its caller hears; we wait for another
         self.recoveries += 1
         self.last_recovery_s = time.monotonic() - started
         log.warning("recovered in %.2f s; replaying the step", self.last_recovery_s)
@@ -337,12 +340,20 @@ class RouterActor:
                 task, done = self._tasks.get_nowait()
             except queue.Empty:
                 return
-            try:
-                task()
-                done.put(None)
-            except Exception as err:  # handed back to the caller of reform()
-                done.put(err)
-                raise
+            error = self._run_task(task, done)
+            if error is not None:
+                raise error
+
+    @staticmethod
+    def _run_task(task, done: queue.Queue) -> Exception | None:
+        """Run one control task; its error (or None) goes back to the caller waiting on `done`."""
+        try:
+            task()
+            done.put(None)
+            return None
+        except Exception as err:
+            done.put(err)
+            return err
 
     def _wait_for_request(self, timeout: float) -> None:
         try:
@@ -377,9 +388,9 @@ class RouterActor:
     def _emit(self, out) -> None:
         item = {"token_ids": out.new_token_ids, "text": out.new_text, "logprobs": out.new_logprobs,
                 "finished": out.finished, "finish_reason": out.finish_reason}
-        opened = self.request_stats.open.get(out.seq_id)
-        if out.new_token_ids and opened is not None and opened.last is None:  # its first token: say how long it queued
-            item["timing"] = {"queue_s": self.router.scheduled_at.get(out.seq_id, opened.arrival) - opened.arrival}
+        arrival = self.request_stats.awaiting_first_token(out.seq_id)
+        if out.new_token_ids and arrival is not None:  # its first token: say how long it queued
+            item["timing"] = {"queue_s": self.router.scheduled_at.get(out.seq_id, arrival) - arrival}
         self.request_stats.emitted(out.seq_id, time.monotonic(), len(out.new_token_ids),
                                    out.finish_reason if out.finished else None)
         if out.finished:

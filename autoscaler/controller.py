@@ -61,7 +61,9 @@ class Controller:
         self.state = verdict.state
         if not verdict.plan:
             return decision("done" if verdict.done else "hold", verdict.reason), None
-        new_plan, moves = planner.plan(load, plan, topology(self.policy, self.group_nodes),
+        # group_nodes as last known; a pool resized since counts each group as its own node (soft anyway)
+        nodes = self.group_nodes if len(self.group_nodes) == plan.num_groups else list(range(plan.num_groups))
+        new_plan, moves = planner.plan(load, plan, topology(self.policy, nodes),
                                        limits(self.policy, plan.num_layers, self.bytes_per_expert))
         if not moves:
             self.state = finish(self.state, now, "no move improves balance within the policy").state

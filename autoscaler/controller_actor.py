@@ -127,11 +127,10 @@ class AutoscalerController:
         with self.lock:
             return self.scaler.take()
 
-    def scale_done(self, num_groups: int, error: str | None, group_nodes: list[int]) -> None:
+    def scale_done(self, num_groups: int, error: str | None) -> None:
         with self.lock:
             target = self.scaler.last["target"]
             self.scaler.done(num_groups, error, time.monotonic())
-            self.controller.group_nodes = list(group_nodes)
             action = "scaled" if error is None else "scale_failed"
             self._record(Decision(time=time.time(), action=action, plan_version=self._plan().version, imbalance=0.0,
                                   reason=f"{self.scaler.last['reason']}: now {num_groups} groups"
@@ -143,6 +142,7 @@ class AutoscalerController:
         self._settle(stats)
         snapshot = LoadSnapshot.from_dict(ray.get(self.router.load_snapshot.remote(policy.load.window_s)))
         plan = self._plan()
+        self.controller.group_nodes = ray.get(self.router.group_nodes.remote())  # resizes and recoveries change it
         busy = f"plan v{stats['staging_version']} is still staging" if stats["staging_version"] is not None else None
         decision, new_plan = self.controller.tick(snapshot, plan, busy or self.scaler.busy)
         if new_plan is not None:
@@ -167,11 +167,12 @@ class AutoscalerController:
 
     def _stage(self, plan: PlacementPlan, decision: Decision) -> None:
         ray.get(self.router.set_plan.remote(plan.to_json()))
+        loads = sum(1 for m in decision.moves if m.get("new_expert", 0) >= 0)
         span = self.tracer.start_span("migration", attributes={
             "moeray.plan.version": plan.version, "moeray.migration.reason": decision.reason,
-            "moeray.migration.loads": sum(1 for m in decision.moves if m.get("new_expert", 0) >= 0)}) if self.tracer else None
+            "moeray.migration.loads": loads}) if self.tracer else None
         self.pending = (plan.version, time.monotonic(), span)
-        self.migrations["moved_experts"] += sum(1 for m in decision.moves if m.get("new_expert", 0) >= 0)
+        self.migrations["moved_experts"] += loads
         self._record(decision)
 
     def _settle(self, stats: dict) -> None:

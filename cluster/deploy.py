@@ -77,9 +77,7 @@ class Deployment:
 
     def group_nodes(self) -> list[int]:
         """Per group, the index of its node (0, 1, ... in order of first appearance)."""
-        ids = ray.get([g.node_id.remote() for g in self.groups])
-        index: dict[str, int] = {}
-        return [index.setdefault(node, len(index)) for node in ids]
+        return ray.get(self.router.group_nodes.remote())
 
     def stats(self) -> dict:
         return {"router": ray.get(self.router.stats.remote()), "groups": ray.get([g.stats.remote() for g in self.groups])}

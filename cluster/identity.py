@@ -8,6 +8,8 @@ otherwise "anonymous". Names are cut to 64 characters so a client cannot blow up
 
 import hashlib
 
+from moeray.actors.router import ANONYMOUS
+
 CLIENT_HEADER = "x-moeray-client"
 MAX_LENGTH = 64
 
@@ -20,4 +22,4 @@ def client_identity(carrier: dict[str, str]) -> str:
     scheme, _, key = lowered.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and key.strip():
         return "key:" + hashlib.sha256(key.strip().encode()).hexdigest()[:12]
-    return "anonymous"
+    return ANONYMOUS

@@ -98,8 +98,8 @@ def ray_schema_problems(config: dict) -> list[str]:
         validate_config(prepared)
     except jsonschema.ValidationError as err:
         return _schema_messages(err)
-    except (ValueError, RuntimeError, KeyError, NotImplementedError) as err:
-        return [f"{err}"]
+    except (ValueError, RuntimeError, KeyError, NotImplementedError) as err:  # what prepare/validate raise
+        return [f"{err}"]  # for bad values (an unknown provider type, a node type without resources, ...)
     except click.ClickException as err:  # Ray's cli_logger.abort, e.g. a local provider without worker_ips
         return [f"provider: {err.format_message()}"]
     return []

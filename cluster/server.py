@@ -85,8 +85,7 @@ class Server:
                 except Exception as err:  # reported to the autoscaler; serving goes on with the pool it has
                     error = f"{type(err).__name__}: {unwrap(err)}"
                     self.log(f"resizing to {target} groups failed: {error}")
-                ray.get(self.controller.scale_done.remote(len(self.deployment.groups), error,
-                                                          self.deployment.group_nodes()))
+                ray.get(self.controller.scale_done.remote(len(self.deployment.groups), error))
 
         threading.Thread(target=loop, name="scaler", daemon=True).start()
 
