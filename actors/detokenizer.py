@@ -9,10 +9,10 @@ from moeray.models.tokenizer import Tokenizer
 
 
 class TextStream:
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), emitted: str = ""):
         self.tokenizer, self.stop = tokenizer, stop
         self.hold = max((len(s) for s in stop), default=1) - 1
-        self.text = ""  # all text emitted so far
+        self.text = emitted  # all text emitted so far (by this stream, or before a resume)
         self.stopped = False
 
     def push(self, output_ids: list[int], finished: bool) -> str:

@@ -50,6 +50,15 @@ class RequestOutput:
     new_logprobs: list[float] = field(default_factory=list)  # log p(token) under the model, per new token
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a request stood when its router died: the tokens it had generated (all streamed to
+    its client) and the text streamed with them (a stop string may still complete across the cut)."""
+
+    output_ids: tuple[int, ...] | list[int] = ()
+    text: str = ""
+
+
 @dataclass
 class Completion:
     """A finished request: generated ids only (not the prompt) and their text."""
@@ -83,17 +92,22 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.batcher.has_work
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> int:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+                    resume: Resume | None = None) -> int:
         """Queue a request; it joins the running batch at the next step. -> its id.
 
-        Raises ValueError, naming the offending value, for a request that cannot run; the engine
-        and the requests already queued are untouched by it."""
+        With `resume`, the request picks up where another engine left it (its router died): the
+        tokens it had generated are prefilled with the prompt and count towards `max_tokens`, and
+        the next token is the one that engine would have produced next (greedy, or seeded: see
+        `_sample`). Raises ValueError, naming the offending value, for a request that cannot run;
+        the engine and the requests already queued are untouched by it."""
         prompt_ids = self._validate(prompt_ids, params)
-        seq = Sequence(next(self._ids), prompt_ids, params)
+        resume = self._validate_resume(resume or Resume(), prompt_ids, params)
+        seq = Sequence(next(self._ids), prompt_ids, params, output_ids=list(resume.output_ids))
         self._seqs[seq.seq_id] = seq
-        self._generators[seq.seq_id] = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        self._generators[seq.seq_id] = None if params.seed is None else torch.Generator()
         if self.tokenizer is not None:
-            self._texts[seq.seq_id] = TextStream(self.tokenizer, params.stop)
+            self._texts[seq.seq_id] = TextStream(self.tokenizer, params.stop, emitted=resume.text)
         self.batcher.add(seq)
         return seq.seq_id
 
@@ -146,7 +160,29 @@ class Engine:
             raise ValueError(f"stop={params.stop!r} needs a tokenizer; this engine has none")
         return ids
 
+    def _validate_resume(self, resume: Resume, prompt_ids: list[int], params: SamplingParams) -> Resume:
+        ids = [_token_id(t, "resume token id") for t in resume.output_ids]
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"resume token id {bad[0]} is out of range [0, {vocab})")
+        if len(ids) >= params.max_tokens:
+            raise ValueError(f"resume has {len(ids)} tokens; max_tokens={params.max_tokens} leaves none to generate")
+        if len(prompt_ids) + len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt and resume have {len(prompt_ids) + len(ids)} tokens; max_model_len is "
+                             f"{self.max_model_len}")
+        if not isinstance(resume.text, str):
+            raise ValueError(f"resume text {resume.text!r} must be a string")
+        return Resume(ids, resume.text)
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """A seeded request's n-th token draws from a generator seeded by (seed, n), not from one
+        generator running on: the draw depends only on the request, so it is the same in any batch
+        and after a resume on another engine."""
+        for seq in seqs:
+            generator = self._generators[seq.seq_id]
+            if generator is not None:
+                generator.manual_seed(token_seed(seq.params.seed, len(seq.output_ids)))
         temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
         top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long)
         top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
@@ -177,10 +213,15 @@ class Engine:
         self._texts.pop(seq_id, None)
 
 
-def _token_id(token) -> int:
+def token_seed(seed: int, index: int) -> int:
+    """The generator seed of a seeded request's `index`-th generated token (a 64-bit mix of both)."""
+    return (seed + (index + 1) * 0x9E3779B97F4A7C15) % 2**64
+
+
+def _token_id(token, what: str = "prompt token id") -> int:
     try:
         if isinstance(token, bool):
             raise TypeError
         return operator.index(token)
     except TypeError:
-        raise ValueError(f"prompt token id {token!r} is not an integer") from None
+        raise ValueError(f"{what} {token!r} is not an integer") from None

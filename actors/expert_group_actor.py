@@ -74,6 +74,10 @@ class ExpertGroupActor:
         self.group.stage(plan)
         return plan.version
 
+    def plan_json(self) -> str:
+        """The plan this group serves (a restarted router takes it from the groups)."""
+        return self.group.plan.to_json()
+
     def stats(self) -> dict:
         return {"group": self.group.group, "plan_version": self.group.plan.version,
                 "staged_version": self.group.staged_version, "error": self.error,

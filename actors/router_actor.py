@@ -7,6 +7,7 @@ item is one step's new tokens for that request.
 
 import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -15,7 +16,7 @@ import ray
 import torch
 
 from moeray.actors.comm import World, WorldSpec, host_store
-from moeray.actors.engine import EngineConfig
+from moeray.actors.engine import EngineConfig, Resume
 from moeray.actors.client_load import ClientPolicy, TokenBucket, concentration
 from moeray.actors.placement import PlacementPlan
 from moeray.actors.request_stats import RequestStats
@@ -32,6 +33,11 @@ MAX_STREAMS = 1024  # concurrent `generate` streams; control calls have their ow
 
 class OverloadedError(RuntimeError):
     """The router's queue is full: the request was refused, not queued (gRPC RESOURCE_EXHAUSTED, HTTP 429)."""
+
+
+class RouterRestarting(RuntimeError):
+    """This router process is new (Ray restarted it after the old one died) and is not serving yet:
+    the ingress waits and resubmits (`cluster.resume`)."""
 
 
 @ray.remote(max_concurrency=8, concurrency_groups={"streams": MAX_STREAMS})
@@ -66,9 +72,21 @@ class RouterActor:
         self.request_stats = RequestStats()
         self.computed_tokens = 0  # tokens all steps computed (prompt chunks + decodes): every MoE layer saw each
 
-    def load(self) -> None:
-        """Build the dense model from the checkpoint (slow: the deployer polls `progress` meanwhile)."""
+    def load(self, plan_json: str | None = None) -> None:
+        """Build the dense model from the checkpoint (slow: the deployer polls `progress` meanwhile).
+        With `plan_json` (a restarted router) serve that plan, the one the groups hold, instead of
+        the one this actor was created with."""
+        if plan_json is not None:
+            self._args = (self._args[0], PlacementPlan.from_json(plan_json), *self._args[2:])
         self.router = Router(*self._args, progress=lambda done, total: setattr(self, "loaded", (done, total)))
+
+    def pid(self) -> int:
+        """The router's process id (the router-failure test and `bench/chaos.py` SIGKILL it)."""
+        return os.getpid()
+
+    def state(self) -> str:
+        """'new' (not loaded: just created, or restarted by Ray after a crash), 'loaded' or 'serving'."""
+        return "serving" if self._running else "loaded" if self.router is not None else "new"
 
     def progress(self) -> tuple[int, int]:
         return self.loaded
@@ -87,25 +105,28 @@ class RouterActor:
 
     @ray.method(concurrency_group="streams")
     def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                 client: str | None = None):
-        """Streams dicts {token_ids, text, logprobs, finished, finish_reason} for one request.
+                 client: str | None = None, resume: Resume | None = None):
+        """Streams dicts {token_ids, text, logprobs, finished, finish_reason} for one request
+        (with `resume`, one that a router before this one had started: see `Engine.add_request`).
 
         A consumer that falls behind gets the steps it missed merged into one item: one Ray
         message per item is the streaming cost, so slow readers cost less, not more. A full
         queue refuses the request (OverloadedError) instead of growing without bound, and so
         does a client over its token rate (`ClientPolicy.token_rate_limit`)."""
+        if not self._running:
+            raise RouterRestarting("the router is starting (it was restarted); retry shortly")
         queued = self.inbox.qsize() + len(self.router.engine.batcher.waiting)
-        if queued >= self.max_queued_requests:
+        if queued >= self.max_queued_requests and resume is None:  # a resumed request was admitted before
             raise OverloadedError(f"server overloaded: {queued} requests are already waiting "
                                   f"(max_queued_requests={self.max_queued_requests}); retry later")
         client = client or ANONYMOUS
-        if self.buckets is not None:
+        if self.buckets is not None and resume is None:
             wait = self.buckets.take(client, len(prompt_ids) + params.max_tokens, time.monotonic())
             if wait is not None:
                 raise OverloadedError(f"client {client!r} is over its token rate "
                                       f"({self.client_policy.token_rate_limit:g} tokens/s); retry in {wait:.1f} s")
         out: queue.Queue = queue.Queue()
-        self.inbox.put((list(prompt_ids), params, out, request_id, time.monotonic(), client))
+        self.inbox.put((list(prompt_ids), params, out, request_id, time.monotonic(), client, resume))
         while True:
             item = out.get()
             while not isinstance(item, Exception) and not item["finished"] and not out.empty():
@@ -153,9 +174,10 @@ class RouterActor:
                 "kv_blocks": self.router.engine.cache.allocator.num_blocks, "broken": self.broken,
                 "recoveries": self.recoveries, "last_recovery_s": self.last_recovery_s}
 
-    def group_handles(self) -> list:
-        """The expert-group actors of the world in force (after recoveries and resizes)."""
-        return list(self.groups)
+    def group_handles(self) -> list | None:
+        """The expert-group actors of the world in force (after recoveries and resizes); None before
+        this router serves (a restarted one does not know them)."""
+        return list(self.groups) if self._running else None
 
     def group_nodes(self) -> list[int]:
         """Per group of the world in force, the index of its Ray node (0, 1, ... in order of first
@@ -369,13 +391,13 @@ class RouterActor:
                 return
 
     def _admit_one(self, prompt_ids: list[int], params: SamplingParams, out: queue.Queue, request_id: str | None,
-                   arrival: float, client: str) -> None:
+                   arrival: float, client: str, resume: Resume | None) -> None:
         if request_id is not None and request_id in self._cancelled:
             self._cancelled.discard(request_id)
             out.put({"token_ids": [], "text": "", "logprobs": [], "finished": True, "finish_reason": "abort"})
             return
         try:
-            seq_id = self.router.engine.add_request(prompt_ids, params)
+            seq_id = self.router.engine.add_request(prompt_ids, params, resume)
         except ValueError as err:  # a bad request fails alone; the server keeps serving
             out.put(err)
             return

@@ -182,9 +182,11 @@ class AutoscalerController:
         version, start, span = self.pending
         if stats["plan_version"] >= version:
             result = "success"
-        elif stats["staging_version"] is None and stats["staging_error"] and f"v{version}" in stats["staging_error"]:
+        elif stats["staging_version"] is None:  # not staged, or the router was restarted and dropped it
             result = "failed"
-            log.warning("migration to plan v%d failed: %s", version, stats["staging_error"])
+            why = stats["staging_error"] if stats["staging_error"] and f"v{version}" in stats["staging_error"] \
+                else "the router was restarted while it staged"
+            log.warning("migration to plan v%d failed: %s", version, why)
         else:
             return
         self.migrations[result] += 1

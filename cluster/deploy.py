@@ -64,6 +64,7 @@ class Deployment:
         self.config, self.model_path, self.threads, self.group_options = config, model_path, threads, group_options  # to start more groups
         self.target_groups = len(groups)  # the pool size asked for (by deploy or scale_to): what `watch` heals to
         self._lock = threading.RLock()  # one resize or recovery at a time
+        self.recoveries: dict[str, dict] = {kind: {"count": 0, "last_s": None} for kind in ("expert_group", "router")}
 
     def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> Iterator[dict]:
         for ref in self.router.generate.remote(prompt_ids, params):
@@ -119,6 +120,45 @@ class Deployment:
                 return False
             return self._recover(log)
 
+    def revive_router(self, log=lambda message: None) -> bool:
+        """If Ray restarted the router after its process died (it is created with `max_restarts=-1`),
+        bring the new one into service: load it with the plan the groups hold (replacing any group
+        that died too), form a new world with them and start its step loop. The requests it held are
+        resubmitted by the ingress (`cluster.resume`). -> whether it did."""
+        with self._lock:
+            if ray.get(self.router.state.remote(), timeout=60) != "new":
+                return False
+            return self._revive_router(log)
+
+    def _revive_router(self, log) -> bool:
+        started = time.monotonic()
+        log("the router died and Ray restarted it: reloading it and re-forming the world")
+        groups, dead = list(self.groups), [g for g, actor in enumerate(self.groups) if not _alive(actor)]
+        if len(dead) == len(groups):
+            raise DeploymentError("the router died and so did every expert group; nothing to re-form around")
+        plan_json = ray.get(groups[next(g for g in range(len(groups)) if g not in dead)].plan_json.remote())
+        for group in dead:  # the same plan on a fresh process: it loads exactly the dead group's slots
+            ray.kill(groups[group])
+            groups[group] = ExpertGroupActor.options(**self.group_options).remote(
+                self.model_path, group, plan_json, self.config.dtype, self.threads)
+        _wait_loaded([("router (restarted)", self.router)] + [(f"expert group {g} (replacement)", groups[g]) for g in dead],
+                     self.config.start_timeout_s, log, load_args={"router (restarted)": (plan_json,)})
+        host, port = ray.get(self.router.rendezvous.remote())
+        spec = replace(self.spec, store_host=host, store_port=port, generation=self.spec.generation + 1,
+                       world_size=len(groups) + 1)
+        ray.get([self.router.join.remote(spec)] + [a.join.remote(spec, g + 1) for g, a in enumerate(groups)],
+                timeout=spec.timeout_s * 2)
+        ray.get([a.serve.remote() for a in groups])
+        ray.get(self.router.start.remote(groups))
+        self.groups, self.spec = groups, spec
+        self._recovered("router", started)
+        log(f"router back in service in {time.monotonic() - started:.1f} s"
+            + (f" (replaced expert group(s) {dead})" if dead else ""))
+        return True
+
+    def _recovered(self, kind: str, started: float) -> None:
+        self.recoveries[kind] = {"count": self.recoveries[kind]["count"] + 1, "last_s": time.monotonic() - started}
+
     def _recover(self, log) -> bool:
         started = time.monotonic()
         dead = [g for g, actor in enumerate(self.groups) if not _alive(actor)]
@@ -142,6 +182,7 @@ class Deployment:
         else:
             self._reform(survivors_plan, [a for g, a in enumerate(self.groups) if g not in dead], load_missing=True)
             how = f"survivors took over, {reloads} expert copies reloaded, plan v{survivors_plan.version}"
+        self._recovered("expert_group", started)
         log(f"recovered from the loss of expert group(s) {dead} in {time.monotonic() - started:.1f} s: {how}")
         return True
 
@@ -155,13 +196,15 @@ class Deployment:
         return plan, reloads
 
     def watch(self, log=lambda message: None, interval_s: float = 0.5) -> threading.Event:
-        """Recover from lost groups, then heal the pool back to `target_groups`, on a background
-        thread until the returned event is set."""
+        """Bring a restarted router back, recover from lost groups, then heal the pool back to
+        `target_groups`, on a background thread until the returned event is set."""
         stop = threading.Event()
 
         def loop():
             while not stop.wait(interval_s):
                 try:
+                    if self.revive_router(log):
+                        continue
                     if self.recover(log) and len(self.groups) < self.target_groups:
                         log(f"healing the pool: back to {self.target_groups} expert groups")
                         self.scale_to(self.target_groups, log)
@@ -172,8 +215,11 @@ class Deployment:
         return stop
 
     def _sync_groups(self) -> None:
-        """The router's list is the truth: recoveries change it behind our back."""
-        self.groups = ray.get(self.router.group_handles.remote(), timeout=30)
+        """The router's list is the truth: recoveries change it behind our back (a router that Ray
+        has just restarted knows none: ours stays)."""
+        groups = ray.get(self.router.group_handles.remote(), timeout=30)
+        if groups is not None:
+            self.groups = groups
 
     def _grow(self, plan: PlacementPlan, num_groups: int, log, timeout_s: float) -> PlacementPlan:
         new_plan, _ = grow(plan, num_groups - plan.num_groups, self._load(plan), _reshape_limits(plan, num_groups),
@@ -270,8 +316,9 @@ def deploy(config: ClusterConfig, log=lambda message: None) -> Deployment:
     threads = max(1, (os.cpu_count() or 1) // (config.num_groups + 1))
     groups = [ExpertGroupActor.options(**group_opts).remote(path, g, plan.to_json(), config.dtype, threads)
               for g in range(config.num_groups)]
-    router = RouterActor.options(**router_opts).remote(path, plan.to_json(), config.dtype, config.engine, threads,
-                                                       config.max_queued_requests, config.client_policy)
+    # max_restarts: Ray restarts a router that dies, and `revive_router` brings the new one into service
+    router = RouterActor.options(**router_opts, max_restarts=-1).remote(
+        path, plan.to_json(), config.dtype, config.engine, threads, config.max_queued_requests, config.client_policy)
     deployment = Deployment(router, groups, plan, config, path, threads, group_opts)
     try:
         _wait_loaded([("router", router)] + [(f"expert group {g}", a) for g, a in enumerate(groups)],
@@ -346,10 +393,12 @@ def _group_weight_bytes(model_config, plan: PlacementPlan, dtype: str) -> int:
     return max(1, plan.num_layers * plan.slots_per_group * expert_bytes(model_config, dtype))
 
 
-def _wait_loaded(actors: list[tuple[str, "ray.actor.ActorHandle"]], timeout_s: float, log) -> None:
-    """Have every actor load its weights, logging progress as it changes; name the one that failed or is stuck."""
+def _wait_loaded(actors: list[tuple[str, "ray.actor.ActorHandle"]], timeout_s: float, log,
+                 load_args: dict[str, tuple] | None = None) -> None:
+    """Have every actor load its weights (`load(*load_args[name])`), logging progress as it changes;
+    name the one that failed or is stuck."""
     deadline = time.monotonic() + timeout_s
-    loads = {name: actor.load.remote() for name, actor in actors}
+    loads = {name: actor.load.remote(*(load_args or {}).get(name, ())) for name, actor in actors}
     shown = f"loading weights: {', '.join(name for name, _ in actors)}"
     log(shown)
     while loads:

@@ -2,8 +2,8 @@
 both streaming from the router.
 
 It owns no model state: it parses and validates requests (`cluster.openai`), streams the
-router's per-step items (`RouterActor.generate`, a Ray streaming generator) and writes them out
-as OpenAI responses or SSE events. Requests from every client meet in the router's batch. A
+router's per-step items (`RouterActor.generate`, a Ray streaming generator, resubmitted if the
+router dies: `cluster.resume`) and writes them out as OpenAI responses or SSE events. Requests from every client meet in the router's batch. A
 client that goes away mid-stream has its request aborted, which frees its sequence and KV.
 """
 
@@ -25,6 +25,7 @@ from moeray.cluster.openai.errors import OpenAIError, from_exception, from_valid
 from moeray.cluster.openai.protocol import ChatCompletionRequest, CompletionRequest
 from moeray.cluster.openai.responses import SSEStream, chat_response, completion_response, model_list, sse_error
 from moeray.cluster.openai.served_model import ServedModel
+from moeray.cluster.resume import resumable_stream
 
 app = FastAPI(title="moeray", docs_url=None, redoc_url=None)
 
@@ -56,8 +57,7 @@ class Frontend(KServeIngress):
 
     @app.get("/v2/health/ready")
     async def ready(self) -> Response:
-        stats = await self.router.stats.remote()
-        return Response(status_code=200 if stats["error"] is None else 503)
+        return Response(status_code=200 if await self._is_ready() else 503)
 
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:
@@ -203,9 +203,8 @@ class Frontend(KServeIngress):
         span = telemetry.RequestTrace(self.tracer, operation, self.model.name, request_id, params, len(prompt_ids),
                                       carrier or {}, self.metrics) if self.tracer or self.metrics else None
         try:
-            async for ref in self.router.generate.remote(prompt_ids, params, request_id,
-                                                         client_identity(carrier or {})):
-                item = await ref
+            async for item in resumable_stream(self.router, prompt_ids, params, request_id,
+                                               client_identity(carrier or {})):
                 finished = item["finished"]
                 if span:
                     span.item(item)

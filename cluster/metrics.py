@@ -24,6 +24,9 @@ everything is under the prefix `moeray_`, labelled with `model_name`:
 | moeray_migration_duration_seconds (the last one, staging start to activation) | gauge | |
 | moeray_policy_reloads_total | counter | result |
 | moeray_policy_last_reload_success_timestamp_seconds | gauge | |
+| moeray_recoveries_total (a lost expert group, a restarted router) | counter | kind |
+| moeray_recovery_duration_seconds (the last recovery, detection to serving again) | gauge | kind |
+| moeray_router_up (0 while a restarted router is brought back) | gauge | |
 
 Series count: with `experts_per_layer = N` the per-expert series keep each layer's N busiest
 experts and sum the rest as `expert="other"` (replicas: only experts with more than one copy),
@@ -31,6 +34,7 @@ so a 58-layer, 256-expert model stays at a few thousand series.
 """
 
 import threading
+from typing import Callable
 
 import ray
 from prometheus_client import CollectorRegistry, start_http_server
@@ -41,13 +45,22 @@ MAX_CLIENT_SERIES = 20  # per-client series: the busiest clients only, so label 
 
 
 class MoerayCollector:
-    def __init__(self, router, controller, model_name: str, experts_per_layer: int | None = None):
+    def __init__(self, router, controller, model_name: str, experts_per_layer: int | None = None,
+                 recoveries: Callable[[], dict] | None = None):
         self.router, self.controller, self.model_name = router, controller, model_name
         self.experts_per_layer = experts_per_layer
+        self.recoveries = recoveries  # `Deployment.recoveries`: {kind: {count, last_s}}
 
     def collect(self):
-        m = ray.get(self.router.metrics.remote(), timeout=30)
+        yield from self._recoveries()
         name = [self.model_name]
+        try:
+            m = ray.get(self.router.metrics.remote(), timeout=30)
+        except ray.exceptions.RayError:  # the router is being restarted: say so, and what we know without it
+            yield _gauge("moeray_router_up", "1 while the router serves, 0 while it is restarted", name, 0)
+            yield from self._autoscaler()
+            return
+        yield _gauge("moeray_router_up", "1 while the router serves, 0 while it is restarted", name, 1)
         req = m["requests"]
         for metric, key, doc in (("time_to_first_token_seconds", "ttft", "arrival to first output token"),
                                  ("inter_token_latency_seconds", "itl", "time per output token after the first"),
@@ -91,6 +104,21 @@ class MoerayCollector:
         yield replicas
         yield from self._clients()
         yield from self._autoscaler()
+
+    def _recoveries(self):
+        if self.recoveries is None:
+            return
+        recoveries = self.recoveries()
+        total = CounterMetricFamily("moeray_recoveries", "recoveries from a lost expert group or router, by kind",
+                                    labels=["model_name", "kind"])
+        seconds = GaugeMetricFamily("moeray_recovery_duration_seconds", "the last recovery of each kind, from its "
+                                    "detection to serving again", labels=["model_name", "kind"])
+        for kind, record in sorted(recoveries.items()):
+            total.add_metric([self.model_name, kind], record["count"])
+            if record["last_s"] is not None:
+                seconds.add_metric([self.model_name, kind], record["last_s"])
+        yield total
+        yield seconds
 
     def _clients(self):
         rows = ray.get(self.router.clients.remote(), timeout=30)

@@ -189,7 +189,8 @@ def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr,
         ingress = Frontend.options(ray_actor_options={"num_cpus": 0, "runtime_env": _env()})
         serve.run(ingress.bind(deployment.router, str(model_path), name, controller, token, spec.max_request_bytes),
                   name=APP_NAME, route_prefix="/")
-        collector = MoerayCollector(deployment.router, controller, name, spec.metrics_experts_per_layer)
+        collector = MoerayCollector(deployment.router, controller, name, spec.metrics_experts_per_layer,
+                                    recoveries=lambda: deployment.recoveries)
         server = Server(spec, deployment, name, owns_ray, token, token_source, controller, log,
                         metrics=serve_metrics(collector, spec.host, spec.metrics_port))
         if controller is not None and spec.policy and spec.watch_policy:

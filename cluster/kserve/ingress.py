@@ -117,18 +117,27 @@ class KServeIngress:
                               num_input_tokens=num_input, num_output_tokens=num_output, final=final, outputs=llm.outputs)
 
     async def _is_ready(self) -> bool:
-        return (await self.router.stats.remote())["error"] is None
+        """Serving, with no step-loop error (a router being restarted is not ready)."""
+        from ray.exceptions import RayActorError
+
+        try:
+            return await self.router.state.remote() == "serving" and (await self.router.stats.remote())["error"] is None
+        except RayActorError:
+            return False
 
 
 def _router_error(err: BaseException) -> RequestError:
     """The router's exception (unwrapped from Ray's) -> the gRPC status a client should see."""
     from moeray.actors.router_actor import OverloadedError
+    from moeray.cluster.resume import RouterUnavailableError
 
     cause = unwrap(err)
     if isinstance(cause, RequestError):
         return cause
     if isinstance(cause, OverloadedError):
         return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(cause))
+    if isinstance(cause, RouterUnavailableError):
+        return RequestError(grpc.StatusCode.UNAVAILABLE, str(cause))
     if isinstance(cause, ValueError):
         return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(cause))
     return RequestError(grpc.StatusCode.INTERNAL, f"{type(cause).__name__}: {cause}")

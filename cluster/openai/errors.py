@@ -91,6 +91,8 @@ def from_exception(err: BaseException, rename: dict[str, str] | None = None) -> 
         return from_value_error(err, rename)
     if isinstance(err, _overload_errors()):
         return overloaded(str(err))
+    if isinstance(err, _unavailable_errors()):
+        return OpenAIError(503, str(err), "server_error", None, "router_unavailable")
     return OpenAIError(500, f"internal error ({type(err).__name__}): {err}", "server_error")
 
 
@@ -132,6 +134,13 @@ def _short(value: object, limit: int = 60) -> str:
     while isinstance(err, RayTaskError) and isinstance(err.cause, BaseException):
         err = err.cause
     return err
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    """The router died and did not come back in time (`cluster.resume`): 503."""
+    from moeray.cluster.resume import RouterUnavailableError
+
+    return (RouterUnavailableError,)
 
 
 def _overload_errors() -> tuple[type[BaseException], ...]:
