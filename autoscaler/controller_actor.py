@@ -31,7 +31,7 @@ log = logging.getLogger("moeray.autoscaler")
 @ray.remote(num_cpus=0, max_concurrency=4)
 class AutoscalerController:
     def __init__(self, router, policy_text: str, policy_source: str, num_experts: int, bytes_per_expert: int,
-                 group_nodes: list[int]):
+                 group_nodes: list[int], group_demand: dict[str, float] | None = None):
         torch.set_num_threads(1)
         self.router, self.num_experts = router, num_experts
         self.lock = threading.Lock()  # one tick, policy change or manual migration at a time
@@ -43,7 +43,7 @@ class AutoscalerController:
         self.actions: collections.Counter = collections.Counter()  # decisions by action, since start
         self.pending: tuple[int, float, object] | None = None  # (version, start, span) of the plan being staged
         self.tracer = otel_tracer()  # migration spans, when OTEL_* asks for tracing
-        self.scaler = Scaler(len(group_nodes), num_experts)
+        self.scaler = Scaler(len(group_nodes), num_experts, group_demand)  # see Scaler: refuses what cannot be placed
         self.max_num_seqs = ray.get(router.limits.remote())["max_num_seqs"]
         self.last_look = time.time()  # the scaling signals cover the steps since then
         self._stop = threading.Event()
@@ -120,7 +120,8 @@ class AutoscalerController:
     def scale(self, groups: int) -> dict:
         """An operator's request (`moeray scale`): queue a resize of the pool to `groups` groups."""
         with self.lock:
-            return self.scaler.request(groups, self.controller.policy, f"operator: scale to {groups} expert groups")
+            return self.scaler.request(groups, self.controller.policy, f"operator: scale to {groups} expert groups",
+                                       ray.available_resources())
 
     def take_scale_request(self) -> tuple[int, str] | None:
         """For the process that owns the deployment: the resize to do now, if any."""
@@ -160,7 +161,7 @@ class AutoscalerController:
         occupancy = sum(s[4] for s in steps) / len(steps) / self.max_num_seqs if steps else 0.0
         stuck = decision.action == "done" and "no move improves" in decision.reason
         signals = ScalingSnapshot(plan.num_groups, occupancy, stats["waiting"], decision.imbalance, stuck)
-        reason = self.scaler.evaluate(signals, self.controller.policy, time.monotonic())
+        reason = self.scaler.evaluate(signals, self.controller.policy, time.monotonic(), ray.available_resources())
         if reason is not None:
             self._record(Decision(time=time.time(), action="scale", reason=reason, plan_version=plan.version,
                                   imbalance=decision.imbalance))

@@ -104,6 +104,20 @@ def check_target(groups: int, policy: Policy) -> None:
                          f"scaling.min_groups={scaling.min_groups}..scaling.max_groups={scaling.max_groups}")
 
 
+def resource_shortfall(per_group: dict[str, float], new_groups: int, free: dict[str, float]) -> str | None:
+    """Why `new_groups` more expert groups, each asking Ray for `per_group`, cannot be placed on the
+    cluster's `free` resources now (each missing resource named), or None when they fit."""
+    short = []
+    for name, amount in sorted(per_group.items()):
+        need, have = amount * new_groups, free.get(name, 0.0)
+        if need > have:
+            unit, scale = (" GiB", 2**30) if name in ("memory", "object_store_memory") else ("", 1)
+            short.append(f"{need / scale:.4g}{unit} of resource {name!r} ({have / scale:.4g}{unit} free)")
+    if not short:
+        return None
+    return f"{new_groups} more expert group(s) need " + ", ".join(short)
+
+
 def _pressure(snapshot: ScalingSnapshot, policy: Policy) -> str | None:
     """Why the pool needs more groups, or None."""
     scaling, why = policy.scaling, []

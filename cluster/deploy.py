@@ -33,6 +33,7 @@ from moeray.actors.router_actor import RouterActor
 from moeray.actors.sequence import SamplingParams
 from moeray.autoscaler.planner import PlanLimits, Topology
 from moeray.autoscaler.reshape import drain, drain_candidate, grow, lose_group, remove_group
+from moeray.autoscaler.scaling import resource_shortfall
 from moeray.models.loader import load_config
 
 
@@ -65,6 +66,15 @@ class Deployment:
         self.target_groups = len(groups)  # the pool size asked for (by deploy or scale_to): what `watch` heals to
         self._lock = threading.RLock()  # one resize or recovery at a time
         self.recoveries: dict[str, dict] = {kind: {"count": 0, "last_s": None} for kind in ("expert_group", "router")}
+
+    @property
+    def group_demand(self) -> dict[str, float] | None:
+        """The Ray resources one more group needs, when fixed (a GPU, or its weights' memory); None
+        with custom `group_resources`, which an autoscaling cluster may add nodes for."""
+        if self.config.group_resources:
+            return None
+        options = self.group_options
+        return {"GPU": options["num_gpus"]} if options.get("num_gpus") else {"memory": options["memory"]}
 
     def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> Iterator[dict]:
         for ref in self.router.generate.remote(prompt_ids, params):
@@ -222,6 +232,9 @@ class Deployment:
             self.groups = groups
 
     def _grow(self, plan: PlacementPlan, num_groups: int, log, timeout_s: float) -> PlacementPlan:
+        if self.group_demand and (short := resource_shortfall(self.group_demand, num_groups - plan.num_groups,
+                                                              ray.available_resources())):
+            raise DeploymentError(f"cannot scale to {num_groups} expert groups: {short}")
         new_plan, _ = grow(plan, num_groups - plan.num_groups, self._load(plan), _reshape_limits(plan, num_groups),
                            Topology(tuple(range(num_groups))))
         log(f"scaling out: starting expert groups {plan.num_groups}..{num_groups - 1}")

@@ -175,7 +175,7 @@ def start(spec: ServingSpec, log=lambda message: print(message, file=sys.stderr,
             log(f"starting the placement autoscaler (policy: {policy_source})")
             controller = AutoscalerController.options(num_cpus=0, runtime_env=_env()).remote(
                 deployment.router, policy_text, policy_source, model_config.num_experts,
-                expert_bytes(model_config, spec.dtype), deployment.group_nodes())
+                expert_bytes(model_config, spec.dtype), deployment.group_nodes(), deployment.group_demand)
             try:
                 ray.get(controller.apply_policy.remote(policy_text, policy_source))  # fits the deployed plan?
             except ray.exceptions.RayTaskError as err:

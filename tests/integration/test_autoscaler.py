@@ -8,12 +8,14 @@ trigger, every request must succeed, and every greedy output must equal the in-p
 a broken edit is rejected and the last good policy stays. The admin API needs its token.
 """
 
+import contextlib
 import threading
 import time
 
 import httpx
 import openai
 import pytest
+import ray
 from prometheus_client.parser import text_string_to_metric_families
 
 from moeray.actors.engine import Engine
@@ -212,3 +214,24 @@ def test_moeray_scale_resizes_the_pool_of_a_running_server(server, admin, skewed
                           ({"expert_groups": "3"}, "with N an integer")):
         refused = admin.post("/admin/scale", json=body)
         assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.text
+    with hogging_memory():  # the cluster cannot place one more group: refused at once, by resource name
+        refused = admin.post("/admin/scale", json={"expert_groups": 3})
+    assert refused.status_code == 400, refused.text
+    assert "cannot scale to 3 expert groups: 1 more expert group(s) need" in refused.json()["error"]["message"]
+    assert "of resource 'memory'" in refused.json()["error"]["message"]
+    assert admin.get("/admin/autoscaler").json()["status"]["scaling"]["target"] == 2  # nothing was queued
+
+
+@contextlib.contextmanager
+def hogging_memory(leave_bytes: int = 1 << 20):
+    """An idle actor holding all but `leave_bytes` of the cluster's free Ray 'memory' resource."""
+    @ray.remote(num_cpus=0)
+    class Hog:
+        pass
+
+    hog = Hog.options(memory=int(ray.available_resources()["memory"]) - leave_bytes).remote()
+    ray.get(hog.__ray_ready__.remote())
+    try:
+        yield
+    finally:
+        ray.kill(hog)

@@ -10,10 +10,11 @@ import ray
 
 from moeray.actors.engine import Engine
 from moeray.actors.sequence import SamplingParams
-from moeray.cluster.deploy import ClusterConfig, deploy
+from moeray.cluster.deploy import ClusterConfig, DeploymentError, deploy
 from moeray.models import DEFAULT_MODEL_DIR, load_model
 from moeray.models.tokenizer import Tokenizer
 from load import StreamingLoad
+from test_autoscaler import hogging_memory
 
 PROMPTS = ["The for statement", "A list comprehension", "def main():", "Exceptions are", "import os",
            "The while loop", "Dictionaries map", "class Point:"]
@@ -55,5 +56,9 @@ def test_scale_bounds_are_named(ray_cluster):
         with pytest.raises(ValueError, match="expert_groups=9 is more than the 8 experts"):
             deployment.scale_to(9)
         assert deployment.scale_to(1).num_groups == 1  # already there: nothing to do
+        with hogging_memory(), pytest.raises(DeploymentError, match=r"cannot scale to 2 expert groups: 1 more expert "
+                                                                     r"group\(s\) need .* of resource 'memory'"):
+            deployment.scale_to(2)  # refused at once, not after start_timeout_s
+        assert len(deployment.groups) == 1 and deployment.plan().num_groups == 1
     finally:
         deployment.shutdown()
