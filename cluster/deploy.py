@@ -136,9 +136,14 @@ class Deployment:
         that died too), form a new world with them and start its step loop. The requests it held are
         resubmitted by the ingress (`cluster.resume`). -> whether it did."""
         with self._lock:
-            if ray.get(self.router.state.remote(), timeout=60) != "new":
-                return False
-            return self._revive_router(log)
+            return self.router_state() in ("new", "loaded") and self._revive_router(log)  # loaded: a revival failed midway
+
+    def router_state(self) -> str | None:
+        """`RouterActor.state()`, or None while its process is gone and Ray starts the next one."""
+        try:
+            return ray.get(self.router.state.remote(), timeout=60)
+        except ray.exceptions.RayActorError:
+            return None
 
     def _revive_router(self, log) -> bool:
         started = time.monotonic()
@@ -162,7 +167,7 @@ class Deployment:
         ray.get(self.router.start.remote(groups))
         self.groups, self.spec = groups, spec
         self._recovered("router", started)
-        log(f"router back in service in {time.monotonic() - started:.1f} s"
+        log(f"router back in service {time.monotonic() - started:.1f} s after its restart was noticed"
             + (f" (replaced expert group(s) {dead})" if dead else ""))
         return True
 
@@ -213,7 +218,8 @@ class Deployment:
         def loop():
             while not stop.wait(interval_s):
                 try:
-                    if self.revive_router(log):
+                    if self.router_state() != "serving":  # restarting (None), or a new one to bring back
+                        self.revive_router(log)
                         continue
                     if self.recover(log) and len(self.groups) < self.target_groups:
                         log(f"healing the pool: back to {self.target_groups} expert groups")

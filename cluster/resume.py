@@ -22,7 +22,7 @@ from moeray.cluster.remote_errors import unwrap
 
 log = logging.getLogger("moeray.resume")
 ROUTER_RETURN_TIMEOUT_S = 120.0  # a router not serving again by then fails the request
-FIRST_RETRY_S, MAX_RETRY_S = 0.05, 1.0
+FIRST_RETRY_S, MAX_RETRY_S = 0.05, 0.5
 
 
 class RouterUnavailableError(RuntimeError):
