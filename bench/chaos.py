@@ -71,6 +71,27 @@ class Traffic:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                 _temp_dir=tempfile.mkdtemp(prefix="moeray-ray-", dir="/tmp"))
+    try:
+        outcome = chaos(args)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    report(args, outcome)
+    if args.verbose:
+        print("\nserver log:", *outcome.log, sep="\n  ")
+    if outcome.traffic.failures or outcome.wrong:
+        print("\nfailures:", *outcome.traffic.failures[:10], sep="\n  ")
+        print("differing:", *[f"{p!r}: {t!r}" for p, t in outcome.wrong[:5]], sep="\n  ")
+        print("server log:", *outcome.log[-40:], sep="\n  ")
+    return 1 if outcome.traffic.failures or outcome.wrong else 0
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=180.0, help="seconds of chaos (default 180)")
     parser.add_argument("--kill-every", type=float, default=6.0, help="seconds between kills (default 6)")
@@ -78,15 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, default=3)
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--kills", type=int, default=None, help="stop after this many kills (default: as many as fit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="print the server's log (recoveries, healing) at the end")
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.kill_every <= 0 or args.router_every < 1 or args.groups < 2 or args.clients < 1:
         parser.error("--duration and --kill-every must be > 0, --router-every >= 1, --groups >= 2, --clients >= 1")
 
+    return args
+
+
+@dataclass
+class Outcome:
+    traffic: Traffic
+    wrong: list[tuple[str, str]]  # completed requests whose text differs from the fault-free one
+    kills: list[Kill]
+    memory: list[tuple[float, float]]  # (monotonic time, MiB)
+    began: float
+    log: list[str]
+
+
+def chaos(args) -> Outcome:
+    """Serve on the Ray cluster this process is connected to, under load and kills (see the module doc)."""
     expected = reference(args.max_tokens)
-    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="moeray-ray-", dir="/tmp"))
     log: list[str] = []
     server = start(ServingSpec(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                                expert_groups=args.groups, redundant_slots=1, kv_cache_bytes=32 << 20),
@@ -100,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         for thread in threads:
             thread.start()
         began, rng = time.monotonic(), random.Random(args.seed)
-        while time.monotonic() - began + args.kill_every < args.duration:
+        while time.monotonic() - began + args.kill_every < args.duration and len(kills) < (args.kills or 10**9):
             time.sleep(args.kill_every)
             victim = "router" if len(kills) % args.router_every == args.router_every - 1 \
                 else f"group {rng.randrange(len(server.deployment.groups))}"
@@ -111,18 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         for thread in threads:
             thread.join(timeout=300)
         server.stop()
-        ray.shutdown()
     for k in kills:
         k.first_token_s = next((t - k.at for t in sorted(traffic.token_times) if t > k.at), None)
     wrong = [(p, text) for p, text in traffic.results if text != expected[p]]
-    report(args, traffic, wrong, kills, memory, began)
-    if args.verbose:
-        print("\nserver log:", *log, sep="\n  ")
-    if traffic.failures or wrong:
-        print("\nfailures:", *traffic.failures[:10], sep="\n  ")
-        print("differing:", *[f"{p!r}: {t!r}" for p, t in wrong[:5]], sep="\n  ")
-        print("server log:", *log[-40:], sep="\n  ")
-    return 1 if traffic.failures or wrong else 0
+    return Outcome(traffic, wrong, kills, memory, began, log)
 
 
 def kill(deployment, victim: str, num_groups: int) -> Kill:
@@ -194,7 +221,8 @@ def reference(max_tokens: int) -> dict[str, str]:
     return {p: engine.generate([tokenizer.encode(p)], params)[0].text for p in PROMPTS}
 
 
-def report(args, traffic: Traffic, wrong: list, kills: list[Kill], memory: list[tuple[float, float]], began: float):
+def report(args, outcome: Outcome) -> None:
+    traffic, wrong, kills, memory, began = outcome.traffic, outcome.wrong, outcome.kills, outcome.memory, outcome.began
     print(f"\n{args.duration:.0f} s of chaos: {args.groups} expert groups, {args.clients} streaming clients, "
           f"a kill every {args.kill_every:g} s (every {args.router_every}. one the router's)\n")
     print("| requests completed | failed | outputs differing from fault-free | tokens streamed | kills (router) |")
