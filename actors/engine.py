@@ -179,6 +179,8 @@ class Engine:
         """A seeded request's n-th token draws from a generator seeded by (seed, n), not from one
         generator running on: the draw depends only on the request, so it is the same in any batch
         and after a resume on another engine."""
+        if all(s.params.temperature == 0 for s in seqs):  # all greedy: what `sample` does, without its setup
+            return logits.argmax(dim=-1)
         for seq in seqs:
             generator = self._generators[seq.seq_id]
             if generator is not None:

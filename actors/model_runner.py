@@ -20,11 +20,16 @@ class ModelRunner:
         Marks the computed tokens as cached (`num_computed`)."""
         starts = [seq.num_computed for seq in batch.seqs]
         ids = [t for seq, s, n in zip(batch.seqs, starts, batch.num_new) for t in seq.token_ids[s:s + n]]
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, batch.num_new)])  # [N]
+        positions = [p for s, n in zip(starts, batch.num_new) for p in range(s, s + n)]
         meta = build_metadata([seq.block_table for seq in batch.seqs], starts, batch.num_new,
                               self.cache.allocator.block_size)
-        last_rows = [meta.query_starts[i + 1] - 1 for i in range(len(batch)) if batch.samples[i]]
-        hidden = self.model.forward_tokens(torch.tensor(ids, dtype=torch.long), positions, self.cache.context(meta))  # [N, H]
+        hidden = self.model.forward_tokens(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                                           self.cache.context(meta))  # [N, H]
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed += n
-        return self.model.compute_logits(hidden[last_rows])
+        if len(hidden) != len(batch):  # some sequence computed more than one token, or one does not sample
+            last_rows = [meta.query_starts[i + 1] - 1 for i in range(len(batch)) if batch.samples[i]]
+            hidden = hidden[last_rows]
+        elif not all(batch.samples):
+            hidden = hidden[[i for i in range(len(batch)) if batch.samples[i]]]
+        return self.model.compute_logits(hidden)  # [S, V]

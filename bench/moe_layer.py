@@ -15,6 +15,11 @@ Efficiency compares our FLOP rate with one dense matmul doing the same FLOPs,
 2*T*K*3*H*I: `torch.mm(a, b.t())` with a [T*K, H] and b [3*I, H] in the same dtype (every routed
 row through one expert's fused gate/up/down matrix; the weight in the [out, in] layout that
 checkpoints and `F.linear` use).
+
+Weight bandwidth is the bytes of the experts a call touches (each routed-to expert's w13 and w2
+read once) over our time, next to the machine's read bandwidth (`torch.sum` over 256 MiB, in the
+header): where the two are close, no expert implementation on this machine can be much faster,
+transformers' included, whatever it does around the matmuls.
 """
 
 from __future__ import annotations
@@ -109,6 +114,25 @@ def dense_fn(shape: Shape, num_tokens: int, dtype: torch.dtype) -> Callable[[tor
     return lambda x: torch.mm(a, b.t())
 
 
+def read_bandwidth(dtype: torch.dtype = torch.float32, num_bytes: int = 256 << 20) -> float:
+    """Bytes per second that `torch.sum` reads from a tensor far larger than the caches (best of 5)."""
+    big = torch.ones(num_bytes // torch.finfo(dtype).bits * 8, dtype=dtype)
+    big.sum()
+    best = min(_seconds(big.sum) for _ in range(5))
+    return num_bytes / best
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def expert_bytes(shape: Shape, topk_ids: torch.Tensor, element_size: int) -> int:
+    """Weight bytes a call must read: w13 [2I, H] and w2 [H, I] of every expert some token routes to."""
+    return int(topk_ids.unique().numel()) * 3 * shape.hidden * shape.inter * element_size
+
+
 def time_interleaved(fns: dict[str, Callable], x: torch.Tensor, min_reps: int, max_reps: int,
                      budget_s: float) -> dict[str, float]:
     """Median seconds per call. Round-robin over fns so that machine noise hits all of them alike.
@@ -165,6 +189,8 @@ def run_case(shape: Shape, dtype: torch.dtype, token_counts: list[int], args) ->
         kernel_ref = fused_moe_reference(x[:few], topk_weights, topk_ids,
                                          block.experts.gate_up_proj, block.experts.down_proj)
         rel_ref = check(out[:few], kernel_ref, f"{shape.name} {dtype} T={num_tokens} reference")
+        _, all_ids = route(F.linear(x, block.gate.weight), RoutingConfig("softmax_topk", shape.top_k, shape.renormalize))
+        weight_bytes = expert_bytes(shape, all_ids, x.element_size())
         del ref, out
 
         secs = time_interleaved(fns, x, args.min_reps, args.max_reps, args.budget)
@@ -177,20 +203,22 @@ def run_case(shape: Shape, dtype: torch.dtype, token_counts: list[int], args) ->
             ours=num_tokens / secs["ours"], best=best_impl, ratio=hf[best_impl] / secs["ours"],
             ours_gflops=flops / secs["ours"] / 1e9, dense_gflops=flops / secs["dense"] / 1e9,
             efficiency=secs["dense"] / secs["ours"], rel_diff=rel, rel_ref=rel_ref,
+            weight_gbps=weight_bytes / secs["ours"] / 1e9,
         ))
         print_row(rows[-1], flush=True)
     return rows
 
 
 HEADER = ("| shape | dtype | T | " + " | ".join(f"HF {i} tok/s" for i in HF_IMPLS)
-          + " | ours tok/s | ours / best HF | ours GFLOP/s | dense GFLOP/s | efficiency | rel diff vs HF | rel diff vs ref |")
+          + " | ours tok/s | ours / best HF | ours GFLOP/s | dense GFLOP/s | efficiency | ours weight GB/s"
+          " | rel diff vs HF | rel diff vs ref |")
 
 
 def print_row(r: dict, flush: bool = False) -> None:
     hf = " | ".join("skipped" if r["hf"][i] is None else f"{r['hf'][i]:,.0f}" for i in HF_IMPLS)
     print(f"| {r['shape']} | {r['dtype']} | {r['tokens']} | {hf} | {r['ours']:,.0f} | "
           f"**{r['ratio']:.2f}x** ({r['best']}) | {r['ours_gflops']:.1f} | {r['dense_gflops']:.1f} | "
-          f"{r['efficiency']:.0%} | {r['rel_diff']:.1e} | {r['rel_ref']:.1e} |", flush=flush)
+          f"{r['efficiency']:.0%} | {r['weight_gbps']:.1f} | {r['rel_diff']:.1e} | {r['rel_ref']:.1e} |", flush=flush)
 
 
 def main() -> None:
@@ -208,7 +236,8 @@ def main() -> None:
     shapes = list(SHAPES.values()) if args.shape == "all" else [SHAPES[args.shape]]
     dtypes = list(DTYPES.values()) if args.dtype == "all" else [DTYPES[args.dtype]]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"memory read bandwidth {read_bandwidth() / 1e9:.1f} GB/s (torch.sum over 256 MiB)")
     for s in shapes:
         print(f"{s.name}: E={s.num_experts} K={s.top_k} H={s.hidden} I={s.inter} renormalize={s.renormalize}")
     print()

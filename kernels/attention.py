@@ -10,6 +10,7 @@ padded SDPA call; prefill chunks one by one (they are compute bound anyway).
 Sliding windows follow transformers: query at position p sees keys j with p - window < j <= p.
 """
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -25,10 +26,11 @@ class PagedAttentionMetadata:
     query_starts: B+1 offsets of each sequence's new tokens in the flat [N] layout.
     positions: B ints, position of each sequence's first new token.
     context_lens: B ints, tokens in each sequence's context after this step.
-    decode_rows: [Bd] flat row of each decode sequence (one new token); decode_seqs their indices.
-    decode_slots: [Bd, Lmax] slots of each decode sequence's context, padded with slot 0.
+    decode_seqs: indices of sequences with one new token after cached ones; decode_rows [Bd] their
+        flat rows, None when they are all of the step (rows 0..N-1: no gather, no scatter).
+    decode_slots: [Bd, Lmax] slots of each decode sequence's context, padded with slots of block 0.
     prefill_seqs: indices of sequences with more than one new token (or a first token).
-    context_slots: per sequence, [context_len] slots (only filled for prefill sequences).
+    context_slots: per prefill sequence with cached tokens (a later chunk), its [context_len] slots.
     """
 
     slot_mapping: Tensor
@@ -36,57 +38,68 @@ class PagedAttentionMetadata:
     positions: list[int]
     context_lens: list[int]
     decode_seqs: list[int]
-    decode_rows: Tensor
+    decode_rows: Tensor | None
     decode_slots: Tensor
     prefill_seqs: list[int]
     context_slots: dict[int, Tensor]
-    _decode_masks: dict[int | None, Tensor] = field(default_factory=dict)
+    _decode_masks: dict[int | None, Tensor | None] = field(default_factory=dict)
 
-    def decode_mask(self, window: int | None) -> Tensor:
-        """[Bd, 1, 1, Lmax] bool, True where a decode query may attend; cached per window size."""
+    def decode_mask(self, window: int | None) -> Tensor | None:
+        """[Bd, 1, 1, Lmax] bool, True where a decode query may attend, or None where every decode
+        query sees all Lmax keys (equal lengths, no window in reach); cached per window size."""
         if window not in self._decode_masks:
-            lens = torch.tensor([self.context_lens[i] for i in self.decode_seqs])  # [Bd]
-            key_pos = torch.arange(self.decode_slots.shape[1])  # [Lmax]
-            mask = key_pos[None, :] < lens[:, None]
-            if window:
-                mask &= key_pos[None, :] > (lens[:, None] - 1 - window)
-            self._decode_masks[window] = mask[:, None, None, :]
+            lens = [self.context_lens[i] for i in self.decode_seqs]
+            max_len = self.decode_slots.shape[1]
+            if min(lens) == max_len and (not window or window >= max_len):
+                self._decode_masks[window] = None
+            else:
+                lens = torch.tensor(lens)[:, None]  # [Bd, 1]
+                key_pos = torch.arange(max_len)  # [Lmax]
+                mask = key_pos < lens
+                if window:
+                    mask &= key_pos > (lens - 1 - window)
+                self._decode_masks[window] = mask[:, None, None, :]
         return self._decode_masks[window]
 
 
 def build_metadata(block_tables: list[list[int]], positions: list[int], num_new: list[int],
                    block_size: int) -> PagedAttentionMetadata:
-    """Per-step metadata from each sequence's block table, first new position and new-token count."""
-    query_starts = [0]
-    for n in num_new:
-        query_starts.append(query_starts[-1] + n)
+    """Per-step metadata from each sequence's block table, first new position and new-token count.
+
+    A handful of tensor ops whatever the batch size (it runs every step, and per-sequence ops
+    were a large part of a decode step): slot numbers of new tokens are Python ints, context
+    slots come from one padded `[B, blocks]` table."""
+    query_starts = list(itertools.accumulate(num_new, initial=0))
     context_lens = [p + n for p, n in zip(positions, num_new)]
-    all_slots = [_slots(table, length, block_size) for table, length in zip(block_tables, context_lens)]
-    slot_mapping = torch.cat([s[p:] for s, p in zip(all_slots, positions)])  # [N]
+    slot_mapping = torch.tensor([table[p // block_size] * block_size + p % block_size
+                                 for table, start, n in zip(block_tables, positions, num_new)
+                                 for p in range(start, start + n)], dtype=torch.long)  # [N]
     decode_seqs = [i for i, n in enumerate(num_new) if n == 1 and positions[i] > 0]
-    prefill_seqs = [i for i in range(len(num_new)) if i not in set(decode_seqs)]
+    prefill_seqs = [i for i, n in enumerate(num_new) if not (n == 1 and positions[i] > 0)]
+    chunked = [i for i in prefill_seqs if positions[i] > 0]  # prefill chunks that read cached K/V
+    readers = decode_seqs + chunked
+    slots = _context_slots([block_tables[i] for i in readers], block_size)  # [len(readers), W*bs]
     max_len = max((context_lens[i] for i in decode_seqs), default=0)
-    decode_slots = torch.zeros(len(decode_seqs), max_len, dtype=torch.long)  # [Bd, Lmax]
-    for row, i in enumerate(decode_seqs):
-        decode_slots[row, : context_lens[i]] = all_slots[i]
+    all_decode = len(decode_seqs) == len(num_new)
     return PagedAttentionMetadata(
         slot_mapping=slot_mapping,
         query_starts=query_starts,
         positions=list(positions),
         context_lens=context_lens,
         decode_seqs=decode_seqs,
-        decode_rows=torch.tensor([query_starts[i] for i in decode_seqs], dtype=torch.long),
-        decode_slots=decode_slots,
+        decode_rows=None if all_decode else torch.tensor([query_starts[i] for i in decode_seqs], dtype=torch.long),
+        decode_slots=slots[:len(decode_seqs), :max_len].contiguous(),
         prefill_seqs=prefill_seqs,
-        context_slots={i: all_slots[i] for i in prefill_seqs},
+        context_slots={i: slots[len(decode_seqs) + j, :context_lens[i]] for j, i in enumerate(chunked)},
     )
 
 
-def _slots(block_table: list[int], length: int, block_size: int) -> Tensor:
-    """[length] slot of each position 0..length-1 of a sequence."""
-    pos = torch.arange(length)
-    blocks = torch.tensor(block_table, dtype=torch.long)[pos // block_size]
-    return blocks * block_size + pos % block_size
+def _context_slots(block_tables: list[list[int]], block_size: int) -> Tensor:
+    """[n, W * block_size]: row i holds the slot of every position of sequence i's blocks (W = the
+    longest table; shorter ones are padded with block 0)."""
+    num, width = len(block_tables), max((len(t) for t in block_tables), default=0)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long).view(num, width)
+    return (table[:, :, None] * block_size + torch.arange(block_size)).view(num, width * block_size)
 
 
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -95,21 +108,34 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
 
     q [N, nh, D]; k, v [N, nkv, D]; k_cache, v_cache [num_slots, nkv, D] -> [N, nh, D].
     """
-    k_cache[meta.slot_mapping] = k
-    v_cache[meta.slot_mapping] = v
-    out = torch.empty_like(q)
+    k_cache.index_copy_(0, meta.slot_mapping, k)  # index_copy_ / index_select: a third of the cost of
+    v_cache.index_copy_(0, meta.slot_mapping, v)  # `cache[slots] = k` / `cache[slots]` at these sizes
+    if meta.decode_rows is None:  # a pure decode step: every row is a decode query, in order
+        return _attend_decode(q, k_cache, v_cache, meta, scale, window)
+    out = q.new_empty(q.shape)
     if meta.decode_seqs:
-        keys = k_cache[meta.decode_slots].transpose(1, 2)  # [Bd, nkv, Lmax, D]
-        values = v_cache[meta.decode_slots].transpose(1, 2)
-        query = q[meta.decode_rows].unsqueeze(2)  # [Bd, nh, 1, D]
-        att = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask(window),
-                                             scale=scale, enable_gqa=True)  # [Bd, nh, 1, D]
-        out[meta.decode_rows] = att.squeeze(2)
+        out[meta.decode_rows] = _attend_decode(q[meta.decode_rows], k_cache, v_cache, meta, scale, window)
     for i in meta.prefill_seqs:
         rows = slice(meta.query_starts[i], meta.query_starts[i + 1])
-        slots = meta.context_slots[i]
-        out[rows] = _attend_chunk(q[rows], k_cache[slots], v_cache[slots], meta.positions[i], scale, window)
+        if meta.positions[i] == 0:  # the whole context is this step's: no need to read it back
+            out[rows] = _attend_chunk(q[rows], k[rows], v[rows], 0, scale, window)
+        else:
+            slots = meta.context_slots[i]
+            out[rows] = _attend_chunk(q[rows], k_cache.index_select(0, slots), v_cache.index_select(0, slots),
+                                      meta.positions[i], scale, window)
     return out
+
+
+def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: PagedAttentionMetadata,
+                   scale: float, window: int | None) -> Tensor:
+    """The decode sequences' queries q [Bd, nh, D] over their cached contexts -> [Bd, nh, D]."""
+    slots = meta.decode_slots  # [Bd, Lmax]
+    shape = (*slots.shape, *k_cache.shape[1:])  # [Bd, Lmax, nkv, D]
+    keys = k_cache.index_select(0, slots.view(-1)).view(shape).transpose(1, 2)  # [Bd, nkv, Lmax, D]
+    values = v_cache.index_select(0, slots.view(-1)).view(shape).transpose(1, 2)
+    att = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask(window),
+                                         scale=scale, enable_gqa=True)  # [Bd, nh, 1, D]
+    return att.squeeze(2)
 
 
 def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float, window: int | None) -> Tensor:

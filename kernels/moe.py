@@ -163,7 +163,7 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     for experts, rows in _expert_chunks(counts, max(1, CHUNK_BYTES // row_bytes)):
         pairs = order[rows]  # [n]
         y = expert_ffn(x.index_select(0, token_of_row[rows]), counts[experts], w13[experts], w2[experts])  # [n, H]
-        scale = pair_weights[pairs]  # [n, 1]
+        scale = pair_weights.index_select(0, pairs)  # [n, 1]
         weighted.index_copy_(0, pairs, y.mul_(scale) if y.dtype == weighted.dtype else y * scale)  # promoted dtype
     out = _sum_top_k(weighted.view(num_tokens, top_k, -1))
     return out if out.dtype == x.dtype else out.to(x.dtype)

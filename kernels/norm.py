@@ -7,6 +7,7 @@ bits, and correctness here is measured as equality with transformers.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -16,6 +17,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     The result dtype follows torch promotion of `weight * x.dtype`, exactly like
     transformers: bf16 activations with a bf16 weight stay bf16; an fp32 weight promotes.
     """
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # Both casts are no-ops and torch's rms_norm is this formula (pow, mean, + eps, rsqrt, two
+        # products), the same bits in one call instead of six; test_norm holds it to that.
+        return F.rms_norm(x, weight.shape, weight, eps)
     input_dtype = x.dtype
     h = x.to(torch.float32)  # [..., H]
     variance = h.pow(2).mean(-1, keepdim=True)  # [..., 1]

@@ -4,8 +4,10 @@ Three steps, split so that the expensive parts run once per step and not once pe
 
 1. `rope_inv_freq(config)` -> the inverse frequencies `[D/2]` and the attention scaling that
    multiplies cos/sin (1.0 except for yarn). Static for every type but "dynamic".
-2. `rope_cos_sin(positions, inv_freq, scaling)` -> cos, sin `[T, D]` for the tokens of a step.
-3. `apply_rope(x, cos, sin)` on q and k of every layer.
+2. `rope_cos_sin(positions, inv_freq, scaling)` -> cos, sin `[T, D]` for the tokens of a step;
+   `rotary_tables(cos, sin, dtype)` shapes them once per step for step 3.
+3. `rotate(x, tables)` on q and k of every layer, both at once (`apply_rope(x, cos, sin)` is
+   the same rotation for callers with plain cos/sin).
 
 The formulas copy `transformers.modeling_rope_utils` op for op (same dtypes, same order),
 because a different but "equivalent" expression gives different float32 bits and the model
@@ -244,26 +246,44 @@ def rope_cos_sin(positions: Tensor, inv_freq: Tensor, attention_scaling: float) 
     Same ops as transformers' rotary embedding forward: an elementwise product (not a
     matmul), cos/sin in float32, then the attention scaling.
     """
-    freqs = positions[:, None].float() * inv_freq.to(device=positions.device, dtype=torch.float)  # [T, D/2]
+    if inv_freq.device != positions.device or inv_freq.dtype != torch.float32:
+        inv_freq = inv_freq.to(device=positions.device, dtype=torch.float32)
+    freqs = positions[:, None].float() * inv_freq  # [T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-    cos = emb.cos() * attention_scaling
-    sin = emb.sin() * attention_scaling
-    return cos, sin
+    if attention_scaling == 1.0:  # x * 1.0 is x, bit for bit: skip two ops per step
+        return emb.cos(), emb.sin()
+    return emb.cos() * attention_scaling, emb.sin() * attention_scaling
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+@dataclass(frozen=True)
+class RotaryTables:
+    """cos, sin of one step, laid out for `rotate`: cos [T, 1, D]; signed_sin [T, 1, D] is sin with
+    its first half negated, so that `rotate_half(x) * sin == swap_halves(x) * signed_sin` (a sign
+    flip is exact: the same bits, one op fewer per layer)."""
+
+    cos: Tensor
+    signed_sin: Tensor
+
+
+def rotary_tables(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> RotaryTables:
+    """cos, sin [T, D] float32 -> tables in `dtype`: transformers casts cos/sin to the activation
+    dtype before rotating, so in bf16 the products are bf16 x bf16; cast here, once per step."""
+    cos, sin = cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]  # [T, 1, D]
+    half = sin.shape[-1] // 2
+    return RotaryTables(cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1))
+
+
+def rotate(x: Tensor, tables: RotaryTables) -> Tensor:
+    """x [T, n_heads, D] (any strides, e.g. the q and k heads of a fused projection) -> rotated,
+    contiguous, same dtype. Op for op transformers' `x * cos + rotate_half(x) * sin`."""
+    swapped = torch.roll(x, x.shape[-1] // 2, dims=-1)  # [x2, x1]
+    return (x * tables.cos).add_(swapped.mul_(tables.signed_sin))
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [T, n_heads, D] (any float dtype); cos/sin [T, D] -> rotated x, same dtype.
 
-    transformers casts cos/sin to the activation dtype before the rotation, so in bf16 the
-    products are bf16 x bf16. To get identical bits we do the same: float32 cos/sin are
-    cast to `x.dtype` here. Callers should cast once per step (`cos.to(x.dtype)`) so that
-    this is a no-op in every layer.
+    The rotation for one tensor with plain cos/sin (float32 ones are cast to `x.dtype`, as
+    transformers does); the model builds `rotary_tables` once per step and calls `rotate`.
     """
-    cos = cos.to(x.dtype)[:, None, :]  # [T, 1, D]
-    sin = sin.to(x.dtype)[:, None, :]
-    return (x * cos) + (_rotate_half(x) * sin)
+    return rotate(x, rotary_tables(cos, sin, x.dtype))

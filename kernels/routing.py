@@ -92,7 +92,7 @@ def softmax_topk(router_logits: Tensor, config: RoutingConfig, correction_bias: 
     weights, ids = torch.topk(probs, config.top_k, dim=-1)  # [T, K], best first
     if config.renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights * config.scaling_factor, ids
+    return _scaled(weights, config), ids
 
 
 def sigmoid_group_topk(router_logits: Tensor, config: RoutingConfig, correction_bias: Bias = None):
@@ -109,7 +109,7 @@ def sigmoid_group_topk(router_logits: Tensor, config: RoutingConfig, correction_
     weights = scores.gather(1, ids)  # [T, K]
     if config.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + DEEPSEEK_EPS)
-    return weights * config.scaling_factor, ids
+    return _scaled(weights, config), ids
 
 
 def softmax_group_limited_greedy(router_logits: Tensor, config: RoutingConfig, correction_bias: Bias = None):
@@ -126,7 +126,12 @@ def softmax_group_limited_greedy(router_logits: Tensor, config: RoutingConfig, c
     weights, ids = torch.topk(probs, config.top_k, dim=-1, sorted=False)  # [T, K]
     if config.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + DEEPSEEK_EPS)
-    return weights * config.scaling_factor, ids
+    return _scaled(weights, config), ids
+
+
+def _scaled(weights: Tensor, config: RoutingConfig) -> Tensor:
+    """weights * scaling_factor; a factor of 1 (most families) costs no op: x * 1.0 is x, bit for bit."""
+    return weights if config.scaling_factor == 1 else weights * config.scaling_factor
 
 
 def _kept_experts(group_scores: Tensor, config: RoutingConfig, num_experts: int) -> Tensor:

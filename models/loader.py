@@ -74,44 +74,58 @@ def moe_prefix(family: Family, reader: CheckpointReader, layer: int) -> str:
                           + ", ".join(f"'{p}.gate.weight'" for p in candidates))
 
 
+# Checkpoint tensors that make one parameter, concatenated along dim 0, each with its length there.
+Parts = list[tuple[str, int]]
+
+
 def load_dense_weights(model: MoEModel, family: Family, reader: CheckpointReader) -> None:
     """Everything but the routed experts: parameter <- one checkpoint tensor or a concatenation."""
-    for param, names in dense_weight_names(model, family, reader).items():
-        # Concatenated parts split dim 0 evenly (gate_proj + up_proj -> gate_up); the reader checks
-        # each part's shape from its header, so the error names the shard file and the tensor.
-        shape = (param.shape[0] // len(names), *param.shape[1:])
-        parts = [reader.get(name, dtype=param.dtype, shape=shape) for name in names]
-        param.data = (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
+    for param, parts in dense_weight_names(model, family, reader).items():
+        # The reader checks each part's shape from its header, so the error names the shard file and the tensor.
+        tensors = [reader.get(name, dtype=param.dtype, shape=(rows, *param.shape[1:])) for name, rows in parts]
+        param.data = (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).contiguous()
 
 
-def dense_weight_names(model: MoEModel, family: Family, reader: CheckpointReader) -> dict[torch.nn.Parameter, list[str]]:
-    names: dict[torch.nn.Parameter, list[str]] = {model.embed: ["model.embed_tokens.weight"], model.norm: ["model.norm.weight"]}
+def dense_weight_names(model: MoEModel, family: Family, reader: CheckpointReader) -> dict[torch.nn.Parameter, Parts]:
+    names = {model.embed: _whole(model.embed, "model.embed_tokens.weight"), model.norm: _whole(model.norm, "model.norm.weight")}
     if model.lm_head is not None:
-        names[model.lm_head] = ["lm_head.weight"]
+        names[model.lm_head] = _whole(model.lm_head, "lm_head.weight")
     for i, layer in enumerate(model.layers):
         prefix = family.layer_prefix(i)
-        names[layer.input_norm] = [f"{prefix}.input_layernorm.weight"]
-        names[layer.post_attention_norm] = [f"{prefix}.post_attention_layernorm.weight"]
+        names[layer.input_norm] = _whole(layer.input_norm, f"{prefix}.input_layernorm.weight")
+        names[layer.post_attention_norm] = _whole(layer.post_attention_norm, f"{prefix}.post_attention_layernorm.weight")
         names.update(_attention_names(layer.attn, f"{prefix}.self_attn"))
         if isinstance(layer.mlp, MoEBlock):
             moe = moe_prefix(family, reader, i)
-            names[layer.mlp.gate] = [f"{moe}.gate.weight"]
+            names[layer.mlp.gate] = _whole(layer.mlp.gate, f"{moe}.gate.weight")
             if layer.mlp.shared is not None:
                 names.update(_mlp_names(layer.mlp.shared, f"{moe}.shared_expert"))
             if layer.mlp.shared_gate is not None:
-                names[layer.mlp.shared_gate] = [f"{moe}.shared_expert_gate.weight"]
+                names[layer.mlp.shared_gate] = _whole(layer.mlp.shared_gate, f"{moe}.shared_expert_gate.weight")
         else:
             names.update(_mlp_names(layer.mlp, family.dense_mlp_prefix(i)))
     return names
 
 
+def _whole(param: torch.nn.Parameter, name: str) -> Parts:
+    return [(name, param.shape[0])]
+
+
 def _attention_names(attn: Attention, prefix: str) -> dict:
-    names = {getattr(attn, f"{p}_proj"): [f"{prefix}.{p}_proj.weight"] for p in "qkvo"}
-    names.update({getattr(attn, f"{p}_bias"): [f"{prefix}.{p}_proj.bias"] for p in "qkvo" if getattr(attn, f"{p}_bias") is not None})
+    """q_proj, k_proj, v_proj -> the fused qkv_proj (and their biases -> qkv_bias)."""
+    names = {attn.qkv_proj: [(f"{prefix}.{p}_proj.weight", rows) for p, rows in zip("qkv", attn.sizes)],
+             attn.o_proj: _whole(attn.o_proj, f"{prefix}.o_proj.weight")}
+    if attn.qkv_bias is not None:
+        names[attn.qkv_bias] = [(f"{prefix}.{p}_proj.bias", rows) for p, rows in zip("qkv", attn.sizes)]
+    if attn.o_bias is not None:
+        names[attn.o_bias] = _whole(attn.o_bias, f"{prefix}.o_proj.bias")
     if attn.q_norm is not None:
-        names[attn.q_norm], names[attn.k_norm] = [f"{prefix}.q_norm.weight"], [f"{prefix}.k_norm.weight"]
+        names[attn.q_norm] = _whole(attn.q_norm, f"{prefix}.q_norm.weight")
+        names[attn.k_norm] = _whole(attn.k_norm, f"{prefix}.k_norm.weight")
     return names
 
 
 def _mlp_names(mlp: DenseMLP, prefix: str) -> dict:
-    return {mlp.gate_up: [f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"], mlp.down: [f"{prefix}.down_proj.weight"]}
+    inter = mlp.down.shape[1]
+    return {mlp.gate_up: [(f"{prefix}.gate_proj.weight", inter), (f"{prefix}.up_proj.weight", inter)],
+            mlp.down: _whole(mlp.down, f"{prefix}.down_proj.weight")}

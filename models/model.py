@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from moeray.kernels.attention import causal_attention
 from moeray.kernels.moe import fused_moe
 from moeray.kernels.norm import rms_norm
-from moeray.kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from moeray.kernels.rope import RotaryTables, rope_cos_sin, rope_inv_freq, rotary_tables, rotate
 from moeray.kernels.routing import route
 from moeray.models.config import ModelConfig
 
@@ -50,6 +50,10 @@ def _param(*shape: int) -> nn.Parameter:
 
 
 class Attention(nn.Module):
+    """q, k and v come out of one fused projection `qkv_proj [(nh + 2 nkv) * D, H]` (q rows, then
+    k, then v; the loader concatenates the checkpoint's three): one matmul instead of three, the
+    same bits per output (each is the same dot product), and q and k are rotated in one call."""
+
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         c = config
@@ -57,31 +61,36 @@ class Attention(nn.Module):
         self.window = c.sliding_windows[layer]
         self.scale = c.head_dim**-0.5
         q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.q_proj, self.k_proj, self.v_proj = _param(q_dim, c.hidden_size), _param(kv_dim, c.hidden_size), _param(kv_dim, c.hidden_size)
+        self.sizes = (q_dim, kv_dim, kv_dim)  # rows of q, k, v in qkv_proj
+        self.qkv_proj = _param(q_dim + 2 * kv_dim, c.hidden_size)
         self.o_proj = _param(c.hidden_size, q_dim)
-        self.q_bias = _param(q_dim) if c.qkv_bias else None
-        self.k_bias = _param(kv_dim) if c.qkv_bias else None
-        self.v_bias = _param(kv_dim) if c.qkv_bias else None
+        self.qkv_bias = _param(q_dim + 2 * kv_dim) if c.qkv_bias else None
         self.o_bias = _param(c.hidden_size) if c.o_bias else None
         norm_dims = {"none": (0, 0), "head": (c.head_dim, c.head_dim), "full": (q_dim, kv_dim)}[c.qk_norm]
         self.q_norm = _param(norm_dims[0]) if norm_dims[0] else None
         self.k_norm = _param(norm_dims[1]) if norm_dims[1] else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
+    def forward(self, x: Tensor, rope: RotaryTables, ctx: AttentionContext) -> Tensor:
         c = self.config
-        n = x.shape[0]
-        q = F.linear(x, self.q_proj, self.q_bias)  # [N, nh*D]
-        k = F.linear(x, self.k_proj, self.k_bias)  # [N, nkv*D]
-        v = F.linear(x, self.v_proj, self.v_bias)
-        if c.qk_norm == "full":
-            q, k = rms_norm(q, self.q_norm, c.rms_norm_eps), rms_norm(k, self.k_norm, c.rms_norm_eps)
-        if c.clip_qkv is not None:
-            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-        q, k, v = q.view(n, c.num_heads, c.head_dim), k.view(n, c.num_kv_heads, c.head_dim), v.view(n, c.num_kv_heads, c.head_dim)
-        if c.qk_norm == "head":
-            q, k = rms_norm(q, self.q_norm, c.rms_norm_eps), rms_norm(k, self.k_norm, c.rms_norm_eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = ctx.attend(self.layer, q, k, v, self.scale, self.window)  # [N, nh, D]
+        n, heads, kv_heads, dim = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)  # [N, (nh + 2nkv) * D]
+        if c.qk_norm == "none":  # q and k heads side by side already: views, no copy
+            if c.clip_qkv is not None:
+                qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
+            qk, v = qkv[:, :(heads + kv_heads) * dim], qkv[:, (heads + kv_heads) * dim:]
+            qk, v = qk.view(n, heads + kv_heads, dim), v.view(n, kv_heads, dim)  # [N, nh + nkv, D], [N, nkv, D]
+        else:  # transformers' order: "full" norm, clip, split into heads, "head" norm
+            q, k, v = qkv.split(self.sizes, dim=-1)  # [N, nh*D], [N, nkv*D] x 2
+            if c.qk_norm == "full":
+                q, k = rms_norm(q, self.q_norm, c.rms_norm_eps), rms_norm(k, self.k_norm, c.rms_norm_eps)
+            if c.clip_qkv is not None:
+                q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+            q, k, v = q.reshape(n, heads, dim), k.reshape(n, kv_heads, dim), v.reshape(n, kv_heads, dim)
+            if c.qk_norm == "head":
+                q, k = rms_norm(q, self.q_norm, c.rms_norm_eps), rms_norm(k, self.k_norm, c.rms_norm_eps)
+            qk = torch.cat((q, k), dim=1)  # [N, nh + nkv, D]
+        qk = rotate(qk, rope)  # [N, nh + nkv, D]
+        out = ctx.attend(self.layer, qk[:, :heads], qk[:, heads:], v, self.scale, self.window)  # [N, nh, D]
         return F.linear(out.reshape(n, -1), self.o_proj, self.o_bias)
 
 
@@ -152,8 +161,8 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(config.hidden_size, config.dense_intermediate_size)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
-        x = x + self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin, ctx)
+    def forward(self, x: Tensor, rope: RotaryTables, ctx: AttentionContext) -> Tensor:
+        x = x + self.attn(rms_norm(x, self.input_norm, self.eps), rope, ctx)
         return x + self.mlp(rms_norm(x, self.post_attention_norm, self.eps))
 
 
@@ -196,11 +205,10 @@ class MoEModel(nn.Module):
             inv_freq, _ = rope_inv_freq(self.config.rope, seq_len=int(positions.max()) + 1)
         else:
             inv_freq = self.inv_freq
-        cos, sin = rope_cos_sin(positions, inv_freq, self.rope_scaling)  # [N, D] float32
-        cos, sin = cos.to(self.dtype), sin.to(self.dtype)  # as transformers does before rotating
+        rope = rotary_tables(*rope_cos_sin(positions, inv_freq, self.rope_scaling), self.dtype)  # [N, 1, D] x 2
         x = F.embedding(input_ids, self.embed)  # [N, H]
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
+            x = layer(x, rope, ctx)
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
