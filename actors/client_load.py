@@ -3,7 +3,8 @@
 A client that crafts inputs to pile onto a few experts (the design card's security concern) shows
 up as a routing distribution far more concentrated than everyone else's. The router tells this
 table who owns each token of a step (`set_owners`), and every MoE layer's routed pairs are added
-to the owner's row: one bincount and one `index_add_` per layer, whatever the number of clients.
+to the owner's row of the open step: one bincount per layer whatever the number of clients, and one
+`index_add_` into the table per step (`end_step`).
 Rows live in a fixed table `[C, L, E]` (int32; `capacity` clients, the least recently seen one
 evicted when full), so memory stays bounded on any traffic.
 
@@ -25,28 +26,39 @@ from torch import Tensor
 
 class ClientLoad:
     def __init__(self, num_layers: int, num_experts: int, capacity: int = 256):
-        self.num_experts, self.capacity = num_experts, capacity
+        self.num_layers, self.num_experts, self.capacity = num_layers, num_experts, capacity
         self.table = torch.zeros(capacity, num_layers, num_experts, dtype=torch.int32)  # [C, L, E]
         self.slots: OrderedDict[str, int] = OrderedDict()  # client -> row, least recently seen first
         self.owners: Tensor | None = None  # [T] row of each token of the current step
+        self._used: Tensor | None = None  # [U] the table rows the step's tokens belong to
+        self._token_owner: Tensor | None = None  # [T] index into _used of each token
+        self._pair_owner: Tensor | None = None  # [T*K] the same per routed pair, for the step's K
+        self._step: Tensor | None = None  # [L, U, E] the open step's pairs, folded into the table by end_step
 
     def set_owners(self, clients: list[str], num_tokens: list[int]) -> None:
-        """The step's tokens, in batch order: num_tokens[i] of them belong to clients[i]."""
+        """The step's tokens, in batch order: num_tokens[i] of them belong to clients[i]. (Again on a
+        replayed step: the failed attempt's counts are dropped.)"""
         rows = torch.tensor([self._row(c) for c in clients], dtype=torch.long)
         self.owners = torch.repeat_interleave(rows, torch.tensor(num_tokens, dtype=torch.long))
+        self._used, self._token_owner = torch.unique(self.owners, return_inverse=True)
+        self._pair_owner = None
+        self._step = torch.zeros(self.num_layers, len(self._used), self.num_experts, dtype=torch.long)
 
     def add(self, moe_layer: int, topk_ids: Tensor) -> None:
-        """topk_ids [T, K] of the step whose owners were set."""
+        """topk_ids [T, K] of the step whose owners were set: one bincount into the open step."""
         if self.owners is None or self.owners.numel() != topk_ids.shape[0]:
             return
         k = topk_ids.shape[1]
-        used, inverse = torch.unique(self.owners, return_inverse=True)  # the step's rows, and each token's index
-        pairs = inverse.repeat_interleave(k) * self.num_experts + topk_ids.reshape(-1)
-        counts = torch.bincount(pairs, minlength=len(used) * self.num_experts).view(len(used), self.num_experts)
-        self.table[:, moe_layer].index_add_(0, used, counts.to(torch.int32))
+        if self._pair_owner is None or self._pair_owner.numel() != topk_ids.numel():
+            self._pair_owner = self._token_owner.repeat_interleave(k) * self.num_experts  # [T*K]
+        pairs = self._pair_owner + topk_ids.reshape(-1)  # [T*K] owner * E + expert
+        self._step[moe_layer].view(-1).add_(torch.bincount(pairs, minlength=self._step[moe_layer].numel()))
 
     def end_step(self) -> None:
-        self.owners = None
+        """Fold the step's counts into the table, one `index_add_` for all layers and clients."""
+        if self._step is not None:
+            self.table.index_add_(0, self._used, self._step.transpose(0, 1).to(torch.int32))
+        self.owners = self._used = self._token_owner = self._pair_owner = self._step = None
 
     def counts(self) -> dict[str, Tensor]:
         """client -> [L, E] routed pairs since it was first seen (or last evicted)."""

@@ -5,18 +5,31 @@ one) and hands `(host, port)` out through Ray; each world *generation* lives und
 store prefix, so the world can be destroyed and re-formed with other members between steps.
 gloo runs on CPU tensors, NCCL on each rank's GPU; `World.device` says which.
 
-The step protocol's collectives, all issued by every rank in the same order:
-    header        broadcast from rank 0: [command, step, version, arg]
-    counts        all_to_all_single of [W, S] int64 rows per (destination rank, slot)
-    rows          all_to_all_single of [n, H] with uneven splits (bf16 as is: gloo takes it)
-
-Measured on this design's alternative (bench/cluster_step.py, same code path, A/B): point-to-point
-isend/irecv between the router and each group, which skips the counts collective and the empty
-group-to-group messages, was ~2x *slower* than these all-to-alls on a 2-core machine.
+The step protocol's messages:
+    header        broadcast from rank 0: [command, step, version, arg] (arg: tokens in a RUN step)
+    per MoE layer, between the router and each group g (point to point):
+      message     router -> g: [S] int64 counts, then [n, H] rows sorted by slot, as one uint8
+                  buffer (`actors.dispatch.pack`); g receives it into a buffer big enough for
+                  any step of that many tokens (gloo accepts a message shorter than the buffer;
+                  on NCCL, which does not, the counts travel first and the rows after them)
+      results     g -> router: [n, H] in the same order (skipped when n = 0: both sides know n)
+Point to point rather than `all_to_all_single`: the groups never exchange anything with each
+other, and an all-to-all needs a counts round first (receivers must know their splits) plus W*W
+mostly empty messages per layer. Measured on a shared 2-core machine: one layer's exchange went
+from 2.2-2.9x to 1.2-1.5x the cost of two bare all-to-alls (bench/cluster_step.py table 2), and
+whole decode steps (router + 2 groups, the two protocols alternating in blocks of steps in the
+same processes) from 32 to 23 ms median at 64 sequences, every decile lower at 1. What makes it
+pay is one message each way with the counts inside and all of a layer's receives and sends posted
+at once; an earlier point-to-point version (counts and rows as two messages received one after
+the other, receives posted only after the sends completed) measured slower than the all-to-alls.
+A dead peer fails the wait on its message; a hung one times out after `timeout_s` (gloo applies
+the group's timeout to point-to-point waits).
 """
 
 import enum
+import gc
 from dataclasses import dataclass
+from typing import Callable
 from datetime import timedelta
 
 import torch
@@ -58,14 +71,22 @@ class World:
         dist.init_process_group(spec.backend, store=dist.PrefixStore(f"world{spec.generation}", store),
                                 rank=rank, world_size=spec.world_size, timeout=timeout)
         self.device = torch.device("cuda", torch.cuda.current_device()) if spec.backend == "nccl" else torch.device("cpu")
+        self.group = dist.group.WORLD  # per-layer sends and receives call it directly: no per-call checks and logging
 
     @property
     def size(self) -> int:
         return self.spec.world_size
 
     def destroy(self) -> None:
+        """Leave the world and close its connections, so that peers blocked on us raise at once.
+
+        The process group closes its sockets only when the last reference to it goes: ours, and
+        those of send/recv works still referenced somewhere (a failed step's traceback, say, kept
+        alive by a reference cycle), hence the collection."""
+        self.group = None
         if dist.is_initialized():
             dist.destroy_process_group()
+        gc.collect()
 
     def broadcast_header(self, header: Tensor | None = None) -> Tensor:
         """Rank 0 passes [4] int64; every rank gets it back."""
@@ -73,14 +94,27 @@ class World:
         dist.broadcast(buf, src=0)
         return buf.cpu()
 
-    def exchange_counts(self, send: Tensor) -> Tensor:
-        """send [W, S] rows this rank sends each rank, per slot -> recv [W, S] rows it gets from each."""
-        recv = torch.empty_like(send, device=self.device)
-        dist.all_to_all_single(recv, send.to(self.device).contiguous())
-        return recv.cpu()
+    def send_message(self, message: Tensor, dst: int, head_bytes: int) -> list[dist.Work]:
+        """Start sending a message (uint8: a head of `head_bytes` that says how long the rest is, then
+        the rest) to `dst`, for `recv_message`. gloo sends it whole; NCCL, whose receives must be of
+        the exact size, sends the head first and the rest after it."""
+        if self.spec.backend == "gloo":
+            return [self.send(message, dst)]
+        return [self.send(message[:head_bytes], dst), self.send(message[head_bytes:], dst)]
 
-    def exchange_rows(self, rows: Tensor, send_splits: list[int], recv_splits: list[int]) -> Tensor:
-        """rows [sum(send_splits), H] -> [sum(recv_splits), H], uneven splits per rank."""
-        out = torch.empty((sum(recv_splits), rows.shape[1]), dtype=rows.dtype, device=self.device)
-        dist.all_to_all_single(out, rows.to(self.device).contiguous(), recv_splits, send_splits)
-        return out.to(rows.device)
+    def recv_message(self, inbox: Tensor, src: int, head_bytes: int, size_of: Callable[[Tensor], int]) -> None:
+        """Receive a `send_message` message from `src` into the start of `inbox` (uint8 on `device`, at
+        least as long as any message can be); `size_of(head)` is the whole message's size."""
+        if self.spec.backend == "gloo":  # gloo takes a message shorter than the buffer
+            self.recv(inbox, src).wait()
+            return
+        self.recv(inbox[:head_bytes], src).wait()
+        self.recv(inbox[head_bytes:size_of(inbox[:head_bytes])], src).wait()
+
+    def send(self, tensor: Tensor, dst: int) -> dist.Work:
+        """Start sending `tensor` to rank `dst`; keep it unchanged until the returned work is waited."""
+        return self.group.send([tensor.to(self.device).contiguous()], dst, 0)
+
+    def recv(self, tensor: Tensor, src: int) -> dist.Work:
+        """Start receiving from rank `src` into `tensor` (contiguous, on `device`)."""
+        return self.group.recv([tensor], src, 0)

@@ -1,8 +1,8 @@
 """`ExpertGroup`: one rank of the expert world, holding the weights of its S slots per MoE layer.
 
 It never acts on its own between steps: `serve` reads the router's step header and follows it.
-Per MoE layer of a step it receives the rows the router sends it (already sorted by slot, with
-per-slot counts), runs the grouped SwiGLU over its slots, and sends the results back in the
+Per MoE layer of a step it receives one message from the router (per-slot counts, then the
+rows sorted by slot), runs the grouped SwiGLU over its slots, and sends the results back in the
 same order. Placement changes come in two halves: `stage(plan)` loads the weights of the slots
 that change into staging memory (on another thread) while steps go on; the header
 `ACTIVATE v` copies them into place at a step boundary, on every rank at once.
@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from moeray.actors.comm import Command, World
+from moeray.actors.dispatch import head_bytes, max_rows_per_group, message_bytes, unpack
 from moeray.actors.placement import PlacementPlan, check_plan
 from moeray.kernels.moe import expert_ffn
 from moeray.models.checkpoint import CheckpointReader, load_experts
@@ -40,6 +41,7 @@ class ExpertGroup:
         self.plan = plan
         self._staged: tuple[PlacementPlan, list] | None = None  # (plan, [(layer, slot, w13, w2)])
         self.tokens_per_slot = torch.zeros(plan.num_layers, slots, dtype=torch.long)  # [L, S] since start
+        self._inbox = torch.empty(0, dtype=torch.uint8)  # see `inbox`
 
     @property
     def staged_version(self) -> int | None:
@@ -97,7 +99,7 @@ class ExpertGroup:
     def serve(self, world: World) -> Command:
         """Follow step headers until REFORM or STOP; returns that command."""
         while True:
-            command, _step, version, _arg = world.broadcast_header().tolist()
+            command, _step, version, num_tokens = world.broadcast_header().tolist()
             command = Command(command)
             if command in (Command.REFORM, Command.STOP):
                 return command
@@ -109,23 +111,30 @@ class ExpertGroup:
                 self.activate(version)
             if version != self.plan.version:
                 raise RuntimeError(f"group {self.group}: step runs plan v{version}, active is v{self.plan.version}")
+            inbox = self.inbox(num_tokens, world.device)
             for layer in range(self.plan.num_layers):
-                self.run_layer(world, layer)
+                self.run_layer(world, layer, inbox)
 
-    def run_layer(self, world: World, layer: int) -> None:
-        """One MoE layer's exchange: counts in, rows in, expert FFN per slot, rows back."""
+    def inbox(self, num_tokens: int, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        """A receive buffer (uint8) that holds this group's message of any layer of a step of `num_tokens`
+        tokens; reused from step to step, grown when a step is bigger than any before."""
         slots = self.plan.slots_per_group
-        counts = world.exchange_counts(torch.zeros(world.size, slots, dtype=torch.long))  # [W, S] from each rank
-        splits = counts.sum(1).tolist()
-        rows = world.exchange_rows(torch.empty(0, self.config.hidden_size, dtype=self.dtype), [0] * world.size, splits)
-        out = torch.empty_like(rows)
-        start = 0
-        for rank, n in enumerate(splits):
-            if n:
-                out[start:start + n] = expert_ffn(rows[start:start + n], counts[rank].tolist(), self.w13[layer], self.w2[layer])
-                start += n
-        self.tokens_per_slot[layer] += counts.sum(0)
-        world.exchange_rows(out, splits, [0] * world.size)
+        size = message_bytes(slots, max_rows_per_group(num_tokens, self.config.top_k, slots),
+                             self.config.hidden_size, self.dtype)
+        if self._inbox.numel() < size or self._inbox.device != device:
+            self._inbox = torch.empty(size, dtype=torch.uint8, device=device)
+        return self._inbox
+
+    def run_layer(self, world: World, layer: int, inbox: torch.Tensor) -> None:
+        """One MoE layer: the router's message in (per-slot counts, rows sorted by slot), expert FFN, rows back."""
+        slots, hidden = self.plan.slots_per_group, self.config.hidden_size
+        world.recv_message(inbox, 0, head_bytes(slots),
+                           lambda head: message_bytes(slots, int(head.view(torch.long).sum()), hidden, self.dtype))
+        counts, rows = unpack(inbox, slots, hidden, self.dtype)  # [S], [n, H] (views into the inbox)
+        counts = counts.cpu()
+        self.tokens_per_slot[layer] += counts
+        if rows.shape[0]:
+            world.send(expert_ffn(rows.cpu(), counts.tolist(), self.w13[layer], self.w2[layer]), 0).wait()
 
     def _load(self, slots: list[tuple[int, int, int]]):
         """(layer, slot, logical expert) -> yields (layer, slot, w13 [2I, H], w2 [H, I]) from the checkpoint."""

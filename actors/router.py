@@ -15,12 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from moeray.actors.comm import Command, World
-from moeray.actors.dispatch import dispatch
+from moeray.actors.dispatch import head_bytes, max_rows_per_group, pack, route, sort_pairs
 from moeray.actors.engine import Engine, EngineConfig, RequestOutput
 from moeray.actors.client_load import ClientLoad
 from moeray.actors.load import LoadTracker
 from moeray.actors.placement import PlacementPlan, check_plan
-from moeray.kernels.moe import unpermute
+from moeray.kernels.moe import PermuteHandle, unpermute
 from moeray.models.loader import load_config, load_model
 from moeray.models.tokenizer import Tokenizer
 
@@ -34,21 +34,37 @@ class ExpertLink:
     def __init__(self, plan: PlacementPlan):
         self.plan = plan
         self.world: World | None = None
+        self.num_tokens = 0  # tokens of the running step (its header's arg): bounds each group's message
         self.tracker = LoadTracker(plan.num_layers, plan.num_experts)
         self.client_load = ClientLoad(plan.num_layers, plan.num_experts)
 
-    def send(self, rows: Tensor, counts: Tensor) -> None:
-        """rows [n, H] sorted by (group, slot); counts [G, S]. Group g is rank g + 1."""
-        world = self.world
-        slots = counts.shape[1]
-        to_ranks = torch.cat([torch.zeros(1, slots, dtype=torch.long), counts])  # [W, S]
-        world.exchange_counts(to_ranks)
-        world.exchange_rows(rows, to_ranks.sum(1).tolist(), [0] * world.size)
+    def send(self, x: Tensor, handle: PermuteHandle, counts: Tensor) -> tuple:
+        """Post the receive of every group's results, then send group g (rank g + 1) its message
+        (counts [S] + x's rows of its pairs), each as soon as it is gathered; returns at once.
+        x [T, H]; counts [G, S]. -> pending, for `receive`."""
+        world, slots = self.world, counts.shape[1]
+        rows_per_group = counts.sum(1).tolist()  # [G]
+        assert max(rows_per_group) <= max_rows_per_group(self.num_tokens, handle.top_k, slots), \
+            f"a group's rows {rows_per_group} overflow the buffer sized for {self.num_tokens} tokens"
+        results = torch.empty(sum(rows_per_group), x.shape[1], dtype=x.dtype, device=world.device)  # [T*K, H]
+        works, row = [], 0
+        for group, n in enumerate(rows_per_group):
+            if n:
+                works.append(world.recv(results[row:row + n], group + 1))
+            row += n
+        messages = []  # kept referenced until their sends are done
+        for group, message in enumerate(pack(x, handle, counts)):
+            works += world.send_message(message, group + 1, head_bytes(slots))
+            messages.append(message)
+        return works, messages, results
 
-    def receive(self, counts: Tensor, like: Tensor) -> Tensor:
-        """The groups' results, in the order `send` sent the rows: [n, H]."""
-        splits = [0] + counts.sum(1).tolist()
-        return self.world.exchange_rows(like.new_empty(0, like.shape[1]), [0] * self.world.size, splits)
+    @staticmethod
+    def receive(pending: tuple) -> Tensor:
+        """Wait for `send`'s messages to go and the results to come: [T*K, H], in sorted-pair order."""
+        works, _messages, results = pending  # the messages stay referenced until their sends are done
+        for work in works:
+            work.wait()
+        return results
 
 
 class RemoteExperts(nn.Module):
@@ -59,15 +75,17 @@ class RemoteExperts(nn.Module):
         self.moe_layer, self.link = moe_layer, link
 
     def dispatch(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> tuple:
-        self.link.tracker.add(self.moe_layer, topk_ids)
-        self.link.client_load.add(self.moe_layer, topk_ids)
-        rows, counts, handle = dispatch(x, topk_ids, self.link.plan, self.moe_layer)  # [T*K, H], [G, S]
-        self.link.send(rows, counts)
-        return rows, counts, handle, topk_weights
+        """Route, sort and post the layer's messages; the caller works (shared experts) while they fly."""
+        link, plan = self.link, self.link.plan
+        link.tracker.add(self.moe_layer, topk_ids)
+        link.client_load.add(self.moe_layer, topk_ids)
+        handle = sort_pairs(route(topk_ids, plan, self.moe_layer), plan.num_groups * plan.slots_per_group)
+        pending = link.send(x, handle, handle.counts.view(plan.num_groups, plan.slots_per_group))
+        return pending, handle, topk_weights
 
     def combine(self, pending: tuple) -> Tensor:
-        rows, counts, handle, topk_weights = pending
-        results = self.link.receive(counts, like=rows)  # [T*K, H]
+        pending, handle, topk_weights = pending
+        results = self.link.receive(pending).to(topk_weights.device)  # [T*K, H]
         return unpermute(results, handle, topk_weights)
 
 
@@ -114,9 +132,9 @@ class Router:
         command = Command.RUN
         if self.next_plan is not None:
             self.link.plan, self.next_plan, command = self.next_plan, None, Command.ACTIVATE
-        self._header(command)
+        self.last_step_tokens = self.link.num_tokens = sum(batch.num_new)
+        self._header(command, self.last_step_tokens)
         self.step_id += 1
-        self.last_step_tokens = sum(batch.num_new)
         now = time.monotonic()
         for seq in batch.seqs:
             self.scheduled_at.setdefault(seq.seq_id, now)
@@ -144,5 +162,5 @@ class Router:
     def stop(self) -> None:
         self._header(Command.STOP)
 
-    def _header(self, command: Command) -> None:
-        self.link.world.broadcast_header(torch.tensor([command, self.step_id, self.plan.version, 0]))
+    def _header(self, command: Command, num_tokens: int = 0) -> None:
+        self.link.world.broadcast_header(torch.tensor([command, self.step_id, self.plan.version, num_tokens]))

@@ -288,8 +288,11 @@ class RouterActor:
                 elif self.router.next_plan is not None or time.monotonic() - last_header > IDLE_HEADER_S:
                     try:
                         self.router.idle()
+                        broken = None
                     except Exception as err:  # a group died while idle: same recovery as mid-step
-                        self._await_recovery(err)
+                        broken = f"{type(err).__name__}: {err}"
+                    if broken is not None:
+                        self._await_recovery(broken)
                     last_header = time.monotonic()
                 else:
                     self._wait_for_request(0.05)
@@ -313,12 +316,18 @@ class RouterActor:
             try:
                 return self.router.run(batch)
             except Exception as err:  # the world broke under this step
-                self._await_recovery(err)
+                broken = f"{type(err).__name__}: {err}"
+            self._await_recovery(broken)  # outside the except: see _await_recovery
 
-    def _await_recovery(self, err: Exception) -> None:
+    def _await_recovery(self, broken: str) -> None:
         """Destroy the broken world and wait (serving paused, requests kept) until a re-formation
-        task runs; RuntimeError after RECOVERY_TIMEOUT_S, which fails the open streams."""
-        self.broken = f"{type(err).__name__}: {err}"
+        task runs; RuntimeError after RECOVERY_TIMEOUT_S, which fails the open streams.
+
+        Called with the error's text only, after its handler ended: the traceback's frames hold the
+        step's in-flight send/recv works, and while any is referenced the process group lives on
+        and keeps its sockets open, so the surviving groups would not see the world end and would
+        sit in their next receive until the world timeout, stalling the recovery."""
+        self.broken = broken
         started = time.monotonic()
         log.warning("the expert world broke mid-step (%s); waiting for it to be re-formed", self.broken)
         if self.router.link.world is not None:

@@ -26,9 +26,10 @@ spawn, one torch thread each) form a `moeray.actors.comm.World` over gloo; the r
 hosted by this process on a port the OS picks. Rank 0 plays the router, ranks 1-2 the expert groups
 of `PlacementPlan.default(1, E, 2)`. Per repetition (all ranks first meet in an all_reduce that
 carries which variant runs) the router times one of:
-  dispatch+combine  `actors.dispatch.dispatch` (assign_replicas + permute) -> `ExpertLink.send`
-                    (per-slot counts + rows to each group, point to point) -> `ExpertLink.receive`
-                    (rows back) -> `unpermute`,
+  dispatch+combine  the router's real path: `actors.dispatch.route` + `sort_pairs` (dispatch math) ->
+                    `ExpertLink.send` (posts the receive of each group's results, then gathers each
+                    group's message, per-slot counts + rows, and sends it point to point) ->
+                    `ExpertLink.receive` (waits for all of it) -> `unpermute`,
                     while the groups run the real `ExpertGroup.run_layer` with its expert FFN swapped
                     for a pass-through (rows go back as they came), so only communication and
                     bookkeeping are timed;
@@ -295,16 +296,17 @@ def passthrough_ffn(rows, counts, w13, w2):
     return rows
 
 
-def bare_group(plan, group: int, hidden: int, dtype: torch.dtype):
+def bare_group(plan, group: int, hidden: int, top_k: int, dtype: torch.dtype):
     """An `ExpertGroup` holding no weights, for `run_layer` with a pass-through FFN.
 
     `ExpertGroup.__init__` reads a checkpoint; this sets only the attributes `run_layer` reads."""
     from moeray.actors.expert_group import ExpertGroup
 
     g = ExpertGroup.__new__(ExpertGroup)
-    g.config, g.group, g.dtype, g.plan = SimpleNamespace(hidden_size=hidden), group, dtype, plan
+    g.config, g.group, g.dtype, g.plan = SimpleNamespace(hidden_size=hidden, top_k=top_k), group, dtype, plan
     g.w13 = g.w2 = [None] * plan.num_layers
     g.tokens_per_slot = torch.zeros(plan.num_layers, plan.slots_per_group, dtype=torch.long)
+    g._inbox = torch.empty(0, dtype=torch.uint8)
     return g
 
 
@@ -348,13 +350,14 @@ def exchange_worker(rank: int, port: int, cases: list[tuple[ExchangeShape, int]]
 
 def time_router(world, meet: Meeting, plan, x, topk_weights, topk_ids, rows, counts, budget: tuple) -> dict:
     """Rank 0: time dispatch+combine (the router's real path) against the raw floors, interleaved."""
-    from moeray.actors.dispatch import dispatch
+    from moeray.actors.dispatch import route, sort_pairs
     from moeray.actors.router import ExpertLink
     from moeray.kernels.moe import unpermute
 
     min_reps, max_reps, budget_s, _ = budget
     link = ExpertLink(plan)
-    link.world = world
+    link.world, link.num_tokens = world, x.shape[0]
+    num_physical = plan.num_groups * plan.slots_per_group
     row_splits = [0] + counts.sum(1).tolist()  # rows per rank
     to_ranks = torch.cat([torch.zeros(1, counts.shape[1], dtype=torch.long), counts])  # [W, S]
     wire_out, wire_back = rows.clone(), torch.empty_like(rows)
@@ -363,11 +366,11 @@ def time_router(world, meet: Meeting, plan, x, topk_weights, topk_ids, rows, cou
 
     def dispatch_combine() -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
-        sorted_rows, step_counts, handle = dispatch(x, topk_ids, plan, 0)
+        handle = sort_pairs(route(topk_ids, plan, 0), num_physical)
         t1 = time.perf_counter()
-        link.send(sorted_rows, step_counts)
+        pending = link.send(x, handle, handle.counts.view(plan.num_groups, plan.slots_per_group))
         t2 = time.perf_counter()
-        results = link.receive(step_counts, like=sorted_rows)
+        results = link.receive(pending)
         t3 = time.perf_counter()
         out = unpermute(results, handle, topk_weights)
         t4 = time.perf_counter()
@@ -414,7 +417,8 @@ def follow_router(world, meet: Meeting, plan, shape: ExchangeShape, rank: int, r
     from moeray.kernels.moe import expert_ffn
 
     _, max_reps, _, ffn_budget_s = budget
-    group = bare_group(plan, rank - 1, shape.hidden, rows.dtype)
+    group = bare_group(plan, rank - 1, shape.hidden, shape.top_k, rows.dtype)
+    inbox = group.inbox(rows.shape[0] // shape.top_k)
     row_splits = [0] + counts.sum(1).tolist()
     mine = rows[sum(row_splits[:rank]):sum(row_splits[:rank + 1])]  # [n, H] what this group receives
     recv, nothing = torch.empty_like(mine), rows.new_empty(0, rows.shape[1])
@@ -423,7 +427,7 @@ def follow_router(world, meet: Meeting, plan, shape: ExchangeShape, rank: int, r
     recv_splits = [len(mine), 0, 0]
     while (variant := meet()) != STOP:
         if variant == DISPATCH_COMBINE:
-            group.run_layer(world, 0)
+            group.run_layer(world, 0, inbox)
             continue
         if variant == FLOOR_COUNTS:
             dist.all_to_all_single(counts_in, zeros)
@@ -476,7 +480,7 @@ def print_exchange_table(rows: list[dict], args) -> None:
     print(f"\n### One MoE layer's dispatch+combine vs the floor: router + 2 groups, gloo, 3 processes, "
           f"{args.dtype}, times in microseconds (median)\n")
     print("| shape (H, K, E) | T | rows out | MB each way | floor: 2 x a2a | 3 x a2a (+counts) | "
-          "dispatch+combine | **/ floor** | dispatch math | send (counts+rows) | receive | unpermute | "
+          "dispatch+combine | **/ floor** | dispatch math | send (gather + post) | receive | unpermute | "
           "groups' real FFN | reps |")
     print("|" + " --- |" * 14)
     us = 1e6

@@ -18,6 +18,15 @@ def test_pairs_are_attributed_to_the_token_owners():
     assert counts["b"].tolist() == [[0, 1, 0, 1], [0, 0, 1, 1]]
 
 
+def test_a_replayed_step_is_counted_once():
+    load = ClientLoad(num_layers=1, num_experts=3)
+    for _attempt in range(2):  # the first attempt broke before end_step; the replay sets owners again
+        load.set_owners(["a"], [2])
+        load.add(0, torch.tensor([[0, 1], [2, 1]]))
+    load.end_step()
+    assert load.counts()["a"].tolist() == [[1, 2, 1]]
+
+
 def test_the_least_recently_seen_client_is_evicted_when_full():
     load = ClientLoad(1, 2, capacity=2)
     for client in ("a", "b", "a", "c"):  # c evicts b (a was seen again)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from moeray.actors.dispatch import assign_replicas, dispatch
+from moeray.actors.dispatch import (assign_replicas, dispatch, max_rows_per_group, message_bytes, pack, route,
+                                    sort_pairs, unpack)
 from moeray.actors.placement import PlacementPlan
 from moeray.kernels.moe import expert_ffn, fused_moe_reference, unpermute
 
@@ -188,3 +189,44 @@ def test_dispatch_with_expert_ffn_matches_reference():
         out_rows = expert_ffn(rows, counts.flatten().tolist(), w13[slot_expert], w2[slot_expert])
         out = unpermute(out_rows, handle, topk_weights)
         assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5), f"max diff {(out - expected).abs().max():.3g}"
+
+
+# --- the wire: one message per group, counts then rows ---------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("plan_index", range(3))
+def test_pack_then_unpack_gives_each_group_its_counts_and_rows(plan_index, dtype):
+    num_tokens, hidden, top_k, num_experts = 37, 8, 2, 12
+    plan = three_plans(2, num_experts)[plan_index]
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(0)).to(dtype)
+    topk_ids = random_topk(num_tokens, top_k, num_experts, seed=1)
+    slots = plan.slots_per_group
+    for layer in range(plan.num_layers):
+        rows, counts, _ = dispatch(x, topk_ids, plan, layer)
+        handle = sort_pairs(route(topk_ids, plan, layer), plan.num_groups * slots)
+        messages = list(pack(x, handle, counts))
+        assert len(messages) == plan.num_groups
+        inbox = torch.full((message_bytes(slots, max_rows_per_group(num_tokens, top_k, slots), hidden, dtype),),
+                           255, dtype=torch.uint8)  # a receive buffer with stale bytes past the message
+        row = 0
+        for group, message in enumerate(messages):
+            n = int(counts[group].sum())
+            assert message.dtype == torch.uint8 and message.numel() == message_bytes(slots, n, hidden, dtype)
+            inbox[:message.numel()] = message
+            got_counts, got_rows = unpack(inbox, slots, hidden, dtype)
+            assert torch.equal(got_counts, counts[group])
+            assert torch.equal(got_rows, rows[row:row + n])  # bit for bit, in the order dispatch sorts them
+            row += n
+
+
+def test_no_group_gets_more_rows_than_its_receive_buffer_holds():
+    num_experts, num_groups, slots, top_k, num_tokens = 12, 3, 5, 4, 50
+    for seed in range(20):
+        plan = random_plan(1, num_experts, num_groups, slots, seed)
+        handle = sort_pairs(route(random_topk(num_tokens, top_k, num_experts, seed), plan, 0), num_groups * slots)
+        assert handle.counts.view(num_groups, slots).sum(1).max() <= max_rows_per_group(num_tokens, top_k, slots)
+    # The bound is tight: every token routed to experts 0 and 1, both in group 0.
+    plan = PlacementPlan.default(1, 8, 2)  # group 0 holds experts 0-3
+    handle = sort_pairs(route(torch.tensor([[0, 1]] * num_tokens), plan, 0), 8)
+    assert int(handle.counts.view(2, 4)[0].sum()) == max_rows_per_group(num_tokens, 2, 4) == 2 * num_tokens

@@ -4,6 +4,7 @@ when that plan keeps (or empties) every slot it holds."""
 import pytest
 import torch
 
+from moeray.actors.dispatch import message_bytes
 from moeray.actors.expert_group import ExpertGroup
 from moeray.actors.placement import PlacementPlan
 
@@ -25,3 +26,14 @@ def test_a_group_loads_its_slots_and_adopts_only_plans_that_keep_them(make_check
     other[:, 0, 3] = 1  # an empty slot that would need weights loaded
     with pytest.raises(ValueError, match="gives group 0 other experts than this group holds"):
         group.adopt(PlacementPlan(other, 6, version=3), 0)
+
+
+def test_the_receive_buffer_fits_any_step_of_that_many_tokens_and_is_reused(make_checkpoint):
+    path = make_checkpoint("mixtral_swa")  # 2 MoE layers, 6 experts
+    plan = PlacementPlan.default(2, 6, 2, redundant_slots=1)
+    group = ExpertGroup(path, 0, plan)
+    c, slots = group.config, plan.slots_per_group
+    big = group.inbox(5)
+    assert big.numel() == message_bytes(slots, 5 * min(c.top_k, slots), c.hidden_size, group.dtype)
+    assert group.inbox(2) is big  # a smaller step reuses it
+    assert group.inbox(6).numel() > big.numel()
