@@ -40,6 +40,16 @@ class RouterRestarting(RuntimeError):
     the ingress waits and resubmits (`cluster.resume`)."""
 
 
+class Tagged:
+    """Where one submission's items go: its subscription's queue, as (tag, item)."""
+
+    def __init__(self, box: queue.Queue, tag: str):
+        self.box, self.tag = box, tag
+
+    def put(self, item: dict | Exception) -> None:
+        self.box.put((self.tag, item))
+
+
 @ray.remote(max_concurrency=8, concurrency_groups={"streams": MAX_STREAMS})
 class RouterActor:
     def __init__(self, model_path: str, plan_json: str, dtype: str, engine_config: EngineConfig, num_threads: int,
@@ -58,7 +68,8 @@ class RouterActor:
         self.store, self.port = host_store()
         self.inbox: queue.Queue = queue.Queue()
         self._tasks: queue.Queue = queue.Queue()  # (callable, done queue) run between steps
-        self.streams: dict[int, queue.Queue] = {}  # seq id -> that request's output queue
+        self.subscribers: dict[str, queue.Queue] = {}  # subscription -> its stream's queue of (tag, item)
+        self.streams: dict[int, Tagged] = {}  # seq id -> where that request's items go
         self.seq_ids: dict[str, int] = {}  # request id -> seq id, while it runs
         self.request_ids: dict[int, str] = {}  # and back
         self._cancelled: set[str] = set()  # request ids aborted before they were admitted
@@ -103,18 +114,22 @@ class RouterActor:
         self._loop = threading.Thread(target=self._step_loop, name="router-steps", daemon=True)
         self._loop.start()
 
-    @ray.method(concurrency_group="streams")
-    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                 client: str | None = None, resume: Resume | None = None):
-        """Streams dicts {token_ids, text, logprobs, finished, finish_reason} for one request
-        (with `resume`, one that a router before this one had started: see `Engine.add_request`).
+    def submit(self, subscription: str, request_id: str, tag: str, prompt_ids: list[int], params: SamplingParams,
+               client: str | None = None, resume: Resume | None = None) -> None:
+        """Queue a request; its items go to `subscription`'s stream (`subscribe`) under `tag`, the
+        submitter's name for this submission (a resubmission gets a new one, so that nothing the
+        replaced one still emits can reach it). `request_id` names the request for `abort`, and a
+        request submitted again replaces the running one. With `resume`, it is one that a router
+        before this one had started (see `Engine.add_request`).
 
-        A consumer that falls behind gets the steps it missed merged into one item: one Ray
-        message per item is the streaming cost, so slow readers cost less, not more. A full
-        queue refuses the request (OverloadedError) instead of growing without bound, and so
-        does a client over its token rate (`ClientPolicy.token_rate_limit`)."""
+        Refused at once, not queued, when this router is not serving yet or does not know the
+        subscription (RouterRestarting), when the queue is full or the client is over its token
+        rate (OverloadedError); a request the engine rejects (ValueError) fails in the stream."""
         if not self._running:
             raise RouterRestarting("the router is starting (it was restarted); retry shortly")
+        box = self.subscribers.get(subscription)
+        if box is None:
+            raise RouterRestarting(f"subscription {subscription!r} is not open on this router; subscribe, then resubmit")
         queued = self.inbox.qsize() + len(self.router.engine.batcher.waiting)
         if queued >= self.max_queued_requests and resume is None:  # a resumed request was admitted before
             raise OverloadedError(f"server overloaded: {queued} requests are already waiting "
@@ -125,35 +140,54 @@ class RouterActor:
             if wait is not None:
                 raise OverloadedError(f"client {client!r} is over its token rate "
                                       f"({self.client_policy.token_rate_limit:g} tokens/s); retry in {wait:.1f} s")
-        out: queue.Queue = queue.Queue()
-        self.inbox.put((list(prompt_ids), params, out, request_id, time.monotonic(), client, resume))
-        while True:
-            item = out.get()
-            while not isinstance(item, Exception) and not item["finished"] and not out.empty():
-                item = _merge(item, out.get())
-            if isinstance(item, Exception):
-                raise item
-            yield item
-            if item["finished"]:
-                return
+        self.inbox.put((list(prompt_ids), params, Tagged(box, tag), request_id, time.monotonic(), client, resume))
+
+    @ray.method(concurrency_group="streams")
+    def subscribe(self, subscription: str):
+        """The stream of every request submitted under `subscription` ("INGRESS:N", a new N for
+        each subscribe): each item is {tag: item or Exception}, an item being {token_ids, text,
+        logprobs, finished, finish_reason}; the first item is {} (open: submit now). One Ray message
+        per step for all of an ingress's requests, not one per request: the per-message cost is what
+        a busy router's CPU goes to. Steps a slow subscriber missed are merged into one item.
+        A newer subscription of the same ingress ends the older ones."""
+        ingress = subscription.rsplit(":", 1)[0]
+        for old in [s for s in self.subscribers if s.rsplit(":", 1)[0] == ingress]:
+            self.subscribers.pop(old).put(None)
+        box: queue.Queue = queue.Queue()
+        self.subscribers[subscription] = box
+        try:
+            yield {}
+            while (first := box.get()) is not None:
+                batch: dict = {}
+                for tag, item in _drain(first, box):
+                    batch[tag] = item if tag not in batch else _merge(batch[tag], item)
+                yield batch
+        finally:
+            if self.subscribers.get(subscription) is box:
+                del self.subscribers[subscription]
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (its client went away): its sequence and KV blocks are freed between steps."""
         def task():
-            seq_id = self.seq_ids.pop(request_id, None)
-            self.request_ids.pop(seq_id, None)
-            if seq_id is None:
-                self._cancelled.add(request_id)  # not admitted yet (or already done: harmless)
-                return
-            self.router.engine.abort(seq_id)
-            self.request_stats.emitted(seq_id, time.monotonic(), 0, "abort")
-            self.router.scheduled_at.pop(seq_id, None)
-            self.router.clients.pop(seq_id, None)
-            out = self.streams.pop(seq_id, None)
+            out = self._drop(request_id)
             if out is not None:
                 out.put({"token_ids": [], "text": "", "logprobs": [], "finished": True, "finish_reason": "abort"})
+            else:
+                self._cancelled.add(request_id)  # not admitted yet (or already done: harmless)
 
         self._tasks.put((task, queue.Queue()))
+
+    def _drop(self, request_id: str) -> Tagged | None:
+        """Forget a running request (between steps) and free its sequence. -> where its items went."""
+        seq_id = self.seq_ids.pop(request_id, None)
+        if seq_id is None:
+            return None
+        self.request_ids.pop(seq_id, None)
+        self.router.engine.abort(seq_id)
+        self.request_stats.emitted(seq_id, time.monotonic(), 0, "abort")
+        self.router.scheduled_at.pop(seq_id, None)
+        self.router.clients.pop(seq_id, None)
+        return self.streams.pop(seq_id, None)
 
     def set_plan(self, plan_json: str) -> int:
         """Stage a new plan on every group; it becomes active at the first step after all have it."""
@@ -266,6 +300,8 @@ class RouterActor:
 
     def shutdown(self) -> None:
         self._running = False
+        for box in list(self.subscribers.values()):
+            box.put(None)  # ends its stream
         if self._loop is not None:
             self._loop.join(timeout=30)
 
@@ -399,9 +435,10 @@ class RouterActor:
             except queue.Empty:
                 return
 
-    def _admit_one(self, prompt_ids: list[int], params: SamplingParams, out: queue.Queue, request_id: str | None,
+    def _admit_one(self, prompt_ids: list[int], params: SamplingParams, out: Tagged, request_id: str,
                    arrival: float, client: str, resume: Resume | None) -> None:
-        if request_id is not None and request_id in self._cancelled:
+        self._drop(request_id)  # submitted again (its ingress lost track of it): the new one replaces it
+        if request_id in self._cancelled:
             self._cancelled.discard(request_id)
             out.put({"token_ids": [], "text": "", "logprobs": [], "finished": True, "finish_reason": "abort"})
             return
@@ -413,8 +450,7 @@ class RouterActor:
         self.streams[seq_id] = out
         self.router.clients[seq_id] = client
         self.request_stats.admitted(seq_id, arrival, len(prompt_ids))
-        if request_id is not None:
-            self.seq_ids[request_id], self.request_ids[seq_id] = seq_id, request_id
+        self.seq_ids[request_id], self.request_ids[seq_id] = seq_id, request_id
 
     def _emit(self, out) -> None:
         item = {"token_ids": out.new_token_ids, "text": out.new_text, "logprobs": out.new_logprobs,
@@ -451,8 +487,24 @@ class RouterActor:
         self.router.next_plan = plan
 
 
+def _drain(first, box: queue.Queue):
+    """`first`, then whatever else is in `box` now (a None, the end, goes back for the next look)."""
+    yield first
+    while True:
+        try:
+            item = box.get_nowait()
+        except queue.Empty:
+            return
+        if item is None:
+            box.put(None)
+            return
+        yield item
+
+
 def _merge(first: dict | Exception, second: dict | Exception) -> dict | Exception:
     """Two consecutive stream items as one (an error wins)."""
+    if isinstance(first, Exception):
+        return first
     if isinstance(second, Exception):
         return second
     merged = {"token_ids": first["token_ids"] + second["token_ids"], "text": first["text"] + second["text"],

@@ -16,7 +16,7 @@ greedy, exactly `--max-tokens` tokens (eos ignored):
   with `stream=true`, `return_num_output_tokens=true` (tokens per response) and
   `sampling_parameters={"max_tokens": M, "temperature": 0, "ignore_eos": true}`; timestamps are
   taken in the stream callback.
-- ray: the data plane without the front door: `router.generate.remote(prompt_ids, params)`
+- ray: the data plane without the front door: `Deployment.generate(prompt_ids, params)` (the router's subscription stream)
   (the Ray streaming generator the Serve ingress reads) iterated from a driver thread, the
   prompt tokenized client-side. http/grpc minus ray = Serve proxy + ingress cost.
 - local: the reference. `Engine` in this process on the same checkpoint and engine settings,
@@ -194,13 +194,12 @@ def grpc_client(server: Server, model: str, max_tokens: int):
 
 
 def ray_client(server: Server, tokenizer: Tokenizer, max_tokens: int):
-    router = server.deployment.router
+    deployment = server.deployment
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 
     def send(prompt: str) -> Trace:
         trace = Trace(time.perf_counter())
-        for ref in router.generate.remote(tokenizer.encode(prompt), params):
-            item = ray.get(ref)
+        for item in deployment.generate(tokenizer.encode(prompt), params):
             if item["token_ids"]:
                 trace.chunks.append((time.perf_counter(), len(item["token_ids"])))
         _check(trace, max_tokens, "ray")

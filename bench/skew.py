@@ -7,7 +7,7 @@
 The checkpoint is the built-in model with its gates pushed towards experts 0 and 1
 (tests/skewed.py), which the default plan puts in the same group. Each run deploys a router and
 `--groups` expert groups on a local Ray cluster (default plan, one redundant slot per group) and
-drives `--clients` closed-loop streaming clients (`router.generate`, greedy, `--max-tokens` each)
+drives `--clients` closed-loop streaming clients (`Deployment.generate`, greedy, `--max-tokens` each)
 for `--duration` seconds. The "on" run also starts the `AutoscalerController` with POLICY below.
 
 Sampled once a second from the router (`load_snapshot(window_s=1)` under the plan in force):

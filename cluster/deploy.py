@@ -14,8 +14,10 @@ yet when we start, so there is no up-front check then: we say what we wait for a
 `start_timeout_s`.
 """
 
+import asyncio
 import os
 import threading
+import uuid
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +36,7 @@ from moeray.actors.sequence import SamplingParams
 from moeray.autoscaler.planner import PlanLimits, Topology
 from moeray.autoscaler.reshape import drain, drain_candidate, grow, lose_group, remove_group
 from moeray.autoscaler.scaling import resource_shortfall
+from moeray.cluster.resume import RouterOutputs, resumable_stream
 from moeray.models.loader import load_config
 
 
@@ -65,6 +68,9 @@ class Deployment:
         self.config, self.model_path, self.threads, self.group_options = config, model_path, threads, group_options  # to start more groups
         self.target_groups = len(groups)  # the pool size asked for (by deploy or scale_to): what `watch` heals to
         self._lock = threading.RLock()  # one resize or recovery at a time
+        self._loop: asyncio.AbstractEventLoop | None = None  # `generate`'s, see _event_loop
+        self._loop_lock = threading.Lock()
+        self.outputs: RouterOutputs | None = None
         self.recoveries: dict[str, dict] = {kind: {"count": 0, "last_s": None} for kind in ("expert_group", "router")}
 
     @property
@@ -77,8 +83,30 @@ class Deployment:
         return {"GPU": options["num_gpus"]} if options.get("num_gpus") else {"memory": options["memory"]}
 
     def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> Iterator[dict]:
-        for ref in self.router.generate.remote(prompt_ids, params):
-            yield ray.get(ref)
+        """One request's items, the way the ingress gets them: through this deployment's one
+        subscription to the router (`cluster.resume`), resumed if the router dies."""
+        loop = self._event_loop()
+        request_id = f"deployment-{uuid.uuid4().hex}"
+        stream = resumable_stream(self.outputs, list(prompt_ids), params, request_id, None)
+        finished = False
+        try:
+            while not finished and (item := asyncio.run_coroutine_threadsafe(_next(stream), loop).result()):
+                finished = item["finished"]
+                yield item
+        finally:
+            if loop.is_running():
+                asyncio.run_coroutine_threadsafe(stream.aclose(), loop).result(timeout=30)
+            if not finished:  # the caller stopped reading (or it failed): free it on the router
+                self.router.abort.remote(request_id)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop `generate`'s subscription runs on, in a thread of its own (started on first use)."""
+        with self._loop_lock:  # not self._lock: that one is held through whole resizes
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, name="deployment-outputs", daemon=True).start()
+                self.outputs = RouterOutputs(self.router, name=f"deployment-{uuid.uuid4().hex[:12]}")
+            return self._loop
 
     def set_plan(self, plan: PlacementPlan) -> int:
         return ray.get(self.router.set_plan.remote(plan.to_json()))
@@ -301,6 +329,8 @@ class Deployment:
         ray.get([g.serve.remote() for g in self.groups])
 
     def shutdown(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
         try:
             self._sync_groups()
         except ray.exceptions.RayError:
@@ -354,6 +384,10 @@ def deploy(config: ClusterConfig, log=lambda message: None) -> Deployment:
             ray.kill(actor)
         raise
     return deployment
+
+
+async def _next(stream):
+    return await anext(stream, None)
 
 
 def _alive(actor) -> bool:

@@ -2,8 +2,8 @@
 both streaming from the router.
 
 It owns no model state: it parses and validates requests (`cluster.openai`), streams the
-router's per-step items (`RouterActor.generate`, a Ray streaming generator, resubmitted if the
-router dies: `cluster.resume`) and writes them out as OpenAI responses or SSE events. Requests from every client meet in the router's batch. A
+router's per-step items (one `RouterActor.subscribe` stream per replica for all its requests,
+resubmitted if the router dies: `cluster.resume`) and writes them out as OpenAI responses or SSE events. Requests from every client meet in the router's batch. A
 client that goes away mid-stream has its request aborted, which frees its sequence and KV.
 """
 
@@ -25,7 +25,7 @@ from moeray.cluster.openai.errors import OpenAIError, from_exception, from_valid
 from moeray.cluster.openai.protocol import ChatCompletionRequest, CompletionRequest
 from moeray.cluster.openai.responses import SSEStream, chat_response, completion_response, model_list, sse_error
 from moeray.cluster.openai.served_model import ServedModel
-from moeray.cluster.resume import resumable_stream
+from moeray.cluster.resume import RouterOutputs, resumable_stream
 
 app = FastAPI(title="moeray", docs_url=None, redoc_url=None)
 
@@ -45,6 +45,7 @@ class Frontend(KServeIngress):
     def __init__(self, router, model_path: str, served_name: str, controller=None, admin_token: str | None = None,
                  max_request_bytes: int = 4 << 20):
         self.router, self.controller, self.admin_token = router, controller, admin_token
+        self.outputs = RouterOutputs(router)  # this replica's one stream of every request's items
         self.max_request_bytes = max_request_bytes
         self.tracer, self.metrics = telemetry.tracer(), telemetry.request_metrics()
         limits = ray.get(router.limits.remote())
@@ -203,7 +204,7 @@ class Frontend(KServeIngress):
         span = telemetry.RequestTrace(self.tracer, operation, self.model.name, request_id, params, len(prompt_ids),
                                       carrier or {}, self.metrics) if self.tracer or self.metrics else None
         try:
-            async for item in resumable_stream(self.router, prompt_ids, params, request_id,
+            async for item in resumable_stream(self.outputs, prompt_ids, params, request_id,
                                                client_identity(carrier or {})):
                 finished = item["finished"]
                 if span:

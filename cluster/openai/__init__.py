@@ -3,7 +3,7 @@
     model = ServedModel.load(path, name, max_model_len)          # once, at ingress start
     request = parse_request(ChatCompletionRequest, body)          # 400 on a malformed body
     call = convert_chat(request, model)                           # -> call.prompt_ids, call.params
-    items = router.generate(call.prompt_ids, call.params, call.request_id)
+    items = resumable_stream(outputs, call.prompt_ids, call.params, call.request_id, client)   # cluster.resume
     chat_response(call, items, model.tokenizer)                   # or SSEStream / sse_events
     any exception -> from_exception(err): .status_code, .to_json()
 

@@ -141,7 +141,7 @@ def test_router_killed_mid_stream_streams_go_on_unchanged(ray_cluster, expected)
     assert len(streams.results) >= done_before + 12, log
     assert any(first < killed_at < end for first, end in streams.spans)  # streams that spanned the kill
     wrong = [(p, text) for p, text in streams.results if text != expected[p]]
-    assert wrong == []
+    assert wrong == [], [(text, expected[p]) for p, text in wrong]
     assert grpc_out.get(timeout=1) == (expected[PROMPTS[0]], None)
     assert recoveries["count"] == 1 and recoveries["last_s"] < 60, recoveries
     assert any(line.startswith("router back in service") for line in log), log
