@@ -329,7 +329,8 @@ class Deployment:
         ray.get([g.serve.remote() for g in self.groups])
 
     def shutdown(self) -> None:
-        if self._loop is not None:
+        if self._loop is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(_cancel_tasks(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
         try:
             self._sync_groups()
@@ -384,6 +385,14 @@ def deploy(config: ClusterConfig, log=lambda message: None) -> Deployment:
             ray.kill(actor)
         raise
     return deployment
+
+
+async def _cancel_tasks() -> None:
+    """Cancel every other task of this loop (the subscription reader) and let them finish."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _next(stream):
