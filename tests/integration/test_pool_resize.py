@@ -1,4 +1,4 @@
-"""Growing and shrinking the expert pool while it serves: 2 -> 3 -> 2 groups under streaming load.
+"""Growing and shrinking the expert pool while it serves: 2 -> 4 -> 2 groups under streaming load.
 
 Greedy outputs must equal the in-process engine's (the built-in model: batch-invariant enough
 for greedy tokens, see README's note on determinism), no request may fail, and the plan in force
@@ -29,11 +29,11 @@ def test_scale_out_and_in_under_load_keeps_every_request_and_output(ray_cluster)
     log: list[str] = []
     try:
         with StreamingLoad(deployment, tokenizer, PROMPTS, params) as load:
-            grown = deployment.scale_to(3, log=log.append)
-            assert grown.num_groups == 3 and len(deployment.groups) == 3
-            assert (grown.physical_to_logical[:, 2] >= 0).any(1).all()  # the new group serves experts in every layer
-            assert deployment.plan().num_groups == 3
-            served_by_3 = len(load.results)
+            grown = deployment.scale_to(4, log=log.append)
+            assert grown.num_groups == 4 and len(deployment.groups) == 4
+            assert (grown.physical_to_logical[:, 2:] >= 0).any(2).all()  # each new group serves experts in every layer
+            assert deployment.plan().num_groups == 4
+            served_by_4 = len(load.results)
             shrunk = deployment.scale_to(2, log=log.append)
             assert shrunk.num_groups == 2 and len(deployment.groups) == 2 and deployment.plan() == shrunk
         stats = ray.get(deployment.router.stats.remote())
@@ -42,10 +42,10 @@ def test_scale_out_and_in_under_load_keeps_every_request_and_output(ray_cluster)
         deployment.shutdown()
     results, failures = load.results, load.failures
     assert failures == []
-    assert len(results) > served_by_3 > 0
+    assert len(results) > served_by_4 > 0
     wrong = [(p, ids) for p, ids in results if ids != expected[p]]
     assert wrong == []
-    assert any(line.startswith("scaled out to 3") for line in log) and any(line.startswith("scaled in to 2") for line in log)
+    assert any(line.startswith("scaled out to 4") for line in log) and any(line.startswith("scaled in to 2") for line in log)
 
 
 def test_scale_bounds_are_named(ray_cluster):
