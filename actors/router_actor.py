@@ -1,8 +1,9 @@
 """`RouterActor`: the Ray shell around `Router` — request intake, token streaming, plan changes.
 
 The step loop runs on one thread and owns the router; other calls talk to it through queues,
-so the engine is never touched from two threads. `generate` is a streaming generator: each
-item is one step's new tokens for that request.
+so the engine is never touched from two threads. Requests come in through `submit` and their
+items go out through `subscribe`, one streaming generator per ingress whose every item carries
+one step's new tokens for all of that ingress's requests (`cluster.resume` is the other end).
 """
 
 import collections

@@ -1,7 +1,7 @@
 """Router stream items -> OpenAI response bodies: one JSON object, or server-sent events.
 
-`RouterActor.generate` streams dicts `{token_ids, text, logprobs, finished, finish_reason}`, one
-per step (several merged when the reader lags). Not streamed, `completion_response` /
+The router streams dicts `{token_ids, text, logprobs, finished, finish_reason}` per request
+(`cluster.resume.resumable_stream`), one per step (several merged when the reader lags). Not streamed, `completion_response` /
 `chat_response` concatenate them into one body. Streamed, `SSEStream` turns each item into at
 most one `data: {chunk}\\n\\n` event and `close()` ends the stream: with
 `stream_options.include_usage` a chunk with empty `choices` and the usage, then `data: [DONE]`.

@@ -65,7 +65,7 @@ def user(text):
 
 
 def router_items(tokenizer, text, finish_reason="stop", per_item=1):
-    """What RouterActor.generate streams for an output `text`: per step its tokens, the text they
+    """What the router streams (per request, `cluster.resume`) for an output `text`: per step its tokens, the text they
     complete (a partial UTF-8 character is held back), their logprobs."""
     ids = tokenizer.encode(text)[1:]  # without the BOS the tokenizer adds
     items, shown = [], ""
@@ -336,7 +336,7 @@ def test_router_errors_map_to_statuses():
     assert (from_exception(engine).status_code, from_exception(engine).param) == (400, "prompt")
     renamed = from_exception(engine, {"prompt": "messages"})
     assert renamed.param == "messages" and renamed.message.startswith("messages has 70 tokens")
-    remote = RayTaskError("RouterActor.generate", "Traceback (most recent call last): ...", engine)
+    remote = RayTaskError("RouterActor.submit", "Traceback (most recent call last): ...", engine)
     remote = remote.as_instanceof_cause()
     assert from_exception(remote).message == str(engine)  # the actor's message, not Ray's traceback
     for refusal in (OverloadedError("server overloaded: 256 requests are already waiting"),
