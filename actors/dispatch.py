@@ -20,7 +20,7 @@ a token's K experts are distinct and a group holds at most one replica of each, 
 gets more than T * min(K, S) rows.
 """
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -81,16 +81,20 @@ def message_bytes(slots: int, num_rows: int, hidden: int, dtype: torch.dtype) ->
     return head_bytes(slots) + num_rows * hidden * dtype.itemsize
 
 
-def pack(x: Tensor, handle: PermuteHandle, counts: Tensor) -> Iterator[Tensor]:
+def pack(x: Tensor, handle: PermuteHandle, counts: Tensor,
+         alloc: Callable[[int, int], Tensor] | None = None) -> Iterator[Tensor]:
     """x [T, H], handle of `sort_pairs`, counts [G, S] -> yields group g's message for g = 0, 1, ...:
     uint8 [message_bytes], its counts then x's rows of its pairs sorted by slot, gathered from x
     straight into the message (no intermediate copy) when asked for, so the caller can send one
-    group's message while the next is gathered."""
+    group's message while the next is gathered. `alloc(group, nbytes)` gives the message's memory
+    (default: a new tensor)."""
     slots, hidden = counts.shape[1], x.shape[1]
     tokens = handle.order // handle.top_k if handle.top_k > 1 else handle.order  # [T*K] token of each sorted pair
-    row = 0
+    row, done = 0, []
     for group_counts, n in zip(counts, counts.sum(1).tolist()):
-        message = torch.empty(message_bytes(slots, n, hidden, x.dtype), dtype=torch.uint8, device=x.device)
+        nbytes = message_bytes(slots, n, hidden, x.dtype)
+        message = alloc(len(done), nbytes) if alloc else torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+        done.append(n)
         head = head_bytes(slots)
         message[:head].view(torch.long).copy_(group_counts)
         torch.index_select(x, 0, tokens[row:row + n], out=message[head:].view(x.dtype).view(n, hidden))

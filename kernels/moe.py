@@ -75,16 +75,22 @@ def permute(x: Tensor, topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Perm
     return x_sorted, PermuteHandle(order, counts, num_tokens, top_k)
 
 
-def unpermute(y_sorted: Tensor, handle: PermuteHandle, topk_weights: Tensor) -> Tensor:
+def unpermute(y_sorted: Tensor, handle: PermuteHandle, topk_weights: Tensor, scratch: Tensor | None = None) -> Tensor:
     """y_sorted [T*K, H] (expert order), topk_weights [T, K] -> [T, H], summed in top-k order.
 
     The weighted sum is taken in float32 and cast back, like transformers' experts (see `_weighted_sum`).
+    `scratch` (y_sorted's shape and dtype) takes the rows in pair order instead of a new tensor.
     """
     order = handle.order
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel())  # [T*K] sorted row of each pair
-    y = y_sorted.index_select(0, inverse).view(handle.num_tokens, handle.top_k, -1)  # [T, K, H] pair order
-    out = _weighted_sum(y, topk_weights)
+    y = torch.index_select(y_sorted, 0, inverse, out=scratch) if scratch is not None else y_sorted.index_select(0, inverse)
+    y = y.view(handle.num_tokens, handle.top_k, -1)  # [T, K, H] pair order
+    scale = topk_weights.unsqueeze(-1)  # [T, K, 1]
+    if torch.promote_types(y.dtype, scale.dtype) == y.dtype:  # the products in place: no second [T, K, H] buffer
+        out = _sum_top_k(y.mul_(scale))
+    else:
+        out = _weighted_sum(y, topk_weights)
     return out if out.dtype == y_sorted.dtype else out.to(y_sorted.dtype)
 
 
