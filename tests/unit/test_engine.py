@@ -8,15 +8,11 @@ import re
 import pytest
 import torch
 from checkpoints import EOS, VOCAB
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
 
 from moeray.actors.engine import Engine, EngineConfig
 from moeray.actors.kv_cache import kv_bytes_per_token
 from moeray.actors.sequence import SamplingParams
 from moeray.models import load_model
-from moeray.models.tokenizer import Tokenizer
 
 BLOCK = 4
 GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
@@ -33,18 +29,6 @@ PROMPTS = [  # lengths 3, 17, 9, 30, 1
 def model(make_checkpoint):
     """Qwen2-MoE with a sliding window (6) on layer 0, a dense layer and shared experts."""
     return load_model(make_checkpoint("qwen2_moe_swa"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    """A word-level tokenizer over the tiny vocab: id i <-> word 'w%03d' (0-2 special), words joined by spaces."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i:03d}": i for i in range(3, VOCAB)}}
-    tok = HFTokenizer(WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
-    folder = tmp_path_factory.mktemp("tokenizer")
-    tok.save(str(folder / "tokenizer.json"))
-    return Tokenizer(folder)
 
 
 def engine(model, tokenizer=None, **config):

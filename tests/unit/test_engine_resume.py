@@ -3,14 +3,10 @@ same remaining tokens and text, greedy or seeded, with a stop string completing 
 
 import pytest
 from checkpoints import VOCAB
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
 
 from moeray.actors.engine import Engine, EngineConfig, Resume
 from moeray.actors.sequence import SamplingParams
 from moeray.models import load_model
-from moeray.models.tokenizer import Tokenizer
 
 PROMPT = [(7 * i + 3) % VOCAB for i in range(30)]
 GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
@@ -20,18 +16,6 @@ SEEDED = SamplingParams(max_tokens=16, temperature=1.0, top_k=50, top_p=0.95, se
 @pytest.fixture(scope="module")
 def model(make_checkpoint):
     return load_model(make_checkpoint("mixtral_swa"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    """Word-level: id i <-> word 'w%03d' (0-2 special), words joined by spaces."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i:03d}": i for i in range(3, VOCAB)}}
-    tok = HFTokenizer(WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
-    folder = tmp_path_factory.mktemp("tokenizer")
-    tok.save(str(folder / "tokenizer.json"))
-    return Tokenizer(folder)
 
 
 def engine(model, tokenizer):
