@@ -52,14 +52,6 @@ def route(topk_ids: Tensor, plan: PlacementPlan, moe_layer: int) -> Tensor:
     return assign_replicas(topk_ids, plan.replica_count[moe_layer], plan.logical_to_physical[moe_layer])
 
 
-def sort_pairs(physical: Tensor, num_physical: int) -> PermuteHandle:
-    """physical [T, K] -> the handle `permute` would give (pairs sorted by physical id, stable),
-    without gathering any rows: `pack` gathers them straight into the messages."""
-    flat = physical.reshape(-1)  # [T*K]
-    order = torch.argsort(flat, stable=True)  # [T*K]
-    return PermuteHandle(order, torch.bincount(flat, minlength=num_physical), *physical.shape)
-
-
 def dispatch(x: Tensor, topk_ids: Tensor, plan: PlacementPlan, moe_layer: int) -> tuple[Tensor, Tensor, PermuteHandle]:
     """x [T, H], topk_ids [T, K] -> (rows [T*K, H] sorted by (group, slot), counts [G, S], handle)."""
     rows, handle = permute(x, route(topk_ids, plan, moe_layer), plan.num_groups * plan.slots_per_group)
@@ -83,13 +75,13 @@ def message_bytes(slots: int, num_rows: int, hidden: int, dtype: torch.dtype) ->
 
 def pack(x: Tensor, handle: PermuteHandle, counts: Tensor,
          alloc: Callable[[int, int], Tensor] | None = None) -> Iterator[Tensor]:
-    """x [T, H], handle of `sort_pairs`, counts [G, S] -> yields group g's message for g = 0, 1, ...:
+    """x [T, H], handle of `sort_pairs` (physical ids), counts [G, S] -> yields group g's message for g = 0, 1, ...:
     uint8 [message_bytes], its counts then x's rows of its pairs sorted by slot, gathered from x
     straight into the message (no intermediate copy) when asked for, so the caller can send one
     group's message while the next is gathered. `alloc(group, nbytes)` gives the message's memory
     (default: a new tensor)."""
     slots, hidden = counts.shape[1], x.shape[1]
-    tokens = handle.order // handle.top_k if handle.top_k > 1 else handle.order  # [T*K] token of each sorted pair
+    tokens = handle.tokens  # [T*K] token of each sorted pair
     row, done = 0, []
     for group_counts, n in zip(counts, counts.sum(1).tolist()):
         nbytes = message_bytes(slots, n, hidden, x.dtype)

@@ -15,12 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from moeray.actors.comm import Command, World
-from moeray.actors.dispatch import head_bytes, max_rows_per_group, pack, route, sort_pairs
+from moeray.actors.dispatch import head_bytes, max_rows_per_group, pack, route
 from moeray.actors.engine import Engine, EngineConfig, RequestOutput
 from moeray.actors.client_load import ClientLoad
 from moeray.actors.load import LoadTracker
 from moeray.actors.placement import PlacementPlan, check_plan
-from moeray.kernels.moe import PermuteHandle, unpermute
+from moeray.kernels.moe import PermuteHandle, sort_pairs, unpermute
 from moeray.models.loader import load_config, load_model
 from moeray.models.tokenizer import Tokenizer
 

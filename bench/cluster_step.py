@@ -26,7 +26,7 @@ spawn, one torch thread each) form a `moeray.actors.comm.World` over gloo; the r
 hosted by this process on a port the OS picks. Rank 0 plays the router, ranks 1-2 the expert groups
 of `PlacementPlan.default(1, E, 2)`. Per repetition (all ranks first meet in an all_reduce that
 carries which variant runs) the router times one of:
-  dispatch+combine  the router's real path: `actors.dispatch.route` + `sort_pairs` (dispatch math) ->
+  dispatch+combine  the router's real path: `actors.dispatch.route` + `kernels.moe.sort_pairs` (dispatch math) ->
                     `ExpertLink.send` (posts the receive of each group's results, then gathers each
                     group's message, per-slot counts + rows, and sends it point to point) ->
                     `ExpertLink.receive` (waits for all of it) -> `unpermute`,
@@ -350,7 +350,8 @@ def exchange_worker(rank: int, port: int, cases: list[tuple[ExchangeShape, int]]
 
 def time_router(world, meet: Meeting, plan, x, topk_weights, topk_ids, rows, counts, budget: tuple) -> dict:
     """Rank 0: time dispatch+combine (the router's real path) against the raw floors, interleaved."""
-    from moeray.actors.dispatch import route, sort_pairs
+    from moeray.actors.dispatch import route
+    from moeray.kernels.moe import sort_pairs
     from moeray.actors.router import ExpertLink
     from moeray.kernels.moe import unpermute
 

@@ -64,15 +64,24 @@ class PermuteHandle:
     num_tokens: int
     top_k: int
 
+    @property
+    def tokens(self) -> Tensor:
+        """[T*K] the token of each sorted row."""
+        return self.order // self.top_k if self.top_k > 1 else self.order
+
+
+def sort_pairs(topk_ids: Tensor, num_experts: int) -> PermuteHandle:
+    """topk_ids [T, K] -> the handle of the (token, expert) pairs sorted by expert (stable), without
+    gathering any rows: `permute` gathers them into one tensor, the router into its messages."""
+    flat_ids = topk_ids.reshape(-1)  # [T*K]
+    order = torch.argsort(flat_ids, stable=True)  # [T*K]
+    return PermuteHandle(order, torch.bincount(flat_ids, minlength=num_experts), *topk_ids.shape)
+
 
 def permute(x: Tensor, topk_ids: Tensor, num_experts: int) -> tuple[Tensor, PermuteHandle]:
     """x [T, H], topk_ids [T, K] -> (x_sorted [T*K, H] grouped by expert, handle)."""
-    num_tokens, top_k = topk_ids.shape
-    flat_ids = topk_ids.reshape(-1)  # [T*K]
-    order = torch.argsort(flat_ids, stable=True)  # [T*K]
-    counts = torch.bincount(flat_ids, minlength=num_experts)  # [E]
-    x_sorted = x.index_select(0, order // top_k if top_k > 1 else order)  # [T*K, H]
-    return x_sorted, PermuteHandle(order, counts, num_tokens, top_k)
+    handle = sort_pairs(topk_ids, num_experts)
+    return x.index_select(0, handle.tokens), handle  # [T*K, H]
 
 
 def unpermute(y_sorted: Tensor, handle: PermuteHandle, topk_weights: Tensor, scratch: Tensor | None = None) -> Tensor:

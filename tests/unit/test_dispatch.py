@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from moeray.actors.dispatch import (assign_replicas, dispatch, max_rows_per_group, message_bytes, pack, route,
-                                    sort_pairs, unpack)
+from moeray.actors.dispatch import assign_replicas, dispatch, max_rows_per_group, message_bytes, pack, route, unpack
 from moeray.actors.placement import PlacementPlan
-from moeray.kernels.moe import expert_ffn, fused_moe_reference, unpermute
+from moeray.kernels.moe import expert_ffn, fused_moe_reference, sort_pairs, unpermute
 
 # The example of actors/placement.py and actors/dispatch.py: E=4, G=2, S=3, one layer.
 EXAMPLE = PlacementPlan(torch.tensor([[[0, 1, 2], [2, 3, 0]]]), num_experts=4)
