@@ -37,7 +37,7 @@ class ExpertLink:
         self.num_tokens = 0  # tokens of the running step (its header's arg): bounds each group's message
         self.tracker = LoadTracker(plan.num_layers, plan.num_experts)
         self.client_load = ClientLoad(plan.num_layers, plan.num_experts)
-        self._buffers: dict = {}  # see _buffer
+        self._buffers: dict = {}  # see buffer
 
     def send(self, x: Tensor, handle: PermuteHandle, counts: Tensor) -> tuple:
         """Post the receive of every group's results, then send group g (rank g + 1) its message
@@ -47,7 +47,7 @@ class ExpertLink:
         rows_per_group = counts.sum(1).tolist()  # [G]
         assert max(rows_per_group) <= max_rows_per_group(self.num_tokens, handle.top_k, slots), \
             f"a group's rows {rows_per_group} overflow the buffer sized for {self.num_tokens} tokens"
-        results = self._buffer("results", sum(rows_per_group) * x.shape[1], x.dtype, world.device).view(
+        results = self.buffer("results", sum(rows_per_group) * x.shape[1], x.dtype, world.device).view(
             -1, x.shape[1])  # [T*K, H]
         works, row = [], 0
         for group, n in enumerate(rows_per_group):
@@ -55,13 +55,13 @@ class ExpertLink:
                 works.append(world.recv(results[row:row + n], group + 1))
             row += n
         messages = []  # kept referenced until their sends are done
-        alloc = lambda group, nbytes: self._buffer(("message", group), nbytes, torch.uint8, world.device)  # noqa: E731
+        alloc = lambda group, nbytes: self.buffer(("message", group), nbytes, torch.uint8, world.device)  # noqa: E731
         for group, message in enumerate(pack(x, handle, counts, alloc)):
             works += world.send_message(message, group + 1, head_bytes(slots))
             messages.append(message)
         return works, messages, results
 
-    def _buffer(self, key, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    def buffer(self, key, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The first `numel` elements of a buffer kept from layer to layer (grown, never shrunk).
         A layer's messages and results reuse the memory of the layer before, which `receive` and
         the combine are done with: fresh multi-MB tensors every layer cost their page faults
@@ -99,7 +99,7 @@ class RemoteExperts(nn.Module):
     def combine(self, pending: tuple) -> Tensor:
         pending, handle, topk_weights = pending
         results = self.link.receive(pending).to(topk_weights.device)  # [T*K, H]
-        scratch = self.link._buffer("unpermute", results.numel(), results.dtype, results.device).view(results.shape)
+        scratch = self.link.buffer("unpermute", results.numel(), results.dtype, results.device).view(results.shape)
         return unpermute(results, handle, topk_weights, scratch)
 
 

@@ -182,22 +182,23 @@ class Deployment:
         plan_json = ray.get(groups[next(g for g in range(len(groups)) if g not in dead)].plan_json.remote())
         for group in dead:  # the same plan on a fresh process: it loads exactly the dead group's slots
             ray.kill(groups[group])
-            groups[group] = ExpertGroupActor.options(**self.group_options).remote(
-                self.model_path, group, plan_json, self.config.dtype, self.threads)
+            groups[group] = self._start_group(group, plan_json)
         _wait_loaded([("router (restarted)", self.router)] + [(f"expert group {g} (replacement)", groups[g]) for g in dead],
                      self.config.start_timeout_s, log, load_args={"router (restarted)": (plan_json,)})
-        host, port = ray.get(self.router.rendezvous.remote())
+        host, port = ray.get(self.router.rendezvous.remote())  # the new process's own store
         spec = replace(self.spec, store_host=host, store_port=port, generation=self.spec.generation + 1,
                        world_size=len(groups) + 1)
-        ray.get([self.router.join.remote(spec)] + [a.join.remote(spec, g + 1) for g, a in enumerate(groups)],
-                timeout=spec.timeout_s * 2)
-        ray.get([a.serve.remote() for a in groups])
-        ray.get(self.router.start.remote(groups))
+        _start_serving(self.router, groups, spec)
         self.groups, self.spec = groups, spec
         self._recovered("router", started)
         log(f"router back in service {time.monotonic() - started:.1f} s after its restart was noticed"
             + (f" (replaced expert group(s) {dead})" if dead else ""))
         return True
+
+    def _start_group(self, group: int, plan_json: str):
+        """A new expert-group actor for `group` of that plan (it loads its slots in `load`)."""
+        return ExpertGroupActor.options(**self.group_options).remote(self.model_path, group, plan_json,
+                                                                     self.config.dtype, self.threads)
 
     def _recovered(self, kind: str, started: float) -> None:
         self.recoveries[kind] = {"count": self.recoveries[kind]["count"] + 1, "last_s": time.monotonic() - started}
@@ -217,8 +218,7 @@ class Deployment:
             log(f"survivors cannot hold the lost experts ({err}); starting replacement group(s) {dead}")
             groups = list(self.groups)
             for group in dead:
-                groups[group] = ExpertGroupActor.options(**self.group_options).remote(
-                    self.model_path, group, plan.to_json(), self.config.dtype, self.threads)
+                groups[group] = self._start_group(group, plan.to_json())
             _wait_loaded([(f"expert group {g} (replacement)", groups[g]) for g in dead], self.config.start_timeout_s, log)
             self._reform(plan, groups, load_missing=False)
             how = f"replaced group(s) {dead}"
@@ -272,9 +272,7 @@ class Deployment:
         new_plan, _ = grow(plan, num_groups - plan.num_groups, self._load(plan), _reshape_limits(plan, num_groups),
                            Topology(tuple(range(num_groups))))
         log(f"scaling out: starting expert groups {plan.num_groups}..{num_groups - 1}")
-        new = [ExpertGroupActor.options(**self.group_options).remote(self.model_path, g, new_plan.to_json(),
-                                                                     self.config.dtype, self.threads)
-               for g in range(plan.num_groups, num_groups)]
+        new = [self._start_group(g, new_plan.to_json()) for g in range(plan.num_groups, num_groups)]
         try:
             _wait_loaded([(f"expert group {g}", a) for g, a in enumerate(new, plan.num_groups)], timeout_s, log)
             self._reform(new_plan, self.groups + new)
@@ -376,15 +374,20 @@ def deploy(config: ClusterConfig, log=lambda message: None) -> Deployment:
         host, port = ray.get(router.rendezvous.remote())
         spec = WorldSpec(host, port, config.num_groups + 1, backend=backend, timeout_s=config.world_timeout_s)
         deployment.spec = spec
-        ray.get([router.join.remote(spec)] + [a.join.remote(spec, g + 1) for g, a in enumerate(groups)],
-                timeout=config.world_timeout_s * 2)
-        ray.get([a.serve.remote() for a in groups])
-        ray.get(router.start.remote(groups))
+        _start_serving(router, groups, spec)
     except BaseException:
         for actor in [router, *groups]:
             ray.kill(actor)
         raise
     return deployment
+
+
+def _start_serving(router, groups: list, spec: WorldSpec) -> None:
+    """Form a first world of a router not yet serving and `groups`, and start its step loop."""
+    ray.get([router.join.remote(spec)] + [a.join.remote(spec, g + 1) for g, a in enumerate(groups)],
+            timeout=spec.timeout_s * 2)
+    ray.get([a.serve.remote() for a in groups])
+    ray.get(router.start.remote(groups))
 
 
 async def _cancel_tasks() -> None:

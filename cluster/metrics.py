@@ -57,10 +57,11 @@ class MoerayCollector:
         try:
             m = ray.get(self.router.metrics.remote(), timeout=30)
         except ray.exceptions.RayError:  # the router is being restarted: say so, and what we know without it
-            yield _gauge("moeray_router_up", "1 while the router serves, 0 while it is restarted", name, 0)
+            m = None
+        yield _gauge("moeray_router_up", "1 while the router serves, 0 while it is restarted", name, int(m is not None))
+        if m is None:
             yield from self._autoscaler()
             return
-        yield _gauge("moeray_router_up", "1 while the router serves, 0 while it is restarted", name, 1)
         req = m["requests"]
         for metric, key, doc in (("time_to_first_token_seconds", "ttft", "arrival to first output token"),
                                  ("inter_token_latency_seconds", "itl", "time per output token after the first"),
