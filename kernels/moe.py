@@ -86,21 +86,37 @@ def permute(x: Tensor, topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Perm
 
 def unpermute(y_sorted: Tensor, handle: PermuteHandle, topk_weights: Tensor, scratch: Tensor | None = None) -> Tensor:
     """y_sorted [T*K, H] (expert order), topk_weights [T, K] -> [T, H], summed in top-k order.
-
-    The weighted sum is taken in float32 and cast back, like transformers' experts (see `_weighted_sum`).
-    `scratch` (y_sorted's shape and dtype) takes the rows in pair order instead of a new tensor.
-    """
+    `scratch` (y_sorted's shape and dtype) is memory `combine` may use instead of a new tensor."""
     order = handle.order
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel())  # [T*K] sorted row of each pair
-    y = torch.index_select(y_sorted, 0, inverse, out=scratch) if scratch is not None else y_sorted.index_select(0, inverse)
-    y = y.view(handle.num_tokens, handle.top_k, -1)  # [T, K, H] pair order
+    inverse[order] = torch.arange(order.numel(), device=order.device)  # [T*K] sorted row of each pair
+    return combine(y_sorted, inverse.view(handle.num_tokens, handle.top_k), topk_weights, scratch)
+
+
+def combine(rows: Tensor, index: Tensor, topk_weights: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """rows [N, H], index [T, K] (the row of each pair), topk_weights [T, K] -> [T, H]:
+    out[t] = sum over k, in order, of topk_weights[t, k] * rows[index[t, k]].
+
+    float32 rows and weights: one `embedding_bag` (a token's K rows are its bag, in top-k order),
+    which gathers, weights and sums each token in one pass over its rows instead of gathering
+    all T*K rows into a second buffer and walking it twice more: 4-6x faster at OLMoE prefill
+    sizes, where those passes cost more than the exchange they follow (bench/cluster_step.py).
+    It multiplies and adds in one fused step, so its bits are not those of `_weighted_sum` (one
+    rounding fewer), but they depend only on the rows and weights, never on the placement.
+    Other dtypes keep transformers' products (see `_weighted_sum`): the rows are gathered in pair
+    order, into `scratch` (rows' shape and dtype) if given, weighted and summed in float32.
+    """
+    if rows.dtype == torch.float32 and topk_weights.dtype == torch.float32:
+        return F.embedding_bag(index, rows, mode="sum", per_sample_weights=topk_weights)  # [T, H]
+    flat = index.reshape(-1)  # [T*K]
+    y = torch.index_select(rows, 0, flat, out=scratch[:flat.numel()]) if scratch is not None else rows.index_select(0, flat)
+    y = y.view(*index.shape, -1)  # [T, K, H] pair order
     scale = topk_weights.unsqueeze(-1)  # [T, K, 1]
     if torch.promote_types(y.dtype, scale.dtype) == y.dtype:  # the products in place: no second [T, K, H] buffer
         out = _sum_top_k(y.mul_(scale))
     else:
         out = _weighted_sum(y, topk_weights)
-    return out if out.dtype == y_sorted.dtype else out.to(y_sorted.dtype)
+    return out if out.dtype == rows.dtype else out.to(rows.dtype)
 
 
 def expert_ffn(x_sorted: Tensor, counts: list[int], w13: Tensor, w2: Tensor) -> Tensor:
@@ -161,27 +177,20 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     """All experts local: x [T, H], topk [T, K], w13 [E, 2I, H], w2 [E, H, I] -> [T, H].
 
     permute -> expert_ffn -> unpermute, with the same results to the bit, taken a chunk of
-    consecutive experts at a time: each chunk gathers its rows, runs its experts and writes its
-    weighted rows to their pairs, so a chunk's intermediates (about `CHUNK_BYTES`) stay in cache
-    instead of every step streaming all T*K rows through memory. Small batches are one chunk.
+    consecutive experts at a time: each chunk gathers its rows and runs its experts, so a chunk's
+    intermediates (about `CHUNK_BYTES`) stay in cache instead of every step streaming all T*K
+    rows through memory for each of them. Small batches are one chunk.
     """
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 1:
         return _fused_moe_one_token(x, topk_weights, topk_ids, w13, w2)
-    flat_ids = topk_ids.reshape(-1)  # [T*K]
-    order = torch.argsort(flat_ids, stable=True)  # [T*K] pair of each sorted row
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()  # E
-    token_of_row = order // top_k if top_k > 1 else order  # [T*K]
-    pair_weights = topk_weights.reshape(-1, 1)  # [T*K, 1]
-    weighted = x.new_empty(num_tokens * top_k, x.shape[1], dtype=torch.promote_types(x.dtype, topk_weights.dtype))
+    handle = sort_pairs(topk_ids, w13.shape[0])
+    counts, tokens = handle.counts.tolist(), handle.tokens  # E; [T*K] token of each sorted row
+    y_sorted = torch.empty(num_tokens * top_k, x.shape[1], dtype=x.dtype, device=x.device)  # [T*K, H]
     row_bytes = 4 * (w13.shape[1] + 2 * x.shape[1])  # float32 gate_up + input + output of one row
     for experts, rows in _expert_chunks(counts, max(1, CHUNK_BYTES // row_bytes)):
-        pairs = order[rows]  # [n]
-        y = expert_ffn(x.index_select(0, token_of_row[rows]), counts[experts], w13[experts], w2[experts])  # [n, H]
-        scale = pair_weights.index_select(0, pairs)  # [n, 1]
-        weighted.index_copy_(0, pairs, y.mul_(scale) if y.dtype == weighted.dtype else y * scale)  # promoted dtype
-    out = _sum_top_k(weighted.view(num_tokens, top_k, -1))
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+        y_sorted[rows] = expert_ffn(x.index_select(0, tokens[rows]), counts[experts], w13[experts], w2[experts])
+    return unpermute(y_sorted, handle, topk_weights)
 
 
 def _expert_chunks(counts: list[int], max_rows: int):
@@ -210,13 +219,14 @@ def fused_moe_reference(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: 
 
 
 def _fused_moe_one_token(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
-    """T = 1 (decode of one sequence): its K experts are distinct, one row each, so nothing to sort.
-    Products and sum as in `_weighted_sum`."""
+    """T = 1 (decode of one sequence): its K experts are distinct, one row each, so nothing to sort;
+    the rows are combined as `unpermute` combines them."""
+    top_k = topk_ids.shape[1]
+    y = torch.empty(top_k, x.shape[1], dtype=x.dtype, device=x.device)  # [K, H] top-k order
     for k, expert in enumerate(topk_ids.tolist()[0]):
         gate, up = F.linear(x, w13[expert]).chunk(2, dim=-1)  # [1, I] each
-        term = F.linear(F.silu(gate).mul_(up), w2[expert]) * topk_weights[:, k:k + 1]  # [1, H]
-        out = _float32(term) if k == 0 else out.add_(term)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+        torch.mm(F.silu(gate).mul_(up), w2[expert].t(), out=y[k:k + 1])  # [1, H]
+    return combine(y, torch.arange(top_k, device=x.device).view(1, top_k), topk_weights)
 
 
 def _weighted_sum(y: Tensor, topk_weights: Tensor) -> Tensor:
