@@ -10,8 +10,8 @@ Table 1, decode throughput. A real local Ray cluster (`ray.init(num_cpus=2)` in 
 token auth off) runs `deploy(ClusterConfig(model, num_groups=2))`: a router and two expert groups,
 one torch thread each (what `deploy` gives them on this machine). B requests with equal-length
 random prompts (greedy, `max_tokens` tokens, `ignore_eos`) go in at once from B client threads
-through `Deployment.generate`. The in-process `Engine` on the same checkpoint runs the same prompts
-(`add_request` x B, then `step()` until done) with `--engine-threads` torch threads (default 1:
+through `Deployment.generate`. The in-process `Engine` on the same checkpoint (with its tokenizer, so that
+both sides make the same text) runs the same prompts (`add_request` x B, then `step()` until done) with `--engine-threads` torch threads (default 1:
 the per-process share the actors get; on a shared 2-core machine a 2-thread OpenMP pool collapses
 under load and would flatter the cluster). Every token is time-stamped where it lands (client
 thread / after `step()`). *Decode tok/s* counts the tokens that land between the moment the last
@@ -205,6 +205,7 @@ def decode_table(path: Path, args) -> list[dict]:
     from moeray.actors.sequence import SamplingParams
     from moeray.cluster.deploy import ClusterConfig, deploy
     from moeray.models import load_config, load_model
+    from moeray.models.tokenizer import Tokenizer
 
     config, _ = load_config(path)
     dtype = DTYPES[args.dtype]
@@ -212,7 +213,8 @@ def decode_table(path: Path, args) -> list[dict]:
     engine_config = EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max(2048, max_seqs * PROMPT_LEN))
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     torch.set_num_threads(args.engine_threads)
-    engine = Engine(load_model(path, dtype), config=engine_config)
+    tokenizer = Tokenizer(path) if (Path(path) / "tokenizer.json").is_file() else None  # text on both sides, as the router makes it
+    engine = Engine(load_model(path, dtype), tokenizer, config=engine_config)
 
     temp_dir = tempfile.mkdtemp(prefix="mrb-", dir="/tmp")  # short: Ray's socket paths are length-limited
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, logging_level="ERROR", log_to_driver=False)
