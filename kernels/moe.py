@@ -134,8 +134,7 @@ def expert_ffn(x_sorted: Tensor, counts: list[int], w13: Tensor, w2: Tensor) -> 
     """
     upcast = _needs_float32_matmul(w13.dtype, w13.device.type)
     active = sum(1 for count in counts if count)
-    streamed = (not upcast and active and x_sorted.shape[0] <= TRANSPOSED_MAX_ROWS * active
-                and w13[0].numel() * w13.element_size() >= STREAMED_WEIGHT_BYTES)
+    streamed = _streams_weights(w13) and x_sorted.shape[0] <= TRANSPOSED_MAX_ROWS * active
     if not upcast and not streamed and _has_grouped_mm(w13.device.type):  # the same per-expert matmuls, looped in C++
         offsets = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x_sorted.device)  # [E]
         gate, up = F.grouped_mm(x_sorted, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N, I] each
@@ -169,9 +168,20 @@ def _swiglu_streamed(x: Tensor, w13: Tensor, w2: Tensor, out: Tensor) -> None:
     it at a third of that for 2-8 rows (2-core AVX2 VM, weights out of cache: 15 vs 5 GB/s).
     """
     inter = w2.shape[-1]
-    gate_up = torch.mm(w13, x.t()).t()  # [n, 2I], a view of [2I, n]
+    gate_up = _weight_times_rows(w13, x).t()  # [n, 2I], a view of [2I, n]
     act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]).contiguous()  # [n, I] row-major: act.t() is transposed
-    out.copy_(torch.mm(w2, act.t()).t())  # [n, H]
+    out.copy_(_weight_times_rows(w2, act).t())  # [n, H]
+
+
+def _weight_times_rows(weight: Tensor, x: Tensor) -> Tensor:
+    """weight [R, C] @ x.t() ([n, C] rows) -> [R, n]. One row is a matrix-vector product, which MKL
+    runs on one thread (14 of the 25 GB/s two cores read): cut into one block of weight rows per
+    thread, as a batched matmul, it runs on all of them."""
+    parts = torch.get_num_threads()
+    if x.shape[0] > 1 or parts == 1 or weight.shape[0] % parts:
+        return torch.mm(weight, x.t())
+    blocks = weight.view(parts, -1, weight.shape[1])  # [P, R/P, C]
+    return torch.bmm(blocks, x.t().expand(parts, -1, -1)).view(weight.shape[0], 1)  # [R, 1]
 
 
 def _swiglu_float32(x: Tensor, w13: Tensor, w2: Tensor, out: Tensor, buffer: Tensor) -> None:
@@ -248,10 +258,20 @@ def _fused_moe_one_token(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13:
     the rows are combined as `unpermute` combines them."""
     top_k = topk_ids.shape[1]
     y = torch.empty(top_k, x.shape[1], dtype=x.dtype, device=x.device)  # [K, H] top-k order
+    streamed = _streams_weights(w13)
     for k, expert in enumerate(topk_ids.tolist()[0]):
+        if streamed:
+            _swiglu_streamed(x, w13[expert], w2[expert], y[k:k + 1])
+            continue
         gate, up = F.linear(x, w13[expert]).chunk(2, dim=-1)  # [1, I] each
         torch.mm(F.silu(gate).mul_(up), w2[expert].t(), out=y[k:k + 1])  # [1, H]
     return combine(y, torch.arange(top_k, device=x.device).view(1, top_k), topk_weights)
+
+
+def _streams_weights(w13: Tensor) -> bool:
+    """Experts too big to stay in cache, in a dtype the device multiplies natively: `_swiglu_streamed` pays."""
+    return (not _needs_float32_matmul(w13.dtype, w13.device.type)
+            and w13[0].numel() * w13.element_size() >= STREAMED_WEIGHT_BYTES)
 
 
 def _weighted_sum(y: Tensor, topk_weights: Tensor) -> Tensor:
