@@ -39,7 +39,7 @@ Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
 
 import itertools
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -112,8 +112,10 @@ def combine(rows: Tensor, index: Tensor, topk_weights: Tensor, scratch: Tensor |
     Other dtypes keep transformers' products (see `_weighted_sum`): the rows are gathered in pair
     order, into `scratch` (rows' shape and dtype) if given, weighted and summed in float32.
     """
-    if rows.dtype == torch.float32 and topk_weights.dtype == torch.float32:
-        return F.embedding_bag(index, rows, mode="sum", per_sample_weights=topk_weights)  # [T, H]
+    if rows.dtype == torch.float32 and topk_weights.dtype == torch.float32:  # torch.embedding_bag: F's checks cost as much
+        num_tokens, top_k = index.shape
+        return torch.embedding_bag(rows, index.reshape(-1), _range(num_tokens, top_k, index.device), False, 0, False,
+                                   topk_weights.reshape(-1), False, None)[0]  # [T, H] (mode 0: sum)
     flat = index.reshape(-1)  # [T*K]
     y = torch.index_select(rows, 0, flat, out=scratch[:flat.numel()]) if scratch is not None else rows.index_select(0, flat)
     y = y.view(*index.shape, -1)  # [T, K, H] pair order
@@ -257,21 +259,29 @@ def _fused_moe_one_token(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13:
     """T = 1 (decode of one sequence): its K experts are distinct, one row each, so nothing to sort;
     the rows are combined as `unpermute` combines them."""
     top_k = topk_ids.shape[1]
-    y = torch.empty(top_k, x.shape[1], dtype=x.dtype, device=x.device)  # [K, H] top-k order
-    streamed = _streams_weights(w13)
-    for k, expert in enumerate(topk_ids.tolist()[0]):
-        if streamed:
+    if _streams_weights(w13):
+        y = torch.empty(top_k, x.shape[1], dtype=x.dtype, device=x.device)  # [K, H] top-k order
+        for k, expert in enumerate(topk_ids.tolist()[0]):
             _swiglu_streamed(x, w13[expert], w2[expert], y[k:k + 1])
-            continue
-        gate, up = F.linear(x, w13[expert]).chunk(2, dim=-1)  # [1, I] each
-        torch.mm(F.silu(gate).mul_(up), w2[expert].t(), out=y[k:k + 1])  # [1, H]
-    return combine(y, torch.arange(top_k, device=x.device).view(1, top_k), topk_weights)
+    else:
+        rows = []
+        for expert in topk_ids.tolist()[0]:
+            gate, up = F.linear(x, w13[expert]).chunk(2, dim=-1)  # [1, I] each
+            rows.append(F.linear(F.silu(gate).mul_(up), w2[expert]))  # [1, H]
+        y = torch.cat(rows)  # [K, H] top-k order
+    return combine(y, _range(top_k, 1, x.device).view(1, top_k), topk_weights)
+
+
+@lru_cache(maxsize=256)
+def _range(count: int, step: int, device: torch.device) -> Tensor:
+    """[count] 0, step, 2*step, ...: a bag's offsets, kept (decode steps ask for the same few every time)."""
+    return torch.arange(0, count * step, step, device=device)
 
 
 def _streams_weights(w13: Tensor) -> bool:
     """Experts too big to stay in cache, in a dtype the device multiplies natively: `_swiglu_streamed` pays."""
-    return (not _needs_float32_matmul(w13.dtype, w13.device.type)
-            and w13[0].numel() * w13.element_size() >= STREAMED_WEIGHT_BYTES)
+    return (w13.shape[1] * w13.shape[2] * w13.element_size() >= STREAMED_WEIGHT_BYTES
+            and not _needs_float32_matmul(w13.dtype, w13.device.type))
 
 
 def _weighted_sum(y: Tensor, topk_weights: Tensor) -> Tensor:
