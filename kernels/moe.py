@@ -21,11 +21,16 @@ to the model dtype, the activation runs in the model dtype, and the K expert out
 are scaled (in the dtype of the top-k weights: float32 for Mixtral, the model dtype for
 Qwen-MoE / OLMoE) and summed in float32 in top-k order, then rounded once: the dtypes and order of
 transformers' experts, so bf16 results agree with it up to the summation order inside a matmul.
+In float32 the scale and sum are one `embedding_bag` (see `combine`), fused multiply-adds in
+top-k order: within an ulp of transformers, and the same bits whatever the placement or batch.
 
 Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
 - float32, or any dtype the device multiplies natively: on CPU all experts go through one
   `F.grouped_mm` call per projection (the same per-expert MKL matmuls as a Python loop, bitwise,
-  without the per-expert Python overhead), elsewhere through the loop.
+  without the per-expert Python overhead), elsewhere through the loop. Except for experts too big
+  for cache with few rows each (decode): `_swiglu_streamed` multiplies weight @ rows^T, which MKL
+  runs at close to the machine's read bandwidth where rows @ weight^T gets a third of it, and
+  splits a single row's matrix-vector product across threads (MKL runs it on one).
 - bf16/fp16 on CPUs without oneDNN support for them (x86 without AVX-512 BF16/AMX): torch's
   low-precision matmul is a dot-product loop that streams the whole weight once per row, 4-8x
   slower than float32 MKL at prefill sizes. Experts with more than `MAX_ROWS_LOW_PRECISION_MATMUL`
