@@ -16,7 +16,8 @@ The step protocol's messages:
 Point to point rather than `all_to_all_single`: the groups never exchange anything with each
 other, and an all-to-all needs a counts round first (receivers must know their splits) plus W*W
 mostly empty messages per layer. Measured on a shared 2-core machine: one layer's exchange went
-from 2.2-2.9x to 1.2-1.5x the cost of two bare all-to-alls (bench/cluster_step.py table 2), and
+from 2.2-2.9x to 1.2-1.5x the cost of two bare all-to-alls (bench/cluster_step.py table 2; 1.15-1.3x
+once the router's combine became one `embedding_bag`, see `kernels.moe.combine`), and
 whole decode steps (router + 2 groups, the two protocols alternating in blocks of steps in the
 same processes) from 32 to 23 ms median at 64 sequences, every decile lower at 1. What makes it
 pay is one message each way with the counts inside and all of a layer's receives and sends posted
