@@ -228,10 +228,14 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
         return _fused_moe_one_token(x, topk_weights, topk_ids, w13, w2)
     handle = sort_pairs(topk_ids, w13.shape[0])
     counts, tokens = handle.counts.tolist(), handle.tokens  # E; [T*K] token of each sorted row
-    y_sorted = torch.empty(num_tokens * top_k, x.shape[1], dtype=x.dtype, device=x.device)  # [T*K, H]
     row_bytes = 4 * (w13.shape[1] + 2 * x.shape[1])  # float32 gate_up + input + output of one row
-    for experts, rows in _expert_chunks(counts, max(1, CHUNK_BYTES // row_bytes)):
-        y_sorted[rows] = expert_ffn(x.index_select(0, tokens[rows]), counts[experts], w13[experts], w2[experts])
+    chunks = list(_expert_chunks(counts, max(1, CHUNK_BYTES // row_bytes)))
+    if len(chunks) == 1:  # a small batch: its rows are the sorted rows
+        y_sorted = expert_ffn(x.index_select(0, tokens), counts, w13, w2)  # [T*K, H]
+    else:
+        y_sorted = torch.empty(num_tokens * top_k, x.shape[1], dtype=x.dtype, device=x.device)  # [T*K, H]
+        for experts, rows in chunks:
+            y_sorted[rows] = expert_ffn(x.index_select(0, tokens[rows]), counts[experts], w13[experts], w2[experts])
     return unpermute(y_sorted, handle, topk_weights)
 
 
