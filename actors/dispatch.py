@@ -82,12 +82,10 @@ def pack(x: Tensor, handle: PermuteHandle, counts: Tensor,
     (default: a new tensor)."""
     slots, hidden = counts.shape[1], x.shape[1]
     tokens = handle.tokens  # [T*K] token of each sorted pair
-    row, done = 0, []
-    for group_counts, n in zip(counts, counts.sum(1).tolist()):
+    row, head = 0, head_bytes(slots)
+    for group, (group_counts, n) in enumerate(zip(counts, counts.sum(1).tolist())):
         nbytes = message_bytes(slots, n, hidden, x.dtype)
-        message = alloc(len(done), nbytes) if alloc else torch.empty(nbytes, dtype=torch.uint8, device=x.device)
-        done.append(n)
-        head = head_bytes(slots)
+        message = alloc(group, nbytes) if alloc else torch.empty(nbytes, dtype=torch.uint8, device=x.device)
         message[:head].view(torch.long).copy_(group_counts)
         torch.index_select(x, 0, tokens[row:row + n], out=message[head:].view(x.dtype).view(n, hidden))
         row += n

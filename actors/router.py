@@ -99,7 +99,8 @@ class RemoteExperts(nn.Module):
     def combine(self, pending: tuple) -> Tensor:
         pending, handle, topk_weights = pending
         results = self.link.receive(pending).to(topk_weights.device)  # [T*K, H]
-        scratch = self.link.buffer("unpermute", results.numel(), results.dtype, results.device).view(results.shape)
+        scratch = lambda: self.link.buffer("unpermute", results.numel(), results.dtype,  # noqa: E731
+                                           results.device).view(results.shape)  # only where the combine gathers
         return unpermute(results, handle, topk_weights, scratch)
 
 

@@ -44,6 +44,7 @@ Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
 
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 from functools import cache, lru_cache
 
 import torch
@@ -95,16 +96,17 @@ def permute(x: Tensor, topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Perm
     return x.index_select(0, handle.tokens), handle  # [T*K, H]
 
 
-def unpermute(y_sorted: Tensor, handle: PermuteHandle, topk_weights: Tensor, scratch: Tensor | None = None) -> Tensor:
+def unpermute(y_sorted: Tensor, handle: PermuteHandle, topk_weights: Tensor,
+              scratch: Callable[[], Tensor] | None = None) -> Tensor:
     """y_sorted [T*K, H] (expert order), topk_weights [T, K] -> [T, H], summed in top-k order.
-    `scratch` (y_sorted's shape and dtype) is memory `combine` may use instead of a new tensor."""
+    `scratch()` gives memory of y_sorted's shape and dtype, asked for only where `combine` gathers."""
     order = handle.order
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)  # [T*K] sorted row of each pair
     return combine(y_sorted, inverse.view(handle.num_tokens, handle.top_k), topk_weights, scratch)
 
 
-def combine(rows: Tensor, index: Tensor, topk_weights: Tensor, scratch: Tensor | None = None) -> Tensor:
+def combine(rows: Tensor, index: Tensor, topk_weights: Tensor, scratch: Callable[[], Tensor] | None = None) -> Tensor:
     """rows [N, H], index [T, K] (the row of each pair), topk_weights [T, K] -> [T, H]:
     out[t] = sum over k, in order, of topk_weights[t, k] * rows[index[t, k]].
 
@@ -115,14 +117,14 @@ def combine(rows: Tensor, index: Tensor, topk_weights: Tensor, scratch: Tensor |
     It multiplies and adds in one fused step, so its bits are not those of `_weighted_sum` (one
     rounding fewer), but they depend only on the rows and weights, never on the placement.
     Other dtypes keep transformers' products (see `_weighted_sum`): the rows are gathered in pair
-    order, into `scratch` (rows' shape and dtype) if given, weighted and summed in float32.
+    order, into `scratch()` (rows' shape and dtype) if given, weighted and summed in float32.
     """
     if rows.dtype == torch.float32 and topk_weights.dtype == torch.float32:  # torch.embedding_bag: F's checks cost as much
         num_tokens, top_k = index.shape
         return torch.embedding_bag(rows, index.reshape(-1), _range(num_tokens, top_k, index.device), False, 0, False,
                                    topk_weights.reshape(-1), False, None)[0]  # [T, H] (mode 0: sum)
     flat = index.reshape(-1)  # [T*K]
-    y = torch.index_select(rows, 0, flat, out=scratch[:flat.numel()]) if scratch is not None else rows.index_select(0, flat)
+    y = torch.index_select(rows, 0, flat, out=scratch()[:flat.numel()]) if scratch else rows.index_select(0, flat)
     y = y.view(*index.shape, -1)  # [T, K, H] pair order
     scale = topk_weights.unsqueeze(-1)  # [T, K, 1]
     if torch.promote_types(y.dtype, scale.dtype) == y.dtype:  # the products in place: no second [T, K, H] buffer

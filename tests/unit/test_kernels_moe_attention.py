@@ -59,7 +59,7 @@ def test_experts_without_tokens_are_skipped(num_tokens):
     torch.testing.assert_close(out, fused_moe_reference(x, weights, ids, w13, w2), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("num_tokens", [2, 7, 40])
+@pytest.mark.parametrize("num_tokens", [1, 2, 7, 40])
 def test_streamed_experts_match_reference(num_tokens, monkeypatch):
     """Experts too big for cache with few rows each go through `_swiglu_streamed` (weight @ rows^T):
     the same result as the per-token reference, and as the grouped path on the same inputs. The
@@ -109,6 +109,20 @@ def test_permute_unpermute_round_trip(num_tokens, num_experts, top_k):
     back = unpermute(tags, handle, torch.ones(num_tokens, top_k))
     expected = (torch.arange(num_tokens)[:, None] * top_k + torch.arange(top_k)).sum(-1).float()
     assert torch.equal(back[:, 0], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unpermute_asks_for_scratch_only_to_gather(dtype):
+    """float32 combines in one embedding_bag and needs no memory; bf16 gathers into `scratch()`,
+    with the same result as into a new tensor."""
+    x, weights, ids, _, _ = moe_inputs(20, 6, 3, seed=5)
+    x_sorted, handle = permute(x.to(dtype), ids, 6)
+    weights = weights.to(dtype)
+    asked = []
+    memory = torch.full_like(x_sorted, float("nan"))
+    out = unpermute(x_sorted, handle, weights, scratch=lambda: asked.append(1) or memory)
+    assert len(asked) == (0 if dtype == torch.float32 else 1)
+    assert torch.equal(out, unpermute(x_sorted, handle, weights))
 
 
 # --- attention ----------------------------------------------------------------------------------
