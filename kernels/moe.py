@@ -25,19 +25,22 @@ In float32 the scale and sum are one `embedding_bag` (see `combine`), fused mult
 top-k order: within an ulp of transformers, and the same bits whatever the placement or batch.
 
 Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
-- float32, or any dtype the device multiplies natively: on CPU all experts go through one
-  `F.grouped_mm` call per projection (the same per-expert MKL matmuls as a Python loop, bitwise,
-  without the per-expert Python overhead), elsewhere through the loop. Except for experts too big
-  for cache with few rows each (decode): `_swiglu_streamed` multiplies weight @ rows^T, which MKL
-  runs at close to the machine's read bandwidth where rows @ weight^T gets a third of it, and
-  splits a single row's matrix-vector product across threads (MKL runs it on one).
+- CPU, float32 or bf16, experts with at most `NATIVE_MAX_ROWS` rows (decode, small prefill): the
+  native kernel (`kernels.native`, csrc/expert_ffn.cpp) runs all of them in one call. It reads each
+  weight once, at the machine's memory bandwidth for a row or two and close to its FMA rate for
+  tens, where torch's matmuls pack or re-read it: 1.3-3x faster than the torch paths below at those
+  sizes, and each row's result does not depend on the batch.
+- More rows, float32, or any dtype the device multiplies natively: on CPU all experts go through
+  one `F.grouped_mm` call per projection (the same per-expert MKL matmuls as a Python loop, bitwise,
+  without the per-expert Python overhead), elsewhere through the loop.
 - bf16/fp16 on CPUs without oneDNN support for them (x86 without AVX-512 BF16/AMX): torch's
   low-precision matmul is a dot-product loop that streams the whole weight once per row, 4-8x
   slower than float32 MKL at prefill sizes. Experts with more than `MAX_ROWS_LOW_PRECISION_MATMUL`
   rows are multiplied in float32 instead (`_swiglu_float32`): weight rows are converted a
   cache-sized block at a time (exact) and the matmul's outputs rounded back, so the dtypes match
   the low-precision path and only the order of additions inside a matmul changes. Experts with
-  fewer rows (decode) keep the native matvec, which reads the weight once.
+  fewer rows keep the low-precision matvec, which reads the weight once.
+- Where the native kernel cannot be built (no C++ compiler) everything takes the torch paths.
 - `fused_moe` takes consecutive experts in cache-sized chunks (3-6% at T=2048); one token
   (decode of one sequence) skips sorting altogether: its K experts are distinct.
 """
@@ -51,16 +54,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moeray.kernels import native
+
 # Where `_needs_float32_matmul`: experts with at most this many rows keep the low-precision matmul,
 # which streams the whole weight once per row; converting it to float32 costs about 3-4 such passes
 # (2-core AVX2 VM, Mixtral- and OLMoE-sized experts, 1 and 2 threads: break-even at 3-4 rows).
 MAX_ROWS_LOW_PRECISION_MATMUL = 3
-# Where `expert_ffn` multiplies weight @ rows^T (`_swiglu_streamed`): at most this many rows per expert
-# on average, and experts too big to stay in cache. Measured (2-core AVX2 VM, expert FFN alone):
-# 1.2-2.5x faster at 2-16 rows (OLMoE- and Mixtral-sized experts), 0.9-1.2x at 32-64, even beyond;
-# for experts that fit in cache (the built-in model's) the per-expert loop costs more than it saves.
-TRANSPOSED_MAX_ROWS = 16
-STREAMED_WEIGHT_BYTES = 1 << 20
+# Experts with at most this many rows go to the native kernel. Measured (2-core AVX2 VM, expert FFN
+# alone, 8 experts): float32 1.3-2x faster than grouped_mm at 1-64 rows for Mixtral-sized experts,
+# 1.2-1.7x for OLMoE-sized, ~1x at 64 for the built-in model's (in cache); bf16 1.1-3x (to 64 rows)
+# against the float32-conversion path; beyond that MKL's packed GEMM wins.
+NATIVE_MAX_ROWS = 64
 # Weight rows converted to float32 per matmul: small enough to stay in cache (L2 + L3) for it.
 FLOAT32_BLOCK_BYTES = 2 << 20
 # Rows of consecutive experts that `fused_moe` takes at a time: intermediates of about this size.
@@ -138,59 +142,34 @@ def expert_ffn(x_sorted: Tensor, counts: list[int], w13: Tensor, w2: Tensor) -> 
     """Grouped SwiGLU: rows of expert e are x_sorted[start_e : start_e + counts[e]].
 
     x_sorted [N, H]; counts: E ints summing to N; w13 [E, 2I, H]; w2 [E, H, I] -> [N, H].
-    One pair of matmuls per expert that has rows; experts without rows cost nothing, so the
-    same code is fast for decode (a few rows, a few experts) and prefill (thousands of rows).
+    Experts with at most `NATIVE_MAX_ROWS` rows go to the native CPU kernel (one call for all of
+    them), the others to one pair of matmuls each; experts without rows cost nothing, so the same
+    code is fast for decode (a few rows, a few experts) and prefill (thousands of rows).
     """
+    starts = [0, *itertools.accumulate(counts)][:-1]
+    most_native = NATIVE_MAX_ROWS if native.supports(x_sorted, w13, w2) else 0
+    small = [(e, start, count) for e, (start, count) in enumerate(zip(starts, counts)) if 0 < count <= most_native]
     upcast = _needs_float32_matmul(w13.dtype, w13.device.type)
-    active = sum(1 for count in counts if count)
-    streamed = _streams_weights(w13) and x_sorted.shape[0] <= TRANSPOSED_MAX_ROWS * active
-    if not upcast and not streamed and _has_grouped_mm(w13.device.type):  # the same per-expert matmuls, looped in C++
+    if not small and not upcast and _has_grouped_mm(w13.device.type):  # the same per-expert matmuls, looped in C++
         offsets = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=x_sorted.device)  # [E]
         gate, up = F.grouped_mm(x_sorted, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N, I] each
         return F.grouped_mm(F.silu(gate).mul_(up), w2.transpose(1, 2), offs=offsets)  # [N, H]
     out = torch.empty_like(x_sorted)
+    if small:
+        native.expert_ffn(x_sorted, torch.tensor(small), w13, w2, out)
     buffer = None  # float32 copies of a few weight rows at a time, see _mm_float32
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
+    for expert, (start, count) in enumerate(zip(starts, counts)):
+        if count <= most_native:  # done above, or no rows
             continue
         rows = slice(start, start + count)
-        start += count
         if upcast and count > MAX_ROWS_LOW_PRECISION_MATMUL:
             if buffer is None:
                 buffer = torch.empty(FLOAT32_BLOCK_BYTES // 4, dtype=torch.float32, device=x_sorted.device)
             _swiglu_float32(x_sorted[rows], w13[expert], w2[expert], out[rows], buffer)
-        elif streamed:
-            _swiglu_streamed(x_sorted[rows], w13[expert], w2[expert], out[rows])
         else:
             gate, up = torch.mm(x_sorted[rows], w13[expert].t()).chunk(2, dim=-1)  # [n, I] each
             torch.mm(F.silu(gate).mul_(up), w2[expert].t(), out=out[rows])  # [n, H]
     return out
-
-
-def _swiglu_streamed(x: Tensor, w13: Tensor, w2: Tensor, out: Tensor) -> None:
-    """One expert with few rows: x [n, H], w13 [2I, H], w2 [H, I] -> out [n, H], as weight @ rows^T.
-
-    Same matmuls, the other way round: `w13 @ x.t()` gives MKL the weight as the row-major left
-    operand and the rows as a transposed right one, and it then streams the weight once at close
-    to the machine's read bandwidth; `x @ w13.t()` (what `F.linear` and `F.grouped_mm` do) reads
-    it at a third of that for 2-8 rows (2-core AVX2 VM, weights out of cache: 15 vs 5 GB/s).
-    """
-    inter = w2.shape[-1]
-    gate_up = _weight_times_rows(w13, x).t()  # [n, 2I], a view of [2I, n]
-    act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]).contiguous()  # [n, I] row-major: act.t() is transposed
-    out.copy_(_weight_times_rows(w2, act).t())  # [n, H]
-
-
-def _weight_times_rows(weight: Tensor, x: Tensor) -> Tensor:
-    """weight [R, C] @ x.t() ([n, C] rows) -> [R, n]. One row is a matrix-vector product, which MKL
-    runs on one thread (14 of the 25 GB/s two cores read): cut into one block of weight rows per
-    thread, as a batched matmul, it runs on all of them."""
-    parts = torch.get_num_threads()
-    if x.shape[0] > 1 or parts == 1 or weight.shape[0] % parts:
-        return torch.mm(weight, x.t())
-    blocks = weight.view(parts, -1, weight.shape[1])  # [P, R/P, C]
-    return torch.bmm(blocks, x.t().expand(parts, -1, -1)).view(weight.shape[0], 1)  # [R, 1]
 
 
 def _swiglu_float32(x: Tensor, w13: Tensor, w2: Tensor, out: Tensor, buffer: Tensor) -> None:
@@ -270,10 +249,9 @@ def _fused_moe_one_token(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13:
     """T = 1 (decode of one sequence): its K experts are distinct, one row each, so nothing to sort;
     the rows are combined as `unpermute` combines them."""
     top_k = topk_ids.shape[1]
-    if _streams_weights(w13):
-        y = torch.empty(top_k, x.shape[1], dtype=x.dtype, device=x.device)  # [K, H] top-k order
-        for k, expert in enumerate(topk_ids.tolist()[0]):
-            _swiglu_streamed(x, w13[expert], w2[expert], y[k:k + 1])
+    if native.supports(x, w13, w2):  # K groups of one row each, all of them x's only row
+        groups = torch.tensor([(expert, k, 1) for k, expert in enumerate(topk_ids.tolist()[0])])  # [K, 3]
+        y = native.expert_ffn(x, groups, w13, w2, torch.empty(top_k, x.shape[1], dtype=x.dtype), _range(top_k, 0, x.device))
     else:
         rows = []
         for expert in topk_ids.tolist()[0]:
@@ -285,14 +263,8 @@ def _fused_moe_one_token(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13:
 
 @lru_cache(maxsize=256)
 def _range(count: int, step: int, device: torch.device) -> Tensor:
-    """[count] 0, step, 2*step, ...: a bag's offsets, kept (decode steps ask for the same few every time)."""
-    return torch.arange(0, count * step, step, device=device)
-
-
-def _streams_weights(w13: Tensor) -> bool:
-    """Experts too big to stay in cache, in a dtype the device multiplies natively: `_swiglu_streamed` pays."""
-    return (w13.shape[1] * w13.shape[2] * w13.element_size() >= STREAMED_WEIGHT_BYTES
-            and not _needs_float32_matmul(w13.dtype, w13.device.type))
+    """[count] int64 0, step, 2*step, ... (a bag's offsets), or zeros: kept, decode steps ask for the same few."""
+    return torch.arange(count, device=device) * step
 
 
 def _weighted_sum(y: Tensor, topk_weights: Tensor) -> Tensor:

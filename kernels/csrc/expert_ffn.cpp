@@ -1,0 +1,260 @@
+// Grouped SwiGLU expert FFN for CPUs, for batches with few rows per expert (decode, small prefill).
+// Built and loaded by kernels/native.py; kernels/moe.py decides which experts it runs.
+//
+// A group is one expert e and a range of sorted rows; sorted row j is row rows[j] of x (row j if rows
+// is null). For each row of each group:
+//   act[j] = silu(w13[e, :I] @ x) * (w13[e, I:] @ x)    [I]
+//   out[j] = w2[e] @ act[j]                              [H]
+// with w13 [E, 2I, H] and w2 [E, H, I] as checkpoints store them ([out, in], row-major).
+//
+// Why not torch's matmuls: with a few rows per expert, MKL (F.linear, F.grouped_mm) spends its time
+// packing the weight or reading it at a fraction of the memory bandwidth. Here every block of weight
+// rows is read from memory once and kept in L1 while all of its expert's rows are multiplied by it,
+// as dot products along the weight rows; both phases are split over the threads by (group, block of
+// weight rows).
+//
+// Numerics: every output element is one dot product, accumulated in 8 float32 lanes in index order
+// (a fused multiply-add per element), the lanes summed pairwise, then any tail. How many rows an
+// expert has, or which thread takes which block, never changes a result: a row gets the same bits
+// alone or in any batch. bf16 (dtype 1): weights widen exactly to float32 (a bf16 is the top half of
+// one), 16 at a time, as the even elements (<< 16) and the odd ones (& 0xffff0000): no shuffles. The
+// vectors they multiply are stored the same way, deinterleaved (see `position`). Matmul outputs, the
+// activation and its product are rounded to bf16 where transformers rounds them (nearest even).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t bf16;
+
+constexpr int64_t BLOCK = 32;        // weight rows per work item
+constexpr int64_t ROWS_PER_TILE = 3;  // rows multiplied together: 3 x 4 accumulators + 4 weight vectors = 16 registers
+
+inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
+inline float widen(bf16 h) { uint32_t w = uint32_t(h) << 16; float f; std::memcpy(&f, &w, 4); return f; }
+inline bf16 to_bf16(float f) {
+  uint32_t w; std::memcpy(&w, &f, 4);
+  if ((w & 0x7fffffffu) > 0x7f800000u) return bf16((w >> 16) | 0x40);  // NaN stays a (quiet) NaN
+  return bf16((w + 0x7fffu + ((w >> 16) & 1u)) >> 16);
+}
+inline float round_bf16(float f) { return widen(to_bf16(f)); }
+inline float lane_sum(v8 v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
+
+// Where element k of a length-n vector is stored in the bf16 kernels: each full block of 16 holds its
+// 8 even elements, then its 8 odd ones; a tail shorter than 16 stays in order.
+inline int64_t position(int64_t k, int64_t n) {
+  if (k >= n / 16 * 16) return k;
+  const int64_t i = k % 16;
+  return k - i + (i % 2) * 8 + i / 2;
+}
+
+// out[t][r] = dot(w + r * ldw, x[t]) over n floats, for R weight rows and T rows of x.
+template <int R, int T>
+inline void dot_f32(const float* w, int64_t ldw, const float* const* x, int64_t n, float (*out)[8]) {
+  v8 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = v8{};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)  // whole blocks of 16, as the bf16 kernels take them
+    for (int64_t j = k; j < k + 16; j += 8) {
+      v8 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = load8(w + r * ldw + j);
+      for (int t = 0; t < T; ++t) {
+        const v8 xv = load8(x[t] + j);
+        for (int r = 0; r < R; ++r) acc[t][r] += wv[r] * xv;
+      }
+    }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) {
+      float s = lane_sum(acc[t][r]);
+      for (int64_t i = k; i < n; ++i) s += w[r * ldw + i] * x[t][i];
+      out[t][r] = s;
+    }
+}
+
+// The same for bf16 weight rows and one row of x (deinterleaved): the weights are widened in registers.
+// Same order of operations as `dot_f32` over the widened, deinterleaved rows (see `widen_rows`).
+template <int R>
+inline void dot_bf16(const bf16* w, int64_t ldw, const float* x, int64_t n, float (*out)[8]) {
+  v8 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = v8{};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const v8 even = load8(x + k), odd = load8(x + k + 8);
+    for (int r = 0; r < R; ++r) {
+      u32x8 raw; std::memcpy(&raw, w + r * ldw + k, sizeof raw);
+      const u32x8 lo = raw << 16, hi = raw & 0xffff0000u;
+      v8 we, wo; std::memcpy(&we, &lo, sizeof we); std::memcpy(&wo, &hi, sizeof wo);
+      acc[r] += we * even;
+      acc[r] += wo * odd;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = lane_sum(acc[r]);
+    for (int64_t i = k; i < n; ++i) s += widen(w[r * ldw + i]) * x[i];
+    out[0][r] = s;
+  }
+}
+
+// A bf16 vector of n -> float32, deinterleaved (see `position`): the widening of `dot_bf16`, stored.
+inline void widen_row(const bf16* w, int64_t n, float* out) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    u32x8 raw; std::memcpy(&raw, w + k, sizeof raw);
+    const u32x8 lo = raw << 16, hi = raw & 0xffff0000u;
+    std::memcpy(out + k, &lo, sizeof lo);
+    std::memcpy(out + k + 8, &hi, sizeof hi);
+  }
+  for (; k < n; ++k) out[k] = widen(w[k]);
+}
+
+template <int R>
+inline void tiles_f32(const float* w, int64_t ldw, const float* const* x, int64_t rows, int64_t n, float (*out)[8]) {
+  int64_t t = 0;
+  for (; t + ROWS_PER_TILE <= rows; t += ROWS_PER_TILE) dot_f32<R, ROWS_PER_TILE>(w, ldw, x + t, n, out + t);
+  if (rows - t == 2) dot_f32<R, 2>(w, ldw, x + t, n, out + t);
+  else if (rows - t == 1) dot_f32<R, 1>(w, ldw, x + t, n, out + t);
+}
+
+// out[t][r] = dot(weight row r, x[t]) for count (<= 8) weight rows and `rows` rows of x: one row at a
+// time over all 8 weight rows (8 independent sums keep both FMA units busy), more in tiles of 4 weight rows.
+template <int R>
+inline void rows_times(const float* w, int64_t ldw, const float* const* x, int64_t rows, int64_t n, float (*out)[8]) {
+  if (rows == 1) return dot_f32<R, 1>(w, ldw, x, n, out);
+  float half[64][8];
+  for (int64_t t0 = 0; t0 < rows; t0 += 64) {
+    const int64_t m = std::min<int64_t>(64, rows - t0);
+    tiles_f32<(R < 4 ? R : 4)>(w, ldw, x + t0, m, n, out + t0);
+    if constexpr (R > 4) {
+      tiles_f32<R - 4>(w + 4 * ldw, ldw, x + t0, m, n, half);
+      for (int64_t t = 0; t < m; ++t)
+        for (int r = 4; r < R; ++r) out[t0 + t][r] = half[t][r - 4];
+    }
+  }
+}
+
+// out[t][r] = dot(weight row r, x[t]) for R (<= 8) weight rows and `rows` rows of x.
+template <typename W, int R>
+void weight_block(const W* w, int64_t ldw, const float* const* x, int64_t rows, int64_t n, float* buffer,
+                  float (*out)[8]) {
+  if constexpr (sizeof(W) == 2) {
+    if (rows == 1) return dot_bf16<R>(w, ldw, x[0], n, out);
+    for (int r = 0; r < R; ++r) widen_row(w + r * ldw, n, buffer + r * n);
+    return weight_block<float, R>(buffer, n, x, rows, n, nullptr, out);
+  } else {
+    rows_times<R>(w, ldw, x, rows, n, out);
+  }
+}
+
+template <typename W>
+void weight_rows(const W* w, int64_t ldw, int64_t count, const float* const* x, int64_t rows, int64_t n,
+                 float* buffer, float (*out)[8]) {
+  switch (count) {
+    case 8: return weight_block<W, 8>(w, ldw, x, rows, n, buffer, out);
+    case 7: return weight_block<W, 7>(w, ldw, x, rows, n, buffer, out);
+    case 6: return weight_block<W, 6>(w, ldw, x, rows, n, buffer, out);
+    case 5: return weight_block<W, 5>(w, ldw, x, rows, n, buffer, out);
+    case 4: return weight_block<W, 4>(w, ldw, x, rows, n, buffer, out);
+    case 3: return weight_block<W, 3>(w, ldw, x, rows, n, buffer, out);
+    case 2: return weight_block<W, 2>(w, ldw, x, rows, n, buffer, out);
+    default: return weight_block<W, 1>(w, ldw, x, rows, n, buffer, out);
+  }
+}
+
+template <typename W>
+void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows, const W* x, const W* w13,
+         const W* w2, int64_t H, int64_t I, float* scratch, W* out, int num_threads) {
+  constexpr bool bf = sizeof(W) == 2;
+  float* act = scratch;                     // [N, I], deinterleaved for bf16
+  float* widened = scratch + num_rows * I;  // bf16: [N, H] the rows of x as float32, deinterleaved
+  std::vector<const float*> xs(num_rows), acts(num_rows);
+  int64_t most = 0;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const int64_t first = groups[3 * g + 1], count = groups[3 * g + 2];
+    most = std::max(most, count);
+    for (int64_t j = first; j < first + count; ++j) {
+      const W* row = x + (rows ? rows[j] : j) * H;
+      if constexpr (bf) {
+        widen_row(row, H, widened + j * H);
+        xs[j] = widened + j * H;
+      } else {
+        xs[j] = row;
+      }
+      acts[j] = act + j * I;
+    }
+  }
+  const int64_t blocks1 = (I + BLOCK - 1) / BLOCK, blocks2 = (H + BLOCK - 1) / BLOCK;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> buffer(bf ? 8 * std::max(H, I) : 0);  // bf16 weight rows widened
+    std::vector<float> results(3 * most * 8);
+    float(*gate)[8] = reinterpret_cast<float(*)[8]>(results.data());
+    float(*up)[8] = gate + most;
+    float(*down)[8] = up + most;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_groups * blocks1; ++item) {  // act = silu(gate) * up, BLOCK columns at a time
+      const int64_t* group = groups + 3 * (item / blocks1);
+      const int64_t first = group[1], count = group[2], begin = (item % blocks1) * BLOCK;
+      const W* w = w13 + group[0] * 2 * I * H;
+      for (int64_t i = begin; i < std::min(I, begin + BLOCK); i += 8) {
+        const int64_t c = std::min<int64_t>(8, I - i);
+        weight_rows(w + i * H, H, c, xs.data() + first, count, H, buffer.data(), gate);
+        weight_rows(w + (I + i) * H, H, c, xs.data() + first, count, H, buffer.data(), up);
+        for (int64_t t = 0; t < count; ++t)
+          for (int64_t r = 0; r < c; ++r) {
+            if constexpr (bf) {
+              const float a = round_bf16(gate[t][r]);
+              act[(first + t) * I + position(i + r, I)] = round_bf16(round_bf16(a / (1.0f + std::exp(-a))) * round_bf16(up[t][r]));
+            } else {
+              const float a = gate[t][r];
+              act[(first + t) * I + i + r] = a / (1.0f + std::exp(-a)) * up[t][r];
+            }
+          }
+      }
+    }  // (the end of an omp for waits for all threads: every act row is complete below)
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_groups * blocks2; ++item) {  // out = w2 @ act, BLOCK outputs at a time
+      const int64_t* group = groups + 3 * (item / blocks2);
+      const int64_t first = group[1], count = group[2], begin = (item % blocks2) * BLOCK;
+      const W* w = w2 + group[0] * H * I;
+      for (int64_t h = begin; h < std::min(H, begin + BLOCK); h += 8) {
+        const int64_t c = std::min<int64_t>(8, H - h);
+        weight_rows(w + h * I, I, c, acts.data() + first, count, I, buffer.data(), down);
+        for (int64_t t = 0; t < count; ++t)
+          for (int64_t r = 0; r < c; ++r) {
+            if constexpr (bf) out[(first + t) * H + h + r] = to_bf16(down[t][r]);
+            else out[(first + t) * H + h + r] = down[t][r];
+          }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// groups [G, 3]: (expert, first sorted row, rows) of each group; the groups' rows lie in 0 .. num_rows.
+// rows [num_rows]: the row of x of each sorted row, or null (x is sorted). out [num_rows, H] (the groups'
+// rows are written, nothing else); scratch: float32 [num_rows, I] (+ [num_rows, H] for bf16).
+// dtype: 0 float32, 1 bfloat16 (x, weights and out alike). Returns 0, or 1 for an unknown dtype.
+int moeray_expert_ffn(int64_t dtype, int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows,
+                      const void* x, const void* w13, const void* w2, int64_t hidden, int64_t inter, float* scratch,
+                      void* out, int64_t num_threads) {
+  if (dtype == 0)
+    run<float>(num_groups, groups, num_rows, rows, static_cast<const float*>(x), static_cast<const float*>(w13),
+               static_cast<const float*>(w2), hidden, inter, scratch, static_cast<float*>(out), int(num_threads));
+  else if (dtype == 1)
+    run<bf16>(num_groups, groups, num_rows, rows, static_cast<const bf16*>(x), static_cast<const bf16*>(w13),
+              static_cast<const bf16*>(w2), hidden, inter, scratch, static_cast<bf16*>(out), int(num_threads));
+  else
+    return 1;
+  return 0;
+}
+
+}

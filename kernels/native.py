@@ -1,0 +1,156 @@
+"""The CPU expert kernel in `csrc/expert_ffn.cpp`: compiled once per machine, loaded with ctypes.
+
+Why C++: at decode and small prefill sizes (up to a few tens of rows per expert) torch's matmuls
+read or pack each expert's weight several times per call; the kernel reads it once and runs at the
+machine's memory bandwidth (decode) or close to its FMA rate (tens of rows), in float32 and bf16
+(bench/moe_layer.py). `kernels.moe.expert_ffn` sends it the experts with few rows; everything else,
+and every machine where it cannot be built, takes the torch path.
+
+Build: `$CXX` (default `c++`) with `-O3 -march=native -fopenmp`, into `$MOERAY_CACHE_DIR` (default
+`~/.cache/moeray`), named by a hash of the source, the flags and the CPU, so that a shared home
+directory serves machines of different kinds; a few seconds, once. The shared library links the
+OpenMP runtime torch has already loaded (same soname), so it shares torch's threads.
+`MOERAY_NATIVE_KERNELS=0` turns it off (the torch path then runs everywhere).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "expert_ffn.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+class NativeUnavailable(RuntimeError):
+    """The kernel could not be built or loaded here; the message says why."""
+
+
+def enabled() -> bool:
+    return os.environ.get("MOERAY_NATIVE_KERNELS", "1") != "0"
+
+
+def available() -> bool:
+    """True if the kernel is switched on and builds here (built on the first call)."""
+    return enabled() and _load() is not None
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel; `NativeUnavailable` says why not."""
+    lib = _load()
+    if lib is None:
+        raise NativeUnavailable(_failure[0])
+    return lib
+
+
+_failure: list[str] = []
+
+
+@cache
+def _load() -> ctypes.CDLL | None:
+    """Build and load once per process; a failure is logged once and remembered."""
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError, NativeUnavailable) as error:
+        logger.warning("native expert kernel unavailable, experts run on torch's matmuls: %s", error)
+        _failure.append(str(error))
+        return None
+    lib.moeray_expert_ffn.restype = ctypes.c_int
+    lib.moeray_expert_ffn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64] + [
+        ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
+def supports(x: Tensor, w13: Tensor, w2: Tensor) -> bool:
+    """The kernel takes CPU float32 / bf16 tensors of one dtype, contiguous, as `expert_ffn` gets them."""
+    return (x.device.type == "cpu" and x.dtype in DTYPES and w13.dtype == x.dtype == w2.dtype
+            and x.is_contiguous() and w13.is_contiguous() and w2.is_contiguous() and available())
+
+
+def expert_ffn(x: Tensor, groups: Tensor, w13: Tensor, w2: Tensor, out: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Grouped SwiGLU on the native kernel (check `supports` first), written into `out`.
+
+    x [M, H]; groups [G, 3] int64: (expert, first sorted row, number of rows) of each group, any
+    order, experts may repeat; rows [N] int64: the row of x of each sorted row (None: x is sorted);
+    w13 [E, 2I, H]; w2 [E, H, I]; out [N, H], x's dtype: the groups' rows are written, nothing else.
+    """
+    num_rows, hidden, inter = out.shape[0], x.shape[1], w2.shape[2]
+    if groups.numel() == 0:
+        return out
+    widened = hidden if x.dtype != torch.float32 else 0  # bf16: the rows of x widened to float32
+    scratch = torch.empty(num_rows * (inter + widened), dtype=torch.float32)
+    status = library().moeray_expert_ffn(
+        DTYPES[x.dtype], groups.shape[0], groups.data_ptr(), num_rows, None if rows is None else rows.data_ptr(),
+        x.data_ptr(), w13.data_ptr(), w2.data_ptr(), hidden, inter, scratch.data_ptr(), out.data_ptr(),
+        torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"moeray_expert_ffn failed with status {status}")
+    return out
+
+
+def _build() -> Path:
+    compiler = shlex.split(os.environ.get("CXX", "c++"))
+    source = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except FileNotFoundError as error:
+        raise NativeUnavailable(f"no C++ compiler: {compiler[0]!r} not found (set CXX)") from error
+    key = hashlib.sha256(b"\0".join([source, " ".join(compiler + FLAGS).encode(), version.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    folder = _cache_dir()
+    path = folder / f"expert_ffn-{key}.so"
+    if path.is_file():
+        return path
+    logger.info("compiling the native expert kernel into %s (once per machine, a few seconds)", path)
+    fd, partial = tempfile.mkstemp(dir=folder, prefix=path.stem, suffix=".partial")
+    os.close(fd)
+    try:
+        result = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+                                timeout=600)
+        if result.returncode:
+            raise NativeUnavailable(f"{' '.join(compiler + FLAGS)} {SOURCE} failed:\n{result.stderr[-2000:]}")
+        os.replace(partial, path)  # atomic: processes building at once each install a whole file
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return path
+
+
+def _cache_dir() -> Path:
+    folder = Path(os.environ.get("MOERAY_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moeray")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    folder = Path(tempfile.gettempdir()) / f"moeray-{os.getuid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` compiles for: the machine and its CPU's feature flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()} {flags}"

@@ -1,0 +1,158 @@
+"""kernels/native.py (csrc/expert_ffn.cpp) against a per-row float64 reference, and its place in expert_ffn."""
+
+import itertools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeray.kernels import moe, native
+
+
+def test_native_kernel_builds_here():
+    """CI runs on machines with a C++ compiler: the kernel must build there, not fall back quietly."""
+    assert native.available(), native._failure
+
+
+def swiglu_reference(x, w13, w2, bf16_roundings=False):
+    """x [n, H] -> [n, H] for one expert, float64 dot products; with `bf16_roundings` the matmul outputs,
+    the activation and the product are rounded to bf16 where transformers rounds them."""
+    inter = w2.shape[-1]
+    round_ = (lambda t: t.to(torch.bfloat16).double()) if bf16_roundings else (lambda t: t)
+    gate_up = x.double() @ w13.double().t()  # [n, 2I]
+    gate, up = round_(gate_up[:, :inter]), round_(gate_up[:, inter:])
+    act = round_(round_(F.silu(gate)) * up)
+    return act @ w2.double().t()  # [n, H]
+
+
+def make(num_experts, hidden, inter, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden ** 0.5 * 2).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter, generator=gen) / inter ** 0.5 * 2).to(dtype)
+    return w13, w2
+
+
+def run_groups(x, groups, w13, w2, rows=None):
+    num_rows = max(first + count for _, first, count in groups)
+    out = torch.full((num_rows, x.shape[1]), float("nan"), dtype=x.dtype)
+    return native.expert_ffn(x, torch.tensor(groups), w13, w2, out, rows)
+
+
+# sizes with and without tails: H, I multiples of 16, of 8 only, and odd
+@pytest.mark.parametrize("hidden,inter", [(64, 32), (48, 40), (37, 21)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_groups_match_reference(hidden, inter, dtype):
+    """Groups of 1..70 rows (every tile remainder, and past the 64-row chunk), experts in any order and
+    repeated, against float64 dot products (float32: 1e-5; bf16: with the same roundings, 1 bf16 ulp)."""
+    w13, w2 = make(5, hidden, inter, dtype)
+    sizes = [1, 2, 3, 4, 5, 7, 70, 1]
+    experts = [3, 0, 4, 3, 1, 2, 0, 4]
+    starts = [0, *itertools.accumulate(sizes)][:-1]
+    x = torch.randn(sum(sizes), hidden, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out = run_groups(x, list(zip(experts, starts, sizes)), w13, w2)
+    assert out.dtype == dtype and not out.isnan().any()
+    for expert, first, count in zip(experts, starts, sizes):
+        rows = slice(first, first + count)
+        ref = swiglu_reference(x[rows], w13[expert], w2[expert], bf16_roundings=dtype == torch.bfloat16)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out[rows].double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        else:  # the float32 sums differ from float64 in the last bits, so a rounding may land one ulp apart
+            torch.testing.assert_close(out[rows].double(), ref.to(torch.bfloat16).double(), rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gets_the_same_bits_in_any_batch(dtype):
+    """Every output is one dot product in a fixed order: alone, in a group of 9 or of 40, or on 1 thread
+    instead of 2, a row's result is bitwise the same."""
+    w13, w2 = make(3, 64, 48, dtype, seed=2)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    batch = run_groups(x, [(1, 0, 40)], w13, w2)
+    nine = run_groups(x[:9].contiguous(), [(1, 0, 9)], w13, w2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = run_groups(x, [(1, 0, 40)], w13, w2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(batch[:9], nine) and torch.equal(batch, one_thread)
+    for row in (0, 5, 39):
+        assert torch.equal(run_groups(x[row:row + 1].contiguous(), [(1, 0, 1)], w13, w2)[0], batch[row])
+
+
+def test_rows_map_gathers_from_x():
+    """rows[j] names the row of x that sorted row j reads: the same as gathering first."""
+    w13, w2 = make(4, 48, 32, torch.float32, seed=4)
+    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(5))
+    rows = torch.tensor([5, 0, 0, 3, 2, 5, 1])
+    groups = [(2, 0, 3), (0, 3, 4)]
+    assert torch.equal(run_groups(x, groups, w13, w2, rows), run_groups(x[rows], groups, w13, w2))
+
+
+def test_only_the_groups_rows_are_written():
+    w13, w2 = make(2, 32, 16, torch.float32)
+    x = torch.randn(5, 32)
+    out = run_groups(x, [(1, 1, 2), (0, 4, 1)], w13, w2)
+    assert out[[0, 3]].isnan().all() and not out[[1, 2, 4]].isnan().any()
+
+
+def test_expert_ffn_sends_small_experts_to_native_and_large_to_torch(monkeypatch):
+    """Experts with <= NATIVE_MAX_ROWS rows go to the kernel (one call), the rest to matmuls; the
+    result matches the reference either way, and with the kernel switched off."""
+    w13, w2 = make(4, 48, 40, torch.float32, seed=6)
+    counts = [3, 0, 9, 1]
+    x = torch.randn(sum(counts), 48, generator=torch.Generator().manual_seed(7))
+    calls = []
+    real = native.expert_ffn
+    monkeypatch.setattr(native, "expert_ffn", lambda x, groups, *args, **kwargs: calls.append(groups.tolist()) or real(x, groups, *args, **kwargs))
+    monkeypatch.setattr(moe, "NATIVE_MAX_ROWS", 4)
+    out = moe.expert_ffn(x, counts, w13, w2)
+    assert calls == [[[0, 0, 3], [3, 12, 1]]]  # expert 2 (9 rows) is over the limit
+    starts = [0, 3, 3, 12]
+    for expert, (start, count) in enumerate(zip(starts, counts)):
+        rows = slice(start, start + count)
+        torch.testing.assert_close(out[rows].double(), swiglu_reference(x[rows], w13[expert], w2[expert]), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("MOERAY_NATIVE_KERNELS", "0")
+    calls.clear()
+    torch.testing.assert_close(moe.expert_ffn(x, counts, w13, w2), out, rtol=1e-5, atol=1e-5)
+    assert calls == []
+
+
+def test_one_token_and_batch_paths_give_the_same_bits():
+    """fused_moe's one-token path (K groups of x's one row) and its batch path (sorted rows) both run
+    the kernel: a token decoded alone gets the bits it gets in a batch."""
+    gen = torch.Generator().manual_seed(8)
+    w13, w2 = make(6, 64, 48, torch.float32, seed=9)
+    x = torch.randn(5, 64, generator=gen)
+    ids = torch.rand(5, 6, generator=gen).argsort(-1)[:, :3]
+    weights = torch.rand(5, 3, generator=gen).softmax(-1)
+    batch = moe.fused_moe(x, weights, ids, w13, w2)
+    for t in range(5):
+        assert torch.equal(moe.fused_moe(x[t:t + 1], weights[t:t + 1], ids[t:t + 1], w13, w2)[0], batch[t])
+
+
+def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MOERAY_CACHE_DIR", str(tmp_path))
+    with pytest.raises(native.NativeUnavailable, match="no C\\+\\+ compiler: .*no-such-compiler.* not found"):
+        native._build()
+
+
+def test_failed_build_names_the_command_and_leaves_nothing_behind(monkeypatch, tmp_path):
+    compiler = tmp_path / "broken-cxx"
+    compiler.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'error: broken on purpose' >&2; exit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("MOERAY_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(native.NativeUnavailable, match="(?s)broken-cxx -O3.*expert_ffn.cpp failed.*broken on purpose"):
+        native._build()
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_build_is_cached(monkeypatch, tmp_path):
+    """The first build compiles into the cache directory; the next one finds it there."""
+    monkeypatch.setenv("MOERAY_CACHE_DIR", str(tmp_path))
+    path = native._build()
+    assert path.parent == tmp_path and path.suffix == ".so"
+    stamp = path.stat().st_mtime_ns
+    assert native._build() == path and path.stat().st_mtime_ns == stamp
