@@ -202,9 +202,15 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     permute -> expert_ffn -> unpermute, with the same results to the bit, taken a chunk of
     consecutive experts at a time: each chunk gathers its rows and runs its experts, so a chunk's
     intermediates (about `CHUNK_BYTES`) stay in cache instead of every step streaming all T*K
-    rows through memory for each of them. Small batches are one chunk.
+    rows through memory for each of them. Small batches are one chunk. Small float32 batches on
+    CPU are one native call (`native.fused_moe`): the same steps and bits without ~0.2 ms of
+    Python and small torch ops around the experts, which is most of a decode step's MoE time on
+    small models.
     """
     num_tokens, top_k = topk_ids.shape
+    if num_tokens <= NATIVE_MAX_ROWS and topk_weights.dtype == torch.float32 and native.supports(x, w13, w2, topk_weights):
+        # float32 decode and small prefill: one native call (every expert has at most T rows)
+        return native.fused_moe(x, topk_weights.contiguous(), topk_ids.contiguous(), w13, w2)
     if num_tokens == 1:
         return _fused_moe_one_token(x, topk_weights, topk_ids, w13, w2)
     handle = sort_pairs(topk_ids, w13.shape[0])

@@ -6,7 +6,7 @@ machine's memory bandwidth (decode) or close to its FMA rate (tens of rows), in 
 (bench/moe_layer.py). `kernels.moe.expert_ffn` sends it the experts with few rows; everything else,
 and every machine where it cannot be built, takes the torch path.
 
-Build: `$CXX` (default `c++`) with `-O3 -march=native -fopenmp`, into `$MOERAY_CACHE_DIR` (default
+Build: `$CXX` (default `c++`) with `-O3 -march=native -ffp-contract=off -fopenmp`, into `$MOERAY_CACHE_DIR` (default
 `~/.cache/moeray`), named by a hash of the source, the flags and the CPU, so that a shared home
 directory serves machines of different kinds; a few seconds, once. The shared library links the
 OpenMP runtime torch has already loaded (same soname), so it shares torch's threads.
@@ -32,8 +32,13 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "expert_ffn.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_I, _P = ctypes.c_int64, ctypes.c_void_p  # integers are int64_t, pointers are data_ptr()s or None
+SIGNATURES = {  # as declared in csrc/expert_ffn.cpp; every function returns an int status
+    "moeray_expert_ffn": [_I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I],
+    "moeray_fused_moe": [_I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I],
+}
 
 
 class NativeUnavailable(RuntimeError):
@@ -69,16 +74,16 @@ def _load() -> ctypes.CDLL | None:
         logger.warning("native expert kernel unavailable, experts run on torch's matmuls: %s", error)
         _failure.append(str(error))
         return None
-    lib.moeray_expert_ffn.restype = ctypes.c_int
-    lib.moeray_expert_ffn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64] + [
-        ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    for name, argtypes in SIGNATURES.items():  # without them ctypes would pass ints as 32 bits
+        function = getattr(lib, name)
+        function.restype, function.argtypes = ctypes.c_int, argtypes
     return lib
 
 
-def supports(x: Tensor, w13: Tensor, w2: Tensor) -> bool:
-    """The kernel takes CPU float32 / bf16 tensors of one dtype, contiguous, as `expert_ffn` gets them."""
-    return (x.device.type == "cpu" and x.dtype in DTYPES and w13.dtype == x.dtype == w2.dtype
-            and x.is_contiguous() and w13.is_contiguous() and w2.is_contiguous() and available())
+def supports(x: Tensor, *weights: Tensor) -> bool:
+    """The kernels take CPU float32 / bf16 tensors of one dtype, contiguous."""
+    return (x.device.type == "cpu" and x.dtype in DTYPES and all(w.dtype == x.dtype for w in weights)
+            and x.is_contiguous() and all(w.is_contiguous() for w in weights) and available())
 
 
 def expert_ffn(x: Tensor, groups: Tensor, w13: Tensor, w2: Tensor, out: Tensor, rows: Tensor | None = None) -> Tensor:
@@ -99,6 +104,19 @@ def expert_ffn(x: Tensor, groups: Tensor, w13: Tensor, w2: Tensor, out: Tensor, 
         torch.get_num_threads())
     if status:
         raise RuntimeError(f"moeray_expert_ffn failed with status {status}")
+    return out
+
+
+def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+    """float32 x [T, H], topk_weights [T, K], int64 topk_ids [T, K], w13 [E, 2I, H], w2 [E, H, I] -> [T, H]:
+    sort, experts and the top-k sum in one call (check `supports`), the bits of kernels.moe's
+    sort_pairs -> expert_ffn -> unpermute on the kernel."""
+    out = torch.empty_like(x)  # [T, H]
+    status = library().moeray_fused_moe(
+        topk_ids.shape[0], topk_ids.shape[1], topk_ids.data_ptr(), topk_weights.data_ptr(), x.data_ptr(),
+        w13.data_ptr(), w2.data_ptr(), w13.shape[0], x.shape[1], w2.shape[2], out.data_ptr(), torch.get_num_threads())
+    if status:
+        raise ValueError(f"topk_ids out of range 0..{w13.shape[0] - 1}: {topk_ids.min().item()}..{topk_ids.max().item()}")
     return out
 
 

@@ -25,6 +25,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -36,6 +39,17 @@ constexpr int64_t BLOCK = 32;        // weight rows per work item
 constexpr int64_t ROWS_PER_TILE = 3;  // rows multiplied together: 3 x 4 accumulators + 4 weight vectors = 16 registers
 
 inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
+// a * b + c rounded once. Every multiply-add here is written as one (built with -ffp-contract=off, so
+// the compiler fuses nothing else): the bits do not depend on the compiler's choices.
+inline v8 fma8(v8 a, v8 b, v8 c) {
+#if defined(__FMA__)
+  return reinterpret_cast<v8>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c)));
+#else
+  v8 r;
+  for (int i = 0; i < 8; ++i) r[i] = std::fma(a[i], b[i], c[i]);
+  return r;
+#endif
+}
 inline float widen(bf16 h) { uint32_t w = uint32_t(h) << 16; float f; std::memcpy(&f, &w, 4); return f; }
 inline bf16 to_bf16(float f) {
   uint32_t w; std::memcpy(&w, &f, 4);
@@ -43,7 +57,25 @@ inline bf16 to_bf16(float f) {
   return bf16((w + 0x7fffu + ((w >> 16) & 1u)) >> 16);
 }
 inline float round_bf16(float f) { return widen(to_bf16(f)); }
-inline float lane_sum(v8 v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
+// Lane sums of up to 4 accumulators at once, each ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)):
+// pairwise adds of shuffled vectors instead of 4 separate horizontal sums (short dot products, H = 128,
+// spend a third of their time there otherwise). Missing accumulators are zeros: the order of every
+// sum stays the same.
+inline v8 pair_sums(v8 a, v8 b) {  // [a01 a23 b01 b23 | a45 a67 b45 b67]
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+template <int R>
+inline void lane_sums(const v8* acc, float* out) {
+  v8 v[4];
+  for (int r = 0; r < 4; ++r) v[r] = r < R ? acc[r] : v8{};
+  const v8 h = pair_sums(pair_sums(v[0], v[1]), pair_sums(v[2], v[3]));  // [s0 s1 s2 s3 | t0 t1 t2 t3]
+  for (int r = 0; r < R; ++r) out[r] = h[r] + h[r + 4];
+}
+template <int R>  // R <= 8
+inline void lane_sums_all(const v8* acc, float* out) {
+  lane_sums<(R < 4 ? R : 4)>(acc, out);
+  if constexpr (R > 4) lane_sums<R - 4>(acc + 4, out + 4);
+}
 
 // Where element k of a length-n vector is stored in the bf16 kernels: each full block of 16 holds its
 // 8 even elements, then its 8 odd ones; a tail shorter than 16 stays in order.
@@ -66,15 +98,14 @@ inline void dot_f32(const float* w, int64_t ldw, const float* const* x, int64_t 
       for (int r = 0; r < R; ++r) wv[r] = load8(w + r * ldw + j);
       for (int t = 0; t < T; ++t) {
         const v8 xv = load8(x[t] + j);
-        for (int r = 0; r < R; ++r) acc[t][r] += wv[r] * xv;
+        for (int r = 0; r < R; ++r) acc[t][r] = fma8(wv[r], xv, acc[t][r]);
       }
     }
-  for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) {
-      float s = lane_sum(acc[t][r]);
-      for (int64_t i = k; i < n; ++i) s += w[r * ldw + i] * x[t][i];
-      out[t][r] = s;
-    }
+  for (int t = 0; t < T; ++t) {
+    lane_sums_all<R>(acc[t], out[t]);
+    for (int r = 0; r < R; ++r)
+      for (int64_t i = k; i < n; ++i) out[t][r] = std::fma(w[r * ldw + i], x[t][i], out[t][r]);
+  }
 }
 
 // The same for bf16 weight rows and one row of x (deinterleaved): the weights are widened in registers.
@@ -90,15 +121,13 @@ inline void dot_bf16(const bf16* w, int64_t ldw, const float* x, int64_t n, floa
       u32x8 raw; std::memcpy(&raw, w + r * ldw + k, sizeof raw);
       const u32x8 lo = raw << 16, hi = raw & 0xffff0000u;
       v8 we, wo; std::memcpy(&we, &lo, sizeof we); std::memcpy(&wo, &hi, sizeof wo);
-      acc[r] += we * even;
-      acc[r] += wo * odd;
+      acc[r] = fma8(we, even, acc[r]);
+      acc[r] = fma8(wo, odd, acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    float s = lane_sum(acc[r]);
-    for (int64_t i = k; i < n; ++i) s += widen(w[r * ldw + i]) * x[i];
-    out[0][r] = s;
-  }
+  lane_sums_all<R>(acc, out[0]);
+  for (int r = 0; r < R; ++r)
+    for (int64_t i = k; i < n; ++i) out[0][r] = std::fma(widen(w[r * ldw + i]), x[i], out[0][r]);
 }
 
 // A bf16 vector of n -> float32, deinterleaved (see `position`): the widening of `dot_bf16`, stored.
@@ -126,16 +155,9 @@ inline void tiles_f32(const float* w, int64_t ldw, const float* const* x, int64_
 template <int R>
 inline void rows_times(const float* w, int64_t ldw, const float* const* x, int64_t rows, int64_t n, float (*out)[8]) {
   if (rows == 1) return dot_f32<R, 1>(w, ldw, x, n, out);
-  float half[64][8];
-  for (int64_t t0 = 0; t0 < rows; t0 += 64) {
-    const int64_t m = std::min<int64_t>(64, rows - t0);
-    tiles_f32<(R < 4 ? R : 4)>(w, ldw, x + t0, m, n, out + t0);
-    if constexpr (R > 4) {
-      tiles_f32<R - 4>(w + 4 * ldw, ldw, x + t0, m, n, half);
-      for (int64_t t = 0; t < m; ++t)
-        for (int r = 4; r < R; ++r) out[t0 + t][r] = half[t][r - 4];
-    }
-  }
+  tiles_f32<(R < 4 ? R : 4)>(w, ldw, x, rows, n, out);
+  if constexpr (R > 4)  // the other weight rows into columns 4.. of the same rows of out
+    tiles_f32<R - 4>(w + 4 * ldw, ldw, x, rows, n, reinterpret_cast<float(*)[8]>(&out[0][4]));
 }
 
 // out[t][r] = dot(weight row r, x[t]) for R (<= 8) weight rows and `rows` rows of x.
@@ -254,6 +276,51 @@ int moeray_expert_ffn(int64_t dtype, int64_t num_groups, const int64_t* groups, 
               static_cast<const bf16*>(w2), hidden, inter, scratch, static_cast<bf16*>(out), int(num_threads));
   else
     return 1;
+  return 0;
+}
+
+
+// A whole float32 MoE block for experts in this process: sort the T*K (token, expert) pairs by expert
+// (stable counting sort), run the experts as above, and sum each token's K results in top-k order with
+// fused multiply-adds, as torch.embedding_bag does in kernels.moe.combine (the same bits). topk_ids and
+// topk_weights [T, K] (int64, float32); x and out [T, H]. Each expert gets at most T rows (a token's K
+// experts are distinct). Returns 0, or 2 if an id is outside 0 .. E-1.
+int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float* topk_weights, const float* x,
+                     const float* w13, const float* w2, int64_t E, int64_t hidden, int64_t inter, float* out,
+                     int64_t num_threads) {
+  const int64_t P = T * K;
+  std::vector<int64_t> counts(E), fill(E), sorted_row(P), rows(P), groups;
+  for (int64_t p = 0; p < P; ++p) {
+    if (topk_ids[p] < 0 || topk_ids[p] >= E) return 2;
+    ++counts[topk_ids[p]];
+  }
+  for (int64_t e = 0, start = 0; e < E; start += counts[e++]) {
+    fill[e] = start;
+    if (counts[e]) groups.insert(groups.end(), {e, start, counts[e]});
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t j = fill[topk_ids[p]]++;
+    sorted_row[p] = j;
+    rows[j] = p / K;
+  }
+  std::vector<float> y(P * hidden), scratch(P * inter);  // [P, H] expert outputs, sorted
+  run<float>(int64_t(groups.size() / 3), groups.data(), P, rows.data(), x, w13, w2, hidden, inter, scratch.data(),
+             y.data(), int(num_threads));
+#pragma omp parallel for num_threads(num_threads) if (P * hidden >= (1 << 16))
+  for (int64_t t = 0; t < T; ++t) {
+    float* o = out + t * hidden;
+    int64_t h = 0;
+    for (; h + 8 <= hidden; h += 8) {
+      v8 acc{};
+      for (int64_t k = 0; k < K; ++k) acc = fma8(v8{} + topk_weights[t * K + k], load8(&y[sorted_row[t * K + k] * hidden + h]), acc);
+      std::memcpy(o + h, &acc, sizeof acc);
+    }
+    for (; h < hidden; ++h) {
+      float acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc = std::fma(topk_weights[t * K + k], y[sorted_row[t * K + k] * hidden + h], acc);
+      o[h] = acc;
+    }
+  }
   return 0;
 }
 

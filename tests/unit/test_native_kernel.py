@@ -156,3 +156,27 @@ def test_build_is_cached(monkeypatch, tmp_path):
     assert path.parent == tmp_path and path.suffix == ".so"
     stamp = path.stat().st_mtime_ns
     assert native._build() == path and path.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,hidden,inter", [(1, 8, 2, 128, 64), (16, 8, 2, 64, 48),
+                                                                        (7, 6, 3, 48, 40), (64, 64, 8, 32, 16),
+                                                                        (5, 6, 3, 37, 21)])
+def test_fused_moe_is_sort_experts_and_combine_in_one_call(num_tokens, num_experts, top_k, hidden, inter):
+    """native.fused_moe gives the bits of sort_pairs -> expert_ffn -> unpermute (whose float32 combine is
+    torch.embedding_bag's fused multiply-adds), and matches the per-token reference."""
+    gen = torch.Generator().manual_seed(num_tokens)
+    w13, w2 = make(num_experts, hidden, inter, torch.float32, seed=num_experts)
+    x = torch.randn(num_tokens, hidden, generator=gen)
+    ids = torch.rand(num_tokens, num_experts, generator=gen).argsort(-1)[:, :top_k].contiguous()
+    weights = torch.rand(num_tokens, top_k, generator=gen).softmax(-1)
+    fused = native.fused_moe(x, weights, ids, w13, w2)
+    handle = moe.sort_pairs(ids, num_experts)
+    y_sorted = moe.expert_ffn(x.index_select(0, handle.tokens), handle.counts.tolist(), w13, w2)
+    assert torch.equal(fused, moe.unpermute(y_sorted, handle, weights))
+    torch.testing.assert_close(fused, moe.fused_moe_reference(x, weights, ids, w13, w2), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_moe_rejects_an_expert_id_out_of_range():
+    w13, w2 = make(4, 32, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"topk_ids out of range 0\.\.3: 0\.\.4"):
+        native.fused_moe(torch.randn(2, 32), torch.full((2, 2), 0.5), torch.tensor([[0, 4], [1, 2]]), w13, w2)
