@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moeray.kernels import native
+
 
 @dataclass
 class PagedAttentionMetadata:
@@ -43,6 +45,13 @@ class PagedAttentionMetadata:
     prefill_seqs: list[int]
     context_slots: dict[int, Tensor]
     _decode_masks: dict[int | None, Tensor | None] = field(default_factory=dict)
+    _decode_lens: list[Tensor] = field(default_factory=list)
+
+    def decode_lens(self) -> Tensor:
+        """[Bd] int64 context length of each decode sequence (kept for the step's layers)."""
+        if not self._decode_lens:
+            self._decode_lens.append(torch.tensor([self.context_lens[i] for i in self.decode_seqs], dtype=torch.long))
+        return self._decode_lens[0]
 
     def decode_mask(self, window: int | None) -> Tensor | None:
         """[Bd, 1, 1, Lmax] bool, True where a decode query may attend, or None where every decode
@@ -128,8 +137,13 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
 
 def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: PagedAttentionMetadata,
                    scale: float, window: int | None) -> Tensor:
-    """The decode sequences' queries q [Bd, nh, D] over their cached contexts -> [Bd, nh, D]."""
+    """The decode sequences' queries q [Bd, nh, D] over their cached contexts -> [Bd, nh, D].
+
+    On CPU (float32, bf16) the native kernel reads keys and values in place through the slots;
+    elsewhere they are gathered into [Bd, nkv, Lmax, D] for one padded SDPA call."""
     slots = meta.decode_slots  # [Bd, Lmax]
+    if q.dtype == k_cache.dtype and native.supports(k_cache, v_cache):
+        return native.decode_attention(q.contiguous(), k_cache, v_cache, slots, meta.decode_lens(), scale, window)
     shape = (*slots.shape, *k_cache.shape[1:])  # [Bd, Lmax, nkv, D]
     keys = k_cache.index_select(0, slots.view(-1)).view(shape).transpose(1, 2)  # [Bd, nkv, Lmax, D]
     values = v_cache.index_select(0, slots.view(-1)).view(shape).transpose(1, 2)

@@ -38,6 +38,7 @@ _I, _P = ctypes.c_int64, ctypes.c_void_p  # integers are int64_t, pointers are d
 SIGNATURES = {  # as declared in csrc/expert_ffn.cpp; every function returns an int status
     "moeray_expert_ffn": [_I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I],
     "moeray_fused_moe": [_I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I],
+    "moeray_decode_attention": [_I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P, ctypes.c_double, _I, _P, _I],
 }
 
 
@@ -117,6 +118,21 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
         w13.data_ptr(), w2.data_ptr(), w13.shape[0], x.shape[1], w2.shape[2], out.data_ptr(), torch.get_num_threads())
     if status:
         raise ValueError(f"topk_ids out of range 0..{w13.shape[0] - 1}: {topk_ids.min().item()}..{topk_ids.max().item()}")
+    return out
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, lens: Tensor, scale: float,
+                     window: int | None) -> Tensor:
+    """q [B, nh, D] (one new token per sequence) over paged caches k_cache, v_cache [num_slots, nkv, D]:
+    slots [B, L] int64 the slot of each context position (padded), lens [B] int64 context lengths ->
+    [B, nh, D]. A query sees the last `window` positions of its context (None: all). Check `supports`."""
+    batch, heads, dim = q.shape
+    out = torch.empty_like(q)
+    status = library().moeray_decode_attention(
+        DTYPES[q.dtype], batch, heads, k_cache.shape[1], dim, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        slots.data_ptr(), slots.shape[1], lens.data_ptr(), scale, window or 0, out.data_ptr(), torch.get_num_threads())
+    if status:
+        raise RuntimeError(f"moeray_decode_attention failed with status {status}")
     return out
 
 

@@ -324,4 +324,73 @@ int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float*
   return 0;
 }
 
+
+// Decode attention over a paged KV cache: one query row per sequence. q, out [B, nh, D]; k_cache,
+// v_cache [num_slots, nkv, D]; slots [B, L] (the slot of each context position, padded); lens [B];
+// a query sees positions max(0, len - window) .. len - 1 (window 0: all). Query head h reads kv head
+// h / (nh / nkv). Scores, softmax and the weighted sum in float32 (exp of score - max, divided by the
+// sum at the end, as SDPA does); dtype 0 float32, 1 bf16 (out rounded once).
+int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, int64_t D, const void* q,
+                            const void* k_cache, const void* v_cache, const int64_t* slots, int64_t L,
+                            const int64_t* lens, double scale, int64_t window, void* out, int64_t num_threads) {
+  if (dtype != 0 && dtype != 1) return 1;
+  const int64_t group = nh / nkv;
+  auto get = [&](const void* base, int64_t i) -> float {
+    return dtype == 0 ? static_cast<const float*>(base)[i] : widen(static_cast<const bf16*>(base)[i]);
+  };
+#pragma omp parallel num_threads(num_threads) if (B * nh * L * D >= (1 << 15))
+  {
+    std::vector<float> query(D), scores(L), acc(D), key(D), value(D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < B * nh; ++item) {
+      const int64_t b = item / nh, h = item % nh, kv = h / group, len = lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      for (int64_t d = 0; d < D; ++d) query[d] = get(q, item * D + d);
+      float most = -INFINITY;
+      for (int64_t j = first; j < len; ++j) {
+        const int64_t base = (slots[b * L + j] * nkv + kv) * D;
+        float dot = 0;
+        if (dtype == 0) {
+          const float* k = static_cast<const float*>(k_cache) + base;
+          int64_t d = 0;
+          v8 sum{};
+          for (; d + 8 <= D; d += 8) sum = fma8(load8(&query[d]), load8(k + d), sum);
+          float part[1];
+          lane_sums<1>(&sum, part);
+          dot = part[0];
+          for (; d < D; ++d) dot = std::fma(query[d], k[d], dot);
+        } else {
+          for (int64_t d = 0; d < D; ++d) dot = std::fma(query[d], get(k_cache, base + d), dot);
+        }
+        scores[j] = dot * float(scale);
+        most = std::max(most, scores[j]);
+      }
+      float total = 0;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = first; j < len; ++j) {
+        const float p = std::exp(scores[j] - most);
+        total += p;
+        const int64_t base = (slots[b * L + j] * nkv + kv) * D;
+        if (dtype == 0) {
+          const float* v = static_cast<const float*>(v_cache) + base;
+          int64_t d = 0;
+          for (; d + 8 <= D; d += 8) {
+            const v8 a = fma8(v8{} + p, load8(v + d), load8(&acc[d]));
+            std::memcpy(&acc[d], &a, sizeof a);
+          }
+          for (; d < D; ++d) acc[d] = std::fma(p, v[d], acc[d]);
+        } else {
+          for (int64_t d = 0; d < D; ++d) acc[d] = std::fma(p, get(v_cache, base + d), acc[d]);
+        }
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        const float o = len > first ? acc[d] / total : 0.0f;
+        if (dtype == 0) static_cast<float*>(out)[item * D + d] = o;
+        else static_cast<bf16*>(out)[item * D + d] = to_bf16(o);
+      }
+    }
+  }
+  return 0;
+}
+
 }

@@ -180,3 +180,31 @@ def test_fused_moe_rejects_an_expert_id_out_of_range():
     w13, w2 = make(4, 32, 16, torch.float32)
     with pytest.raises(ValueError, match=r"topk_ids out of range 0\.\.3: 0\.\.4"):
         native.fused_moe(torch.randn(2, 32), torch.full((2, 2), 0.5), torch.tensor([[0, 4], [1, 2]]), w13, w2)
+
+
+@pytest.mark.parametrize("window", [None, 3, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_sdpa(window, dtype, monkeypatch):
+    """A pure decode step (contexts of 2..40 tokens in scattered blocks, 4 query heads per kv head):
+    the native kernel, which reads the cache through the slots, against the gathered SDPA path."""
+    from moeray.kernels.attention import build_metadata, paged_attention
+    gen = torch.Generator().manual_seed(11)
+    block, heads, kv_heads, dim = 4, 8, 2, 24
+    lengths = [2, 7, 40, 13, 4]
+    free = torch.randperm(64, generator=gen).tolist()
+    tables = [[free.pop() for _ in range(-(-n // block))] for n in lengths]
+    caches = [torch.randn(64 * block, kv_heads, dim, generator=gen).to(dtype) for _ in range(2)]
+    q = torch.randn(len(lengths), heads + kv_heads, dim, generator=gen).to(dtype)[:, :heads]  # a view, as the model's
+    k, v = (torch.randn(len(lengths), kv_heads, dim, generator=gen).to(dtype) for _ in range(2))
+    meta = build_metadata(tables, [n - 1 for n in lengths], [1] * len(lengths), block)
+    assert meta.decode_rows is None  # every row a decode query
+    calls = []
+    real = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *args: calls.append(1) or real(*args))
+    out = paged_attention(q, k, v, caches[0].clone(), caches[1].clone(), meta, 0.3, window)
+    assert calls == [1]
+    monkeypatch.setenv("MOERAY_NATIVE_KERNELS", "0")
+    expected = paged_attention(q, k, v, caches[0].clone(), caches[1].clone(), meta, 0.3, window)
+    assert calls == [1] and out.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(out.float(), expected.float(), **tol)
