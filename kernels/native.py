@@ -47,7 +47,7 @@ class NativeUnavailable(RuntimeError):
 
 
 def enabled() -> bool:
-    return os.environ.get("MOERAY_NATIVE_KERNELS", "1") != "0"
+    return os.environ.get("MOERAY_NATIVE_KERNELS") != "0"
 
 
 def available() -> bool:
@@ -82,9 +82,13 @@ def _load() -> ctypes.CDLL | None:
 
 
 def supports(x: Tensor, *weights: Tensor) -> bool:
-    """The kernels take CPU float32 / bf16 tensors of one dtype, contiguous."""
-    return (x.device.type == "cpu" and x.dtype in DTYPES and all(w.dtype == x.dtype for w in weights)
-            and x.is_contiguous() and all(w.is_contiguous() for w in weights) and available())
+    """The kernels take CPU float32 / bf16 tensors of one dtype, contiguous (called on every layer: kept cheap)."""
+    if x.device.type != "cpu" or x.dtype not in DTYPES or not x.is_contiguous():
+        return False
+    for w in weights:
+        if w.dtype != x.dtype or not w.is_contiguous():
+            return False
+    return available()
 
 
 def expert_ffn(x: Tensor, groups: Tensor, w13: Tensor, w2: Tensor, out: Tensor, rows: Tensor | None = None) -> Tensor:

@@ -57,6 +57,10 @@ inline bf16 to_bf16(float f) {
   return bf16((w + 0x7fffu + ((w >> 16) & 1u)) >> 16);
 }
 inline float round_bf16(float f) { return widen(to_bf16(f)); }
+inline float load_one(const float* p) { return *p; }
+inline float load_one(const bf16* p) { return widen(*p); }
+inline void store_one(float* p, float v) { *p = v; }
+inline void store_one(bf16* p, float v) { *p = to_bf16(v); }
 // Lane sums of up to 4 accumulators at once, each ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)):
 // pairwise adds of shuffled vectors instead of 4 separate horizontal sums (short dot products, H = 128,
 // spend a third of their time there otherwise). Missing accumulators are zeros: the order of every
@@ -257,6 +261,113 @@ void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int6
   }
 }
 
+// exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, degree-5 polynomial; within 2 ulp of
+// the true value): softmax weights of decode attention, where scalar expf was most of the time.
+inline v8 exp8(v8 x) {
+  typedef int32_t i32x8 __attribute__((vector_size(32)));
+  x = x < -87.3365f ? v8{} - 87.3365f : x;  // below: 0 in float32 anyway (the weight of a far-off key)
+  x = x > 88.3762f ? v8{} + 88.3762f : x;
+  const v8 t = fma8(x, v8{} + 1.44269504088896341f, v8{} + 0.5f);
+  v8 n = __builtin_convertvector(__builtin_convertvector(t, i32x8), v8);
+  n = n + __builtin_convertvector(n > t, v8);  // floor: a true comparison is -1
+  v8 r = fma8(n, v8{} - 0.693359375f, x);
+  r = fma8(n, v8{} + 2.12194440e-4f, r);
+  v8 y = v8{} + 1.9875691500e-4f;
+  y = fma8(y, r, v8{} + 1.3981999507e-3f);
+  y = fma8(y, r, v8{} + 8.3334519073e-3f);
+  y = fma8(y, r, v8{} + 4.1665795894e-2f);
+  y = fma8(y, r, v8{} + 1.6666665459e-1f);
+  y = fma8(y, r, v8{} + 5.0000001201e-1f);
+  y = fma8(y, r * r, r) + 1.0f;
+  const i32x8 bits = (__builtin_convertvector(n, i32x8) + 127) << 23;  // 2^n
+  v8 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+template <typename T>
+inline v8 load8_any(const T* p) {  // 8 consecutive values as float32, in order
+  if constexpr (sizeof(T) == 4) {
+    return load8(reinterpret_cast<const float*>(p));
+  } else {
+    typedef uint16_t u16x8 __attribute__((vector_size(16)));
+    u16x8 h;
+    std::memcpy(&h, p, sizeof h);
+    const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+    v8 v;
+    std::memcpy(&v, &w, sizeof v);
+    return v;
+  }
+}
+
+// out[0 .. 8V) = sum over i of p[i] * row i (values + slots[i] * stride), divided by total.
+template <int V, typename T>
+inline void weighted_sum(const T* values, const int64_t* slots, int64_t stride, const float* p, int64_t count,
+                         float total, T* out) {
+  v8 acc[V] = {};
+  for (int64_t i = 0; i < count; ++i) {
+    const T* row = values + slots[i] * stride;
+    const v8 weight = v8{} + p[i];
+    for (int u = 0; u < V; ++u) acc[u] = fma8(weight, load8_any(row + 8 * u), acc[u]);
+  }
+  for (int u = 0; u < V; ++u)
+    for (int e = 0; e < 8; ++e) store_one(out + 8 * u + e, acc[u][e] / total);
+}
+
+// One sequence's query heads that share kv head `kv`, over its context: see moeray_decode_attention.
+template <typename T>
+void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t first, int64_t len,
+                int64_t nkv, int64_t kv, int64_t group, int64_t D, float scale, T* out, std::vector<float>& work) {
+  const int64_t span = len - first, ctx = (span + 7) / 8 * 8, whole = D / 8 * 8;
+  work.resize(group * (D + ctx));
+  float* queries = work.data();         // [group, D]
+  float* scores = queries + group * D;  // [group, ctx]
+  for (int64_t i = 0; i < group * D; ++i) queries[i] = load_one(q + i);
+  auto at = [&](const T* cache, int64_t i) { return cache + (slots[first + std::min(i, span - 1)] * nkv + kv) * D; };
+  for (int64_t j = 0; j < span; j += 4) {  // scores, 4 positions at a time (past the end: the last again, unused)
+    const T* keys[4] = {at(k_cache, j), at(k_cache, j + 1), at(k_cache, j + 2), at(k_cache, j + 3)};
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = queries + g * D;
+      v8 sums[4] = {};
+      for (int64_t d = 0; d < whole; d += 8) {
+        const v8 x = load8(qg + d);
+        for (int i = 0; i < 4; ++i) sums[i] = fma8(x, load8_any(keys[i] + d), sums[i]);
+      }
+      float dots[4];
+      lane_sums<4>(sums, dots);
+      for (int64_t i = 0; i < std::min<int64_t>(4, span - j); ++i) {
+        for (int64_t d = whole; d < D; ++d) dots[i] = std::fma(qg[d], load_one(keys[i] + d), dots[i]);
+        scores[g * ctx + j + i] = dots[i] * scale;
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {  // softmax weights (unnormalised), then their weighted sum of values
+    float* p = scores + g * ctx;
+    float most = -INFINITY, total = 0;
+    for (int64_t i = 0; i < span; ++i) most = std::max(most, p[i]);
+    for (int64_t i = span; i < ctx; ++i) p[i] = most;  // padding: exp(0), never read back
+    for (int64_t i = 0; i < ctx; i += 8) {
+      const v8 e = exp8(load8(p + i) - most);
+      std::memcpy(p + i, &e, sizeof e);
+    }
+    for (int64_t i = 0; i < span; ++i) total += p[i];
+    for (int64_t d0 = 0; d0 < whole; d0 += 32) {  // up to 4 vectors of the output at a time, in registers
+      const T* values = v_cache + kv * D + d0;
+      switch (std::min<int64_t>(4, (whole - d0) / 8)) {
+        case 4: weighted_sum<4>(values, slots + first, nkv * D, p, span, total, out + g * D + d0); break;
+        case 3: weighted_sum<3>(values, slots + first, nkv * D, p, span, total, out + g * D + d0); break;
+        case 2: weighted_sum<2>(values, slots + first, nkv * D, p, span, total, out + g * D + d0); break;
+        default: weighted_sum<1>(values, slots + first, nkv * D, p, span, total, out + g * D + d0);
+      }
+    }
+    for (int64_t d = whole; d < D; ++d) {
+      float acc = 0;
+      for (int64_t i = 0; i < span; ++i) acc = std::fma(p[i], load_one(at(v_cache, i) + d), acc);
+      store_one(out + g * D + d, acc / total);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -327,67 +438,28 @@ int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float*
 
 // Decode attention over a paged KV cache: one query row per sequence. q, out [B, nh, D]; k_cache,
 // v_cache [num_slots, nkv, D]; slots [B, L] (the slot of each context position, padded); lens [B];
-// a query sees positions max(0, len - window) .. len - 1 (window 0: all). Query head h reads kv head
-// h / (nh / nkv). Scores, softmax and the weighted sum in float32 (exp of score - max, divided by the
-// sum at the end, as SDPA does); dtype 0 float32, 1 bf16 (out rounded once).
+// a query sees positions max(0, len - window) .. len - 1 (window 0: all). Query heads h of kv head
+// h / (nh / nkv) are taken together, so each key and value row is read once for all of them. Scores,
+// softmax and the weighted sum in float32 (exp(score - max), divided by the sum at the end, as SDPA
+// does); dtype 0 float32, 1 bf16 (the output rounded once). Returns 0, or 1 for an unknown dtype.
 int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, int64_t D, const void* q,
                             const void* k_cache, const void* v_cache, const int64_t* slots, int64_t L,
                             const int64_t* lens, double scale, int64_t window, void* out, int64_t num_threads) {
   if (dtype != 0 && dtype != 1) return 1;
   const int64_t group = nh / nkv;
-  auto get = [&](const void* base, int64_t i) -> float {
-    return dtype == 0 ? static_cast<const float*>(base)[i] : widen(static_cast<const bf16*>(base)[i]);
-  };
 #pragma omp parallel num_threads(num_threads) if (B * nh * L * D >= (1 << 15))
   {
-    std::vector<float> query(D), scores(L), acc(D), key(D), value(D);
+    std::vector<float> work;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < B * nh; ++item) {
-      const int64_t b = item / nh, h = item % nh, kv = h / group, len = lens[b];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      for (int64_t d = 0; d < D; ++d) query[d] = get(q, item * D + d);
-      float most = -INFINITY;
-      for (int64_t j = first; j < len; ++j) {
-        const int64_t base = (slots[b * L + j] * nkv + kv) * D;
-        float dot = 0;
-        if (dtype == 0) {
-          const float* k = static_cast<const float*>(k_cache) + base;
-          int64_t d = 0;
-          v8 sum{};
-          for (; d + 8 <= D; d += 8) sum = fma8(load8(&query[d]), load8(k + d), sum);
-          float part[1];
-          lane_sums<1>(&sum, part);
-          dot = part[0];
-          for (; d < D; ++d) dot = std::fma(query[d], k[d], dot);
-        } else {
-          for (int64_t d = 0; d < D; ++d) dot = std::fma(query[d], get(k_cache, base + d), dot);
-        }
-        scores[j] = dot * float(scale);
-        most = std::max(most, scores[j]);
-      }
-      float total = 0;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t j = first; j < len; ++j) {
-        const float p = std::exp(scores[j] - most);
-        total += p;
-        const int64_t base = (slots[b * L + j] * nkv + kv) * D;
-        if (dtype == 0) {
-          const float* v = static_cast<const float*>(v_cache) + base;
-          int64_t d = 0;
-          for (; d + 8 <= D; d += 8) {
-            const v8 a = fma8(v8{} + p, load8(v + d), load8(&acc[d]));
-            std::memcpy(&acc[d], &a, sizeof a);
-          }
-          for (; d < D; ++d) acc[d] = std::fma(p, v[d], acc[d]);
-        } else {
-          for (int64_t d = 0; d < D; ++d) acc[d] = std::fma(p, get(v_cache, base + d), acc[d]);
-        }
-      }
-      for (int64_t d = 0; d < D; ++d) {
-        const float o = len > first ? acc[d] / total : 0.0f;
-        if (dtype == 0) static_cast<float*>(out)[item * D + d] = o;
-        else static_cast<bf16*>(out)[item * D + d] = to_bf16(o);
-      }
+    for (int64_t item = 0; item < B * nkv; ++item) {
+      const int64_t b = item / nkv, kv = item % nkv, len = lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0, at = (b * nh + kv * group) * D;
+      if (dtype == 0)
+        attend_one(static_cast<const float*>(q) + at, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache),
+                   slots + b * L, first, len, nkv, kv, group, D, float(scale), static_cast<float*>(out) + at, work);
+      else
+        attend_one(static_cast<const bf16*>(q) + at, static_cast<const bf16*>(k_cache), static_cast<const bf16*>(v_cache),
+                   slots + b * L, first, len, nkv, kv, group, D, float(scale), static_cast<bf16*>(out) + at, work);
     }
   }
   return 0;
