@@ -26,7 +26,7 @@ top-k order: within an ulp of transformers, and the same bits whatever the place
 
 Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
 - CPU, float32 or bf16, experts with at most `NATIVE_MAX_ROWS` rows (decode, small prefill): the
-  native kernel (`kernels.native`, csrc/expert_ffn.cpp) runs all of them in one call. It reads each
+  native kernel (`kernels.native`, csrc/cpu_kernels.cpp) runs all of them in one call. It reads each
   weight once, at the machine's memory bandwidth for a row or two and close to its FMA rate for
   tens, where torch's matmuls pack or re-read it: 1.3-3x faster than the torch paths below at those
   sizes, and each row's result does not depend on the batch.
@@ -208,8 +208,10 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     small models.
     """
     num_tokens, top_k = topk_ids.shape
-    if num_tokens <= NATIVE_MAX_ROWS and topk_weights.dtype == torch.float32 and native.supports(x, w13, w2, topk_weights):
-        # float32 decode and small prefill: one native call (every expert has at most T rows)
+    if topk_weights.dtype == torch.float32 and native.supports(x, w13, w2, topk_weights) and (
+            num_tokens <= NATIVE_MAX_ROWS  # an expert gets at most one row per token
+            or int(torch.bincount(topk_ids.reshape(-1), minlength=w13.shape[0]).max()) <= NATIVE_MAX_ROWS):
+        # float32, every expert with few rows (decode, small prefill, many experts): one native call
         return native.fused_moe(x, topk_weights.contiguous(), topk_ids.contiguous(), w13, w2)
     if num_tokens == 1:
         return _fused_moe_one_token(x, topk_weights, topk_ids, w13, w2)

@@ -1,16 +1,22 @@
-"""The CPU expert kernel in `csrc/expert_ffn.cpp`: compiled once per machine, loaded with ctypes.
+"""CPU kernels in C++ (`csrc/cpu_kernels.cpp`), compiled once per machine and called through ctypes.
 
-Why C++: at decode and small prefill sizes (up to a few tens of rows per expert) torch's matmuls
-read or pack each expert's weight several times per call; the kernel reads it once and runs at the
-machine's memory bandwidth (decode) or close to its FMA rate (tens of rows), in float32 and bf16
-(bench/moe_layer.py). `kernels.moe.expert_ffn` sends it the experts with few rows; everything else,
-and every machine where it cannot be built, takes the torch path.
+Three entry points, each tested against a plain-torch reference (tests/unit/test_native_kernel.py):
+- `expert_ffn`: the grouped SwiGLU of experts with few rows (decode, small prefill). torch's
+  matmuls pack or re-read an expert's weight per call at those sizes; the kernel reads each weight
+  block once and multiplies all of its expert's rows by it while it sits in L1: memory bandwidth
+  for a row or two, close to the FMA rate for tens (float32 and bf16).
+- `fused_moe`: a small float32 batch's whole MoE block (sort, experts, top-k sum) in one call, the
+  bits of the three torch-level steps without their ~0.2 ms of Python and small ops per layer.
+- `decode_attention`: one query row per sequence over the paged KV cache, read in place through
+  the slots instead of gathered into a padded copy.
+`kernels.moe` and `kernels.attention` choose them (CPU, float32/bf16, contiguous); everything
+else, and every machine where the source cannot be built, takes the torch paths.
 
-Build: `$CXX` (default `c++`) with `-O3 -march=native -ffp-contract=off -fopenmp`, into `$MOERAY_CACHE_DIR` (default
-`~/.cache/moeray`), named by a hash of the source, the flags and the CPU, so that a shared home
-directory serves machines of different kinds; a few seconds, once. The shared library links the
-OpenMP runtime torch has already loaded (same soname), so it shares torch's threads.
-`MOERAY_NATIVE_KERNELS=0` turns it off (the torch path then runs everywhere).
+Build: `$CXX` (default `c++`) with `-O3 -march=native -ffp-contract=off -fopenmp`, into
+`$MOERAY_CACHE_DIR` (default `~/.cache/moeray`), named by a hash of the source, the flags, the
+compiler and the CPU, so a shared home directory serves machines of different kinds; a few
+seconds, once, logged. The library links the OpenMP runtime torch has already loaded (same
+soname), so it shares torch's threads. `MOERAY_NATIVE_KERNELS=0` turns it off.
 """
 
 from __future__ import annotations
@@ -31,11 +37,11 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "expert_ffn.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _I, _P = ctypes.c_int64, ctypes.c_void_p  # integers are int64_t, pointers are data_ptr()s or None
-SIGNATURES = {  # as declared in csrc/expert_ffn.cpp; every function returns an int status
+SIGNATURES = {  # as declared in csrc/cpu_kernels.cpp; every function returns an int status
     "moeray_expert_ffn": [_I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I],
     "moeray_fused_moe": [_I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I],
     "moeray_decode_attention": [_I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P, ctypes.c_double, _I, _P, _I],
@@ -72,7 +78,7 @@ def _load() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError, NativeUnavailable) as error:
-        logger.warning("native expert kernel unavailable, experts run on torch's matmuls: %s", error)
+        logger.warning("native CPU kernels unavailable, running on torch ops (slower at decode sizes): %s", error)
         _failure.append(str(error))
         return None
     for name, argtypes in SIGNATURES.items():  # without them ctypes would pass ints as 32 bits
@@ -150,10 +156,10 @@ def _build() -> Path:
     key = hashlib.sha256(b"\0".join([source, " ".join(compiler + FLAGS).encode(), version.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     folder = _cache_dir()
-    path = folder / f"expert_ffn-{key}.so"
+    path = folder / f"cpu_kernels-{key}.so"
     if path.is_file():
         return path
-    logger.info("compiling the native expert kernel into %s (once per machine, a few seconds)", path)
+    logger.info("compiling the native CPU kernels into %s (once per machine, a few seconds)", path)
     fd, partial = tempfile.mkstemp(dir=folder, prefix=path.stem, suffix=".partial")
     os.close(fd)
     try:

@@ -1,4 +1,4 @@
-"""kernels/native.py (csrc/expert_ffn.cpp) against a per-row float64 reference, and its place in expert_ffn."""
+"""kernels/native.py (csrc/cpu_kernels.cpp) against a per-row float64 reference, and its place in expert_ffn."""
 
 import itertools
 import os
@@ -144,7 +144,7 @@ def test_failed_build_names_the_command_and_leaves_nothing_behind(monkeypatch, t
     compiler.chmod(0o755)
     monkeypatch.setenv("CXX", str(compiler))
     monkeypatch.setenv("MOERAY_CACHE_DIR", str(tmp_path / "cache"))
-    with pytest.raises(native.NativeUnavailable, match="(?s)broken-cxx -O3.*expert_ffn.cpp failed.*broken on purpose"):
+    with pytest.raises(native.NativeUnavailable, match="(?s)broken-cxx -O3.*cpu_kernels.cpp failed.*broken on purpose"):
         native._build()
     assert os.listdir(tmp_path / "cache") == []
 

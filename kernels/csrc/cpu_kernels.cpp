@@ -1,5 +1,6 @@
-// Grouped SwiGLU expert FFN for CPUs, for batches with few rows per expert (decode, small prefill).
-// Built and loaded by kernels/native.py; kernels/moe.py decides which experts it runs.
+// CPU kernels for small batches, built and loaded by kernels/native.py: the grouped SwiGLU expert FFN
+// (moeray_expert_ffn), a float32 MoE block in one call (moeray_fused_moe) and decode attention over
+// the paged KV cache (moeray_decode_attention). kernels/moe.py and kernels/attention.py choose them.
 //
 // A group is one expert e and a range of sorted rows; sorted row j is row rows[j] of x (row j if rows
 // is null). For each row of each group:
