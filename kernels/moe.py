@@ -25,11 +25,13 @@ In float32 the scale and sum are one `embedding_bag` (see `combine`), fused mult
 top-k order: within an ulp of transformers, and the same bits whatever the placement or batch.
 
 Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
-- CPU, float32 or bf16, experts with at most `NATIVE_MAX_ROWS` rows (decode, small prefill): the
-  native kernel (`kernels.native`, csrc/cpu_kernels.cpp) runs all of them in one call. It reads each
-  weight once, at the machine's memory bandwidth for a row or two and close to its FMA rate for
-  tens, where torch's matmuls pack or re-read it: 1.3-3x faster than the torch paths below at those
-  sizes, and each row's result does not depend on the batch.
+- CPU, float32 or bf16, experts with at most 64 rows (128 for float32 experts too big for L2, see
+  NATIVE_MAX_ROWS): the native kernel (`kernels.native`, csrc/cpu_kernels.cpp) runs all of them in
+  one call. It reads each weight once, at the machine's memory bandwidth for a row or two and close
+  to its FMA rate for tens, where torch's matmuls pack or re-read it: 1.1-4x faster than the torch
+  paths below at those sizes, and each row's result does not depend on the batch. When every expert
+  of a float32 batch is that small, the whole block (sort, experts, top-k sum) is one native call
+  (`native.fused_moe`), with the same bits.
 - More rows, float32, or any dtype the device multiplies natively: on CPU all experts go through
   one `F.grouped_mm` call per projection (the same per-expert MKL matmuls as a Python loop, bitwise,
   without the per-expert Python overhead), elsewhere through the loop.
@@ -60,11 +62,15 @@ from moeray.kernels import native
 # which streams the whole weight once per row; converting it to float32 costs about 3-4 such passes
 # (2-core AVX2 VM, Mixtral- and OLMoE-sized experts, 1 and 2 threads: break-even at 3-4 rows).
 MAX_ROWS_LOW_PRECISION_MATMUL = 3
-# Experts with at most this many rows go to the native kernel. Measured (2-core AVX2 VM, expert FFN
-# alone, 8 experts): float32 1.3-2x faster than grouped_mm at 1-64 rows for Mixtral-sized experts,
-# 1.2-1.7x for OLMoE-sized, ~1x at 64 for the built-in model's (in cache); bf16 1.1-3x (to 64 rows)
-# against the float32-conversion path; beyond that MKL's packed GEMM wins.
+# Experts with at most this many rows go to the native kernel; float32 experts too big for L2 (at
+# least NATIVE_LARGE_EXPERT_BYTES) up to NATIVE_MAX_ROWS_LARGE. Measured (2-core AVX2 VM, expert FFN
+# alone, 8 experts, against grouped_mm / the float32-conversion path): float32 1.3-4x at 1-64 rows and
+# 1.3-1.4x at 96-128 for Mixtral-sized experts, 1.2-3x and 1.1-1.15x for OLMoE-sized ones, 1.1-2.7x
+# at 1-64 rows but 0.85-0.9x at 96-128 for the built-in model's (in cache); bf16 1.2-8x to 16 rows,
+# 1-1.2x at 64, 0.9-1.05x at 128. Beyond, MKL's packed GEMM wins.
 NATIVE_MAX_ROWS = 64
+NATIVE_MAX_ROWS_LARGE = 128
+NATIVE_LARGE_EXPERT_BYTES = 4 << 20
 # Weight rows converted to float32 per matmul: small enough to stay in cache (L2 + L3) for it.
 FLOAT32_BLOCK_BYTES = 2 << 20
 # Rows of consecutive experts that `fused_moe` takes at a time: intermediates of about this size.
@@ -142,12 +148,12 @@ def expert_ffn(x_sorted: Tensor, counts: list[int], w13: Tensor, w2: Tensor) -> 
     """Grouped SwiGLU: rows of expert e are x_sorted[start_e : start_e + counts[e]].
 
     x_sorted [N, H]; counts: E ints summing to N; w13 [E, 2I, H]; w2 [E, H, I] -> [N, H].
-    Experts with at most `NATIVE_MAX_ROWS` rows go to the native CPU kernel (one call for all of
+    Experts with at most `_native_max_rows` rows go to the native CPU kernel (one call for all of
     them), the others to one pair of matmuls each; experts without rows cost nothing, so the same
     code is fast for decode (a few rows, a few experts) and prefill (thousands of rows).
     """
     starts = [0, *itertools.accumulate(counts)][:-1]
-    most_native = NATIVE_MAX_ROWS if native.supports(x_sorted, w13, w2) else 0
+    most_native = _native_max_rows(w13, w2) if native.supports(x_sorted, w13, w2) else 0
     small = [(e, start, count) for e, (start, count) in enumerate(zip(starts, counts)) if 0 < count <= most_native]
     upcast = _needs_float32_matmul(w13.dtype, w13.device.type)
     if not small and not upcast and _has_grouped_mm(w13.device.type):  # the same per-expert matmuls, looped in C++
@@ -209,8 +215,8 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     """
     num_tokens, top_k = topk_ids.shape
     if topk_weights.dtype == torch.float32 and native.supports(x, w13, w2, topk_weights) and (
-            num_tokens <= NATIVE_MAX_ROWS  # an expert gets at most one row per token
-            or int(torch.bincount(topk_ids.reshape(-1), minlength=w13.shape[0]).max()) <= NATIVE_MAX_ROWS):
+            num_tokens <= _native_max_rows(w13, w2)  # an expert gets at most one row per token
+            or int(torch.bincount(topk_ids.reshape(-1), minlength=w13.shape[0]).max()) <= _native_max_rows(w13, w2)):
         # float32, every expert with few rows (decode, small prefill, many experts): one native call
         return native.fused_moe(x, topk_weights.contiguous(), topk_ids.contiguous(), w13, w2)
     if num_tokens == 1:
@@ -267,6 +273,13 @@ def _fused_moe_one_token(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13:
             rows.append(F.linear(F.silu(gate).mul_(up), w2[expert]))  # [1, H]
         y = torch.cat(rows)  # [K, H] top-k order
     return combine(y, _range(top_k, 1, x.device).view(1, top_k), topk_weights)
+
+
+def _native_max_rows(w13: Tensor, w2: Tensor) -> int:
+    """Rows up to which an expert runs on the native kernel (see NATIVE_MAX_ROWS)."""
+    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    large = w13.dtype == torch.float32 and expert_bytes >= NATIVE_LARGE_EXPERT_BYTES
+    return NATIVE_MAX_ROWS_LARGE if large else NATIVE_MAX_ROWS
 
 
 @lru_cache(maxsize=256)
