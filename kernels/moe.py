@@ -214,7 +214,7 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     small models.
     """
     num_tokens, top_k = topk_ids.shape
-    if topk_weights.dtype == torch.float32 and native.supports(x, w13, w2, topk_weights) and (
+    if x.dtype == topk_weights.dtype == torch.float32 and native.supports(x, w13, w2) and (
             num_tokens <= _native_max_rows(w13, w2)  # an expert gets at most one row per token
             or int(torch.bincount(topk_ids.reshape(-1), minlength=w13.shape[0]).max()) <= _native_max_rows(w13, w2)):
         # float32, every expert with few rows (decode, small prefill, many experts): one native call

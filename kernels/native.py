@@ -107,6 +107,7 @@ def expert_ffn(x: Tensor, groups: Tensor, w13: Tensor, w2: Tensor, out: Tensor, 
     num_rows, hidden, inter = out.shape[0], x.shape[1], w2.shape[2]
     if groups.numel() == 0:
         return out
+    _check_raw(x, (w13, w2, out), (groups, rows))
     widened = hidden if x.dtype != torch.float32 else 0  # bf16: the rows of x widened to float32
     scratch = torch.empty(num_rows * (inter + widened), dtype=torch.float32)
     status = library().moeray_expert_ffn(
@@ -122,6 +123,9 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     """float32 x [T, H], topk_weights [T, K], int64 topk_ids [T, K], w13 [E, 2I, H], w2 [E, H, I] -> [T, H]:
     sort, experts and the top-k sum in one call (check `supports`), the bits of kernels.moe's
     sort_pairs -> expert_ffn -> unpermute on the kernel."""
+    if not x.dtype == topk_weights.dtype == torch.float32 or topk_ids.dtype != torch.int64:
+        raise TypeError(f"fused_moe takes float32 x and topk_weights and int64 topk_ids, not {x.dtype}, "
+                        f"{topk_weights.dtype}, {topk_ids.dtype}")
     out = torch.empty_like(x)  # [T, H]
     status = library().moeray_fused_moe(
         topk_ids.shape[0], topk_ids.shape[1], topk_ids.data_ptr(), topk_weights.data_ptr(), x.data_ptr(),
@@ -137,6 +141,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
     slots [B, L] int64 the slot of each context position (padded), lens [B] int64 context lengths ->
     [B, nh, D]. A query sees the last `window` positions of its context (None: all). Check `supports`."""
     batch, heads, dim = q.shape
+    _check_raw(q, (k_cache, v_cache), (slots, lens))
     out = torch.empty_like(q)
     status = library().moeray_decode_attention(
         DTYPES[q.dtype], batch, heads, k_cache.shape[1], dim, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
@@ -144,6 +149,16 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
     if status:
         raise RuntimeError(f"moeray_decode_attention failed with status {status}")
     return out
+
+
+def _check_raw(x: Tensor, alike: tuple[Tensor, ...], indices: tuple[Tensor | None, ...]) -> None:
+    """The kernels read raw memory: x and `alike` one supported dtype, contiguous, indices int64."""
+    if x.dtype not in DTYPES or any(t.dtype != x.dtype for t in alike):
+        raise TypeError(f"native kernels take float32 or bf16 tensors of one dtype, not {[x.dtype, *(t.dtype for t in alike)]}")
+    if any(t is not None and t.dtype != torch.int64 for t in indices):
+        raise TypeError(f"native kernels take int64 indices, not {[t.dtype for t in indices if t is not None]}")
+    if not all(t.is_contiguous() for t in (x, *alike, *(i for i in indices if i is not None))):
+        raise ValueError("native kernels take contiguous tensors")
 
 
 def _build() -> Path:

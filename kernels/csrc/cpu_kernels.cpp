@@ -320,6 +320,10 @@ template <typename T>
 void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t first, int64_t len,
                 int64_t nkv, int64_t kv, int64_t group, int64_t D, float scale, T* out, std::vector<float>& work) {
   const int64_t span = len - first, ctx = (span + 7) / 8 * 8, whole = D / 8 * 8;
+  if (span <= 0) {  // an empty context (never asked for by the engine): nothing to attend to
+    for (int64_t i = 0; i < group * D; ++i) store_one(out + i, 0.0f);
+    return;
+  }
   work.resize(group * (D + ctx));
   float* queries = work.data();         // [group, D]
   float* scores = queries + group * D;  // [group, ctx]

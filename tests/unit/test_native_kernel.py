@@ -208,3 +208,27 @@ def test_decode_attention_matches_sdpa(window, dtype, monkeypatch):
     assert calls == [1] and out.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
     torch.testing.assert_close(out.float(), expected.float(), **tol)
+
+
+def test_fused_moe_refuses_other_dtypes():
+    """It reads raw float32 / int64 memory: anything else must be refused before the call, not misread."""
+    w13, w2 = make(4, 32, 16, torch.float32)
+    x, weights, ids = torch.randn(2, 32), torch.full((2, 2), 0.5), torch.tensor([[0, 1], [1, 2]])
+    for bad in ((x.bfloat16(), weights, ids), (x, weights.bfloat16(), ids), (x, weights, ids.int())):
+        with pytest.raises(TypeError, match="fused_moe takes float32 x and topk_weights and int64 topk_ids"):
+            native.fused_moe(*bad, w13, w2)
+
+
+def test_expert_ffn_and_decode_attention_refuse_mismatched_inputs():
+    w13, w2 = make(2, 32, 16, torch.float32)
+    x = torch.randn(3, 32)
+    with pytest.raises(TypeError, match="one dtype"):
+        native.expert_ffn(x, torch.tensor([[0, 0, 3]]), w13.bfloat16(), w2, torch.empty(3, 32))
+    with pytest.raises(TypeError, match="int64 indices"):
+        native.expert_ffn(x, torch.tensor([[0, 0, 3]], dtype=torch.int32), w13, w2, torch.empty(3, 32))
+    with pytest.raises(ValueError, match="contiguous"):
+        native.expert_ffn(x.t().contiguous().t(), torch.tensor([[0, 0, 3]]), w13, w2, torch.empty(3, 32))
+    cache = torch.randn(8, 1, 16)
+    with pytest.raises(TypeError, match="int64 indices"):
+        native.decode_attention(torch.randn(1, 2, 16), cache, cache, torch.zeros(1, 4, dtype=torch.int32),
+                                torch.tensor([4]), 0.25, None)
