@@ -42,7 +42,7 @@ FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-f
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _I, _P = ctypes.c_int64, ctypes.c_void_p  # integers are int64_t, pointers are data_ptr()s or None
 SIGNATURES = {  # as declared in csrc/cpu_kernels.cpp; every function returns an int status
-    "moeray_expert_ffn": [_I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I],
+    "moeray_expert_ffn": [_I, _I, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _I],
     "moeray_fused_moe": [_I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I],
     "moeray_decode_attention": [_I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P, ctypes.c_double, _I, _P, _I],
 }
@@ -77,7 +77,7 @@ def _load() -> ctypes.CDLL | None:
     """Build and load once per process; a failure is logged once and remembered."""
     try:
         lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.SubprocessError, NativeUnavailable) as error:
+    except Exception as error:  # whatever stops the build, the torch paths still work
         logger.warning("native CPU kernels unavailable, running on torch ops (slower at decode sizes): %s", error)
         _failure.append(str(error))
         return None
@@ -112,8 +112,11 @@ def expert_ffn(x: Tensor, groups: Tensor, w13: Tensor, w2: Tensor, out: Tensor, 
     scratch = torch.empty(num_rows * (inter + widened), dtype=torch.float32)
     status = library().moeray_expert_ffn(
         DTYPES[x.dtype], groups.shape[0], groups.data_ptr(), num_rows, None if rows is None else rows.data_ptr(),
-        x.data_ptr(), w13.data_ptr(), w2.data_ptr(), hidden, inter, scratch.data_ptr(), out.data_ptr(),
-        torch.get_num_threads())
+        x.data_ptr(), x.shape[0], w13.data_ptr(), w2.data_ptr(), w13.shape[0], hidden, inter, scratch.data_ptr(),
+        out.data_ptr(), torch.get_num_threads())
+    if status == 2:
+        raise ValueError(f"expert groups out of bounds (experts 0..{w13.shape[0] - 1}, {num_rows} output rows, "
+                         f"{x.shape[0]} rows of x): {groups.tolist()}")
     if status:
         raise RuntimeError(f"moeray_expert_ffn failed with status {status}")
     return out
@@ -126,6 +129,7 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     if not x.dtype == topk_weights.dtype == torch.float32 or topk_ids.dtype != torch.int64:
         raise TypeError(f"fused_moe takes float32 x and topk_weights and int64 topk_ids, not {x.dtype}, "
                         f"{topk_weights.dtype}, {topk_ids.dtype}")
+    _check_raw(x, (topk_weights, w13, w2), (topk_ids,))
     out = torch.empty_like(x)  # [T, H]
     status = library().moeray_fused_moe(
         topk_ids.shape[0], topk_ids.shape[1], topk_ids.data_ptr(), topk_weights.data_ptr(), x.data_ptr(),
@@ -142,10 +146,17 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
     [B, nh, D]. A query sees the last `window` positions of its context (None: all). Check `supports`."""
     batch, heads, dim = q.shape
     _check_raw(q, (k_cache, v_cache), (slots, lens))
+    if k_cache.shape[1:] != v_cache.shape[1:] or k_cache.shape[2] != dim or len(lens) != batch or len(slots) != batch:
+        raise ValueError(f"decode_attention shapes disagree: q {tuple(q.shape)}, caches {tuple(k_cache.shape)} "
+                         f"{tuple(v_cache.shape)}, slots {tuple(slots.shape)}, lens {tuple(lens.shape)}")
     out = torch.empty_like(q)
     status = library().moeray_decode_attention(
         DTYPES[q.dtype], batch, heads, k_cache.shape[1], dim, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         slots.data_ptr(), slots.shape[1], lens.data_ptr(), scale, window or 0, out.data_ptr(), torch.get_num_threads())
+    if status == 3:
+        raise ValueError(f"{heads} query heads are not a multiple of {k_cache.shape[1]} kv heads")
+    if status == 4:
+        raise ValueError(f"context lengths outside 0..{slots.shape[1]}: {lens.tolist()}")
     if status:
         raise RuntimeError(f"moeray_decode_attention failed with status {status}")
     return out
@@ -162,7 +173,7 @@ def _check_raw(x: Tensor, alike: tuple[Tensor, ...], indices: tuple[Tensor | Non
 
 
 def _build() -> Path:
-    compiler = shlex.split(os.environ.get("CXX", "c++"))
+    compiler = shlex.split(os.environ.get("CXX") or "c++")
     source = SOURCE.read_bytes()
     try:
         version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -182,6 +193,9 @@ def _build() -> Path:
                                 timeout=600)
         if result.returncode:
             raise NativeUnavailable(f"{' '.join(compiler + FLAGS)} {SOURCE} failed:\n{result.stderr[-2000:]}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o755 & ~umask)  # mkstemp made it 0600: others sharing the cache must load it too
         os.replace(partial, path)  # atomic: processes building at once each install a whole file
     finally:
         if os.path.exists(partial):
@@ -190,16 +204,26 @@ def _build() -> Path:
 
 
 def _cache_dir() -> Path:
-    folder = Path(os.environ.get("MOERAY_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moeray")
+    """$MOERAY_CACHE_DIR, else $XDG_CACHE_HOME/moeray or ~/.cache/moeray; if that is not writable, a
+    folder of our own under the temp dir (created 0700 and checked: another user must not plant a
+    library there), else a fresh temporary folder."""
     try:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        folder = Path(os.environ.get("MOERAY_CACHE_DIR") or Path(base) / "moeray")
         folder.mkdir(parents=True, exist_ok=True)
         if os.access(folder, os.W_OK):
             return folder
-    except OSError:
+    except (OSError, RuntimeError, KeyError):  # RuntimeError: no home directory
         pass
     folder = Path(tempfile.gettempdir()) / f"moeray-{os.getuid()}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.stat()
+        if info.st_uid == os.getuid() and not info.st_mode & 0o022:
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="moeray-"))
 
 
 def _cpu_signature() -> str:

@@ -266,7 +266,7 @@ void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int6
 // the true value): softmax weights of decode attention, where scalar expf was most of the time.
 inline v8 exp8(v8 x) {
   typedef int32_t i32x8 __attribute__((vector_size(32)));
-  x = x < -87.3365f ? v8{} - 87.3365f : x;  // below: 0 in float32 anyway (the weight of a far-off key)
+  x = x < -87.3365f ? v8{} - 87.3365f : x;  // below: ~1e-38 instead of 0, the weight of a far-off key
   x = x > 88.3762f ? v8{} + 88.3762f : x;
   const v8 t = fma8(x, v8{} + 1.44269504088896341f, v8{} + 0.5f);
   v8 n = __builtin_convertvector(__builtin_convertvector(t, i32x8), v8);
@@ -380,18 +380,24 @@ extern "C" {
 // groups [G, 3]: (expert, first sorted row, rows) of each group; the groups' rows lie in 0 .. num_rows.
 // rows [num_rows]: the row of x of each sorted row, or null (x is sorted). out [num_rows, H] (the groups'
 // rows are written, nothing else); scratch: float32 [num_rows, I] (+ [num_rows, H] for bf16).
-// dtype: 0 float32, 1 bfloat16 (x, weights and out alike). Returns 0, or 1 for an unknown dtype.
+// dtype: 0 float32, 1 bfloat16 (x, weights and out alike). x has x_rows rows, the weights E experts.
+// Returns 0; 1 for an unknown dtype; 2 for a group or row outside those bounds (nothing is computed).
 int moeray_expert_ffn(int64_t dtype, int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows,
-                      const void* x, const void* w13, const void* w2, int64_t hidden, int64_t inter, float* scratch,
-                      void* out, int64_t num_threads) {
+                      const void* x, int64_t x_rows, const void* w13, const void* w2, int64_t E, int64_t hidden,
+                      int64_t inter, float* scratch, void* out, int64_t num_threads) {
+  if (dtype != 0 && dtype != 1) return 1;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const int64_t expert = groups[3 * g], first = groups[3 * g + 1], count = groups[3 * g + 2];
+    if (expert < 0 || expert >= E || first < 0 || count < 0 || first + count > num_rows) return 2;
+    for (int64_t j = first; j < first + count; ++j)
+      if ((rows ? rows[j] : j) < 0 || (rows ? rows[j] : j) >= x_rows) return 2;
+  }
   if (dtype == 0)
     run<float>(num_groups, groups, num_rows, rows, static_cast<const float*>(x), static_cast<const float*>(w13),
                static_cast<const float*>(w2), hidden, inter, scratch, static_cast<float*>(out), int(num_threads));
-  else if (dtype == 1)
+  else
     run<bf16>(num_groups, groups, num_rows, rows, static_cast<const bf16*>(x), static_cast<const bf16*>(w13),
               static_cast<const bf16*>(w2), hidden, inter, scratch, static_cast<bf16*>(out), int(num_threads));
-  else
-    return 1;
   return 0;
 }
 
@@ -446,11 +452,15 @@ int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float*
 // a query sees positions max(0, len - window) .. len - 1 (window 0: all). Query heads h of kv head
 // h / (nh / nkv) are taken together, so each key and value row is read once for all of them. Scores,
 // softmax and the weighted sum in float32 (exp(score - max), divided by the sum at the end, as SDPA
-// does); dtype 0 float32, 1 bf16 (the output rounded once). Returns 0, or 1 for an unknown dtype.
+// does); dtype 0 float32, 1 bf16 (the output rounded once). Returns 0; 1 for an unknown dtype; 3 if nh is
+// not a multiple of nkv; 4 for a length outside 0 .. L.
 int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, int64_t D, const void* q,
                             const void* k_cache, const void* v_cache, const int64_t* slots, int64_t L,
                             const int64_t* lens, double scale, int64_t window, void* out, int64_t num_threads) {
   if (dtype != 0 && dtype != 1) return 1;
+  if (nkv <= 0 || nh % nkv) return 3;
+  for (int64_t b = 0; b < B; ++b)
+    if (lens[b] < 0 || lens[b] > L) return 4;
   const int64_t group = nh / nkv;
 #pragma omp parallel num_threads(num_threads) if (B * nh * L * D >= (1 << 15))
   {

@@ -232,3 +232,34 @@ def test_expert_ffn_and_decode_attention_refuse_mismatched_inputs():
     with pytest.raises(TypeError, match="int64 indices"):
         native.decode_attention(torch.randn(1, 2, 16), cache, cache, torch.zeros(1, 4, dtype=torch.int32),
                                 torch.tensor([4]), 0.25, None)
+
+
+def test_out_of_bounds_groups_and_lengths_are_refused_before_any_memory_is_touched():
+    """Groups come over the wire to expert groups: a bad one must raise, not write past a buffer."""
+    w13, w2 = make(2, 32, 16, torch.float32)
+    x = torch.randn(3, 32)
+    for groups in ([[2, 0, 3]], [[0, 1, 3]], [[0, -1, 2]], [[1, 0, -1]]):  # expert, past the end, negative
+        with pytest.raises(ValueError, match="expert groups out of bounds"):
+            native.expert_ffn(x, torch.tensor(groups), w13, w2, torch.empty(3, 32))
+    with pytest.raises(ValueError, match="expert groups out of bounds"):  # a row of x that is not there
+        native.expert_ffn(x, torch.tensor([[0, 0, 2]]), w13, w2, torch.empty(2, 32), rows=torch.tensor([0, 3]))
+    cache = torch.randn(8, 2, 16)
+    with pytest.raises(ValueError, match=r"context lengths outside 0\.\.4"):
+        native.decode_attention(torch.randn(1, 2, 16), cache, cache, torch.zeros(1, 4, dtype=torch.long),
+                                torch.tensor([5]), 0.25, None)
+    with pytest.raises(ValueError, match="3 query heads are not a multiple of 2 kv heads"):
+        native.decode_attention(torch.randn(1, 3, 16), cache, cache, torch.zeros(1, 4, dtype=torch.long),
+                                torch.tensor([4]), 0.25, None)
+
+
+def test_empty_cxx_means_the_default_compiler_and_the_library_is_readable_by_others(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setenv("MOERAY_CACHE_DIR", str(tmp_path))
+    path = native._build()
+    assert path.is_file() and path.stat().st_mode & 0o755 == 0o755 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
