@@ -161,8 +161,8 @@ def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float, win
     if start == 0 and not window:
         att = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        q_pos = torch.arange(start, start + n)[:, None]  # [n, 1]
-        k_pos = torch.arange(ctx)[None, :]  # [1, ctx]
+        q_pos = torch.arange(start, start + n, device=q.device)[:, None]  # [n, 1]
+        k_pos = torch.arange(ctx, device=q.device)[None, :]  # [1, ctx]
         mask = k_pos <= q_pos
         if window:
             mask &= k_pos > q_pos - window
@@ -174,7 +174,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int 
     """No cache, B equal-length sequences: q [B, T, nh, D]; k, v [B, T, nkv, D] -> [B, T, nh, D]."""
     query, keys, values = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
     if window:
-        pos = torch.arange(q.shape[1])
+        pos = torch.arange(q.shape[1], device=q.device)
         mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)  # [T, T]
         att = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     else:

@@ -200,7 +200,9 @@ class MoEModel(nn.Module):
         return self.compute_logits(hidden).view(batch, seq_len, -1)
 
     def forward_tokens(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
-        """input_ids, positions [N] -> final-norm hidden states [N, H]."""
+        """input_ids, positions [N] (any device: they follow the weights) -> final-norm hidden states [N, H]."""
+        device = self.embed.device
+        input_ids, positions = input_ids.to(device), positions.to(device)
         if self.config.rope.rope_type == "dynamic":
             inv_freq, _ = rope_inv_freq(self.config.rope, seq_len=int(positions.max()) + 1)
         else:
