@@ -12,6 +12,7 @@ Sliding windows follow transformers: query at position p sees keys j with p - wi
 
 import itertools
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +46,11 @@ class PagedAttentionMetadata:
     prefill_seqs: list[int]
     context_slots: dict[int, Tensor]
     _decode_masks: dict[int | None, Tensor | None] = field(default_factory=dict)
-    _decode_lens: list[Tensor] = field(default_factory=list)
 
+    @cached_property
     def decode_lens(self) -> Tensor:
-        """[Bd] int64 context length of each decode sequence (kept for the step's layers)."""
-        if not self._decode_lens:
-            self._decode_lens.append(torch.tensor([self.context_lens[i] for i in self.decode_seqs], dtype=torch.long))
-        return self._decode_lens[0]
+        """[Bd] int64 context length of each decode sequence (made once, for all of the step's layers)."""
+        return torch.tensor([self.context_lens[i] for i in self.decode_seqs], dtype=torch.long)
 
     def decode_mask(self, window: int | None) -> Tensor | None:
         """[Bd, 1, 1, Lmax] bool, True where a decode query may attend, or None where every decode
@@ -143,7 +142,7 @@ def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: PagedAtten
     elsewhere they are gathered into [Bd, nkv, Lmax, D] for one padded SDPA call."""
     slots = meta.decode_slots  # [Bd, Lmax]
     if q.dtype == k_cache.dtype and native.supports(k_cache, v_cache):
-        return native.decode_attention(q.contiguous(), k_cache, v_cache, slots, meta.decode_lens(), scale, window)
+        return native.decode_attention(q.contiguous(), k_cache, v_cache, slots, meta.decode_lens, scale, window)
     shape = (*slots.shape, *k_cache.shape[1:])  # [Bd, Lmax, nkv, D]
     keys = k_cache.index_select(0, slots.view(-1)).view(shape).transpose(1, 2)  # [Bd, nkv, Lmax, D]
     values = v_cache.index_select(0, slots.view(-1)).view(shape).transpose(1, 2)

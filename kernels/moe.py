@@ -214,11 +214,10 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     small models.
     """
     num_tokens, top_k = topk_ids.shape
-    if x.dtype == topk_weights.dtype == torch.float32 and native.supports(x, w13, w2) and (
-            num_tokens <= _native_max_rows(w13, w2)  # an expert gets at most one row per token
-            or int(torch.bincount(topk_ids.reshape(-1), minlength=w13.shape[0]).max()) <= _native_max_rows(w13, w2)):
-        # float32, every expert with few rows (decode, small prefill, many experts): one native call
-        return native.fused_moe(x, topk_weights.contiguous(), topk_ids.contiguous(), w13, w2)
+    if x.dtype == topk_weights.dtype == torch.float32 and native.supports(x, w13, w2):
+        most = _native_max_rows(w13, w2)  # float32, every expert with few rows (decode, small prefill): one native call
+        if num_tokens <= most or int(torch.bincount(topk_ids.reshape(-1), minlength=w13.shape[0]).max()) <= most:
+            return native.fused_moe(x, topk_weights.contiguous(), topk_ids.contiguous(), w13, w2)  # (a token's K experts are distinct)
     if num_tokens == 1:
         return _fused_moe_one_token(x, topk_weights, topk_ids, w13, w2)
     handle = sort_pairs(topk_ids, w13.shape[0])

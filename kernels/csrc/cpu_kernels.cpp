@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 #if defined(__FMA__)
 #include <immintrin.h>
@@ -425,9 +426,10 @@ int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float*
     sorted_row[p] = j;
     rows[j] = p / K;
   }
-  std::vector<float> y(P * hidden), scratch(P * inter);  // [P, H] expert outputs, sorted
-  run<float>(int64_t(groups.size() / 3), groups.data(), P, rows.data(), x, w13, w2, hidden, inter, scratch.data(),
-             y.data(), int(num_threads));
+  // [P, H] expert outputs (sorted) and [P, I] activations, left uninitialised: every row is written
+  const std::unique_ptr<float[]> y(new float[P * hidden]), scratch(new float[P * inter]);
+  run<float>(int64_t(groups.size() / 3), groups.data(), P, rows.data(), x, w13, w2, hidden, inter, scratch.get(),
+             y.get(), int(num_threads));
 #pragma omp parallel for num_threads(num_threads) if (P * hidden >= (1 << 16))
   for (int64_t t = 0; t < T; ++t) {
     float* o = out + t * hidden;
