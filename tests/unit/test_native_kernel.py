@@ -112,7 +112,7 @@ def test_expert_ffn_sends_small_experts_to_native_and_large_to_torch(monkeypatch
     for expert, (start, count) in enumerate(zip(starts, counts)):
         rows = slice(start, start + count)
         torch.testing.assert_close(out[rows].double(), swiglu_reference(x[rows], w13[expert], w2[expert]), rtol=1e-5, atol=1e-5)
-    monkeypatch.setenv("MOERAY_NATIVE_KERNELS", "0")
+    monkeypatch.setattr(native, "ENABLED", False)  # as MOERAY_NATIVE_KERNELS=0 at start-up
     calls.clear()
     torch.testing.assert_close(moe.expert_ffn(x, counts, w13, w2), out, rtol=1e-5, atol=1e-5)
     assert calls == []
@@ -203,7 +203,7 @@ def test_decode_attention_matches_sdpa(window, dtype, monkeypatch):
     monkeypatch.setattr(native, "decode_attention", lambda *args: calls.append(1) or real(*args))
     out = paged_attention(q, k, v, caches[0].clone(), caches[1].clone(), meta, 0.3, window)
     assert calls == [1]
-    monkeypatch.setenv("MOERAY_NATIVE_KERNELS", "0")
+    monkeypatch.setattr(native, "ENABLED", False)  # as MOERAY_NATIVE_KERNELS=0 at start-up
     expected = paged_attention(q, k, v, caches[0].clone(), caches[1].clone(), meta, 0.3, window)
     assert calls == [1] and out.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
