@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moeray.kernels import native
 from moeray.kernels.attention import causal_attention
 from moeray.kernels.moe import fused_moe
 from moeray.kernels.norm import rms_norm
@@ -214,6 +215,10 @@ class MoEModel(nn.Module):
         return rms_norm(x, self.norm, self.config.rms_norm_eps)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        """hidden [n, H] -> float32 logits [n, V]."""
+        """hidden [n, H] -> float32 logits [n, V]. float32 on the CPU: the native kernel up to
+        native.LOGITS_MAX_ROWS rows (the last op, so its own rounding order is not amplified by
+        later layers; at the built-in model's K = 128 it has MKL's bits)."""
         head = self.embed if self.lm_head is None else self.lm_head
+        if hidden.dtype == torch.float32 and hidden.shape[0] <= native.LOGITS_MAX_ROWS and native.supports(hidden, head):
+            return native.logits(hidden, head)
         return F.linear(hidden, head).float()

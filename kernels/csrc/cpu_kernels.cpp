@@ -1,6 +1,7 @@
 // CPU kernels for small batches, built and loaded by kernels/native.py: the grouped SwiGLU expert FFN
-// (moeray_expert_ffn), a float32 MoE block in one call (moeray_fused_moe) and decode attention over
-// the paged KV cache (moeray_decode_attention). kernels/moe.py and kernels/attention.py choose them.
+// (moeray_expert_ffn), a float32 MoE block in one call (moeray_fused_moe), decode attention over
+// the paged KV cache (moeray_decode_attention) and the float32 lm_head for a few rows (moeray_logits).
+// kernels/moe.py, kernels/attention.py and models/model.py choose them.
 //
 // A group is one expert e and a range of sorted rows; sorted row j is row rows[j] of x (row j if rows
 // is null). For each row of each group:
@@ -41,6 +42,7 @@ constexpr int64_t BLOCK = 32;        // weight rows per work item
 constexpr int64_t ROWS_PER_TILE = 3;  // rows multiplied together: 3 x 4 accumulators + 4 weight vectors = 16 registers
 
 inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
+inline v8 splat8(float f) { return v8{f, f, f, f, f, f, f, f}; }  // (v8{} + f would add 0.0f first: -0 is not +0)
 // a * b + c rounded once. Every multiply-add here is written as one (built with -ffp-contract=off, so
 // the compiler fuses nothing else): the bits do not depend on the compiler's choices.
 inline v8 fma8(v8 a, v8 b, v8 c) {
@@ -263,6 +265,46 @@ void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int6
   }
 }
 
+// out[m, n] = sum over k, in order, of w[n, k] * x[m, k] (one fused multiply-add each) for R weight rows
+// n0.. and the 8 * V rows of x in panels p0.. (see moeray_logits): each accumulator is 8 rows of x times
+// one weight row, the weight element broadcast. No horizontal sums: as fast for K = 128 as for 4096.
+template <int R, int V>
+inline void logits_tile(const float* w, int64_t K, const float* panels, int64_t p0, int64_t M, int64_t n0, int64_t N,
+                        float* out) {
+  v8 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = v8{};
+  const float* xs = panels + p0 * K * 8;
+  for (int64_t k = 0; k < K; ++k) {
+    v8 xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = load8(xs + (v * K + k) * 8);
+    for (int r = 0; r < R; ++r) {
+      const v8 wv = splat8(w[(n0 + r) * K + k]);
+      for (int v = 0; v < V; ++v) acc[r][v] = fma8(wv, xv[v], acc[r][v]);
+    }
+  }
+  for (int v = 0; v < V; ++v)
+    for (int e = 0; e < 8 && (p0 + v) * 8 + e < M; ++e)
+      for (int r = 0; r < R; ++r) out[((p0 + v) * 8 + e) * N + n0 + r] = acc[r][v][e];
+}
+
+template <int V>
+inline void logits_rows(const float* w, int64_t K, const float* panels, int64_t p0, int64_t M, int64_t n0, int64_t count,
+                        int64_t N, float* out) {  // count weight rows from n0, in tiles of 12 / V
+  constexpr int R = 12 / V;
+  int64_t n = n0;
+  for (; n + R <= n0 + count; n += R) logits_tile<R, V>(w, K, panels, p0, M, n, N, out);
+  switch (n0 + count - n) {
+    case 5: return logits_tile<5, V>(w, K, panels, p0, M, n, N, out);
+    case 4: return logits_tile<4, V>(w, K, panels, p0, M, n, N, out);
+    case 3: return logits_tile<3, V>(w, K, panels, p0, M, n, N, out);
+    case 2: return logits_tile<2, V>(w, K, panels, p0, M, n, N, out);
+    case 1: return logits_tile<1, V>(w, K, panels, p0, M, n, N, out);
+    default:
+      for (; n < n0 + count; ++n) logits_tile<1, V>(w, K, panels, p0, M, n, N, out);  // R = 12: up to 11 left
+  }
+}
+
 // exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, degree-5 polynomial; within 2 ulp of
 // the true value): softmax weights of decode attention, where scalar expf was most of the time.
 inline v8 exp8(v8 x) {
@@ -478,6 +520,27 @@ int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, i
         attend_one(static_cast<const bf16*>(q) + at, static_cast<const bf16*>(k_cache), static_cast<const bf16*>(v_cache),
                    slots + b * L, first, len, nkv, kv, group, D, float(scale), static_cast<bf16*>(out) + at, work);
     }
+  }
+  return 0;
+}
+
+// Logits for a few rows: out [M, N] = x [M, K] @ w [N, K]^T, float32, w as checkpoints store the
+// lm_head ([vocab, hidden], row-major); every weight row is streamed once per 16 rows of x. Each output
+// is one chain of fused multiply-adds over k in order: the same bits for a row alone or in any batch.
+// x is first laid out as panels of 8 rows, [ceil(M / 8), K, 8], zero past row M. Returns 0.
+int moeray_logits(int64_t M, int64_t K, int64_t N, const float* x, const float* w, float* out, int64_t num_threads) {
+  const int64_t num_panels = (M + 7) / 8;
+  std::vector<float> panels(num_panels * K * 8, 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) panels[((m / 8) * K + k) * 8 + m % 8] = x[m * K + k];
+  constexpr int64_t ITEM = 48;  // weight rows per work item: whole tiles of 6 and 12
+  const int64_t items = (N + ITEM - 1) / ITEM;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (items > 1 && M * N * K >= (1 << 16))
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t n0 = item * ITEM, count = std::min(ITEM, N - n0);
+    int64_t p = 0;
+    for (; p + 2 <= num_panels; p += 2) logits_rows<2>(w, K, panels.data(), p, M, n0, count, N, out);
+    if (p < num_panels) logits_rows<1>(w, K, panels.data(), p, M, n0, count, N, out);
   }
   return 0;
 }

@@ -263,3 +263,27 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize("rows,inner,vocab", [(1, 48, 211), (7, 37, 100), (16, 128, 2048), (17, 64, 50), (40, 96, 13)])
+def test_logits_match_a_float64_reference_and_a_row_alone(rows, inner, vocab):
+    """Every row of every 8-row panel (partial ones too), every tile size (vocab not a multiple of 6 or 12);
+    a row's logits are the same bits alone as in the batch."""
+    g = torch.Generator().manual_seed(rows)
+    x, weight = torch.randn(rows, inner, generator=g), torch.randn(vocab, inner, generator=g)
+    got = native.logits(x, weight)
+    expected = (x.double() @ weight.double().T).float()
+    assert got.shape == (rows, vocab)
+    torch.testing.assert_close(got, expected, atol=1e-5 * inner**0.5, rtol=0)
+    for i in (0, rows - 1):
+        assert torch.equal(native.logits(x[i:i + 1], weight), got[i:i + 1])
+
+
+def test_logits_refuse_what_they_cannot_read():
+    x, weight = torch.randn(2, 16), torch.randn(5, 16)
+    with pytest.raises(TypeError, match="float32"):
+        native.logits(x.bfloat16(), weight.bfloat16())
+    with pytest.raises(ValueError, match="shapes disagree"):
+        native.logits(x, torch.randn(5, 8))
+    with pytest.raises(ValueError, match="contiguous"):
+        native.logits(x, weight.t().contiguous().t())
