@@ -273,6 +273,29 @@ def rotary_tables(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> RotaryTables:
     return RotaryTables(cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1))
 
 
+class RotaryCache:
+    """`rotary_tables` of positions 0 .. capacity - 1, computed once and looked up per step: two
+    index_selects instead of ~10 small ops. The same bits as computing a step's own positions: each
+    element is the same elementwise ops on the same inputs (and a table, like transformers' [B, T, D]
+    batches, is a whole number of vectors, never a scalar tail). Not for "dynamic" rope, whose
+    frequencies depend on the batch. Grows by doubling, so long contexts cost memory only once used."""
+
+    def __init__(self, inv_freq: Tensor, attention_scaling: float, dtype: torch.dtype, min_capacity: int = 1024):
+        self.inv_freq, self.attention_scaling, self.dtype = inv_freq, attention_scaling, dtype
+        self.min_capacity = min_capacity
+        self.tables: RotaryTables | None = None
+
+    def lookup(self, positions: Tensor) -> RotaryTables:
+        """positions [N] int64 -> tables [N, 1, D] (on positions' device)."""
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        tables = self.tables
+        if tables is None or tables.cos.shape[0] < needed or tables.cos.device != positions.device:
+            capacity = max(self.min_capacity, 1 << (needed - 1).bit_length())
+            every = torch.arange(capacity, device=positions.device)
+            tables = self.tables = rotary_tables(*rope_cos_sin(every, self.inv_freq, self.attention_scaling), self.dtype)
+        return RotaryTables(tables.cos[positions], tables.signed_sin[positions])
+
+
 def rotate(x: Tensor, tables: RotaryTables) -> Tensor:
     """x [T, n_heads, D] (any strides, e.g. the q and k heads of a fused projection) -> rotated,
     contiguous, same dtype. Op for op transformers' `x * cos + rotate_half(x) * sin`."""

@@ -19,7 +19,7 @@ from moeray.kernels import native
 from moeray.kernels.attention import causal_attention
 from moeray.kernels.moe import fused_moe
 from moeray.kernels.norm import rms_norm
-from moeray.kernels.rope import RotaryTables, rope_cos_sin, rope_inv_freq, rotary_tables, rotate
+from moeray.kernels.rope import RotaryCache, RotaryTables, rope_cos_sin, rope_inv_freq, rotary_tables, rotate
 from moeray.kernels.routing import route
 from moeray.models.config import ModelConfig
 
@@ -180,6 +180,7 @@ class MoEModel(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size)
         inv_freq, self.rope_scaling = rope_inv_freq(config.rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._rope_cache: RotaryCache | None = None  # built on first use, in the model's dtype
 
     @property
     def dtype(self) -> torch.dtype:
@@ -191,6 +192,7 @@ class MoEModel(nn.Module):
         inv_freq = self.inv_freq
         super()._apply(fn, recurse)
         self.inv_freq = inv_freq.to(self.inv_freq.device)
+        self._rope_cache = None  # rebuilt from the moved frequencies
         return self
 
     @torch.inference_mode()
@@ -206,9 +208,11 @@ class MoEModel(nn.Module):
         input_ids, positions = input_ids.to(device), positions.to(device)
         if self.config.rope.rope_type == "dynamic":
             inv_freq, _ = rope_inv_freq(self.config.rope, seq_len=int(positions.max()) + 1)
+            rope = rotary_tables(*rope_cos_sin(positions, inv_freq, self.rope_scaling), self.dtype)  # [N, 1, D] x 2
         else:
-            inv_freq = self.inv_freq
-        rope = rotary_tables(*rope_cos_sin(positions, inv_freq, self.rope_scaling), self.dtype)  # [N, 1, D] x 2
+            if self._rope_cache is None or self._rope_cache.dtype != self.dtype:
+                self._rope_cache = RotaryCache(self.inv_freq, self.rope_scaling, self.dtype)
+            rope = self._rope_cache.lookup(positions)
         x = F.embedding(input_ids, self.embed)  # [N, H]
         for layer in self.layers:
             x = layer(x, rope, ctx)

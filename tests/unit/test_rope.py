@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
 
-from moeray.kernels.rope import RopeConfig, apply_rope, rope_cos_sin, rope_inv_freq
+from moeray.kernels.rope import RopeConfig, RotaryCache, apply_rope, rope_cos_sin, rope_inv_freq, rotary_tables
 
 HEAD_DIM = 32
 MAX_POS = 256
@@ -125,6 +125,25 @@ def test_rotated_qk_match_transformers(name, config_cls, rotary_cls, rope_parame
         assert q_out.dtype == dtype
         assert torch.equal(q_out, q_hf) and torch.equal(k_out, k_hf)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,config_cls,rotary_cls,rope_parameters",
+                         [c for c in CASES if c[3]["rope_type"] != "dynamic"], ids=lambda c: c if isinstance(c, str) else "")
+def test_rotary_cache_has_the_bits_of_each_steps_own_tables(name, config_cls, rotary_cls, rope_parameters, dtype):
+    """The model looks tables up instead of computing a step's positions: any count (scalar tails
+    included), any order, and past the first capacity (the cache grows)."""
+    _, ours = _build(config_cls, rope_parameters)
+    inv_freq, scaling = rope_inv_freq(ours)
+    cache = RotaryCache(inv_freq, scaling, dtype, min_capacity=64)
+    gen = torch.Generator().manual_seed(0)
+    for count in (1, 3, 13, 16, 77):
+        positions = torch.randint(0, 64 if count < 77 else 300, (count,), generator=gen)
+        direct = rotary_tables(*rope_cos_sin(positions, inv_freq, scaling), dtype)
+        got = cache.lookup(positions)
+        assert got.cos.dtype == dtype and got.cos.shape == (count, 1, HEAD_DIM)
+        assert torch.equal(got.cos, direct.cos) and torch.equal(got.signed_sin, direct.signed_sin)
+    assert cache.tables.cos.shape[0] == 512  # grown to a power of two past position 299
 
 def test_rope_actually_rotates():
     # Guards the comparisons above against a vacuous match: position 0 is the identity,
