@@ -16,7 +16,7 @@ from moeray.actors.detokenizer import TextStream
 from moeray.actors.kv_cache import KVCache
 from moeray.actors.model_runner import ModelRunner
 from moeray.actors.sequence import SamplingParams, Sequence
-from moeray.kernels.sampling import sample
+from moeray.kernels.sampling import greedy, sample
 from moeray.models.model import MoEModel
 from moeray.models.tokenizer import Tokenizer
 
@@ -180,7 +180,7 @@ class Engine:
         generator running on: the draw depends only on the request, so it is the same in any batch
         and after a resume on another engine."""
         if all(s.params.temperature == 0 for s in seqs):  # all greedy: what `sample` does, without its setup
-            return logits.argmax(dim=-1)
+            return greedy(logits)
         for seq in seqs:
             generator = self._generators[seq.seq_id]
             if generator is not None:

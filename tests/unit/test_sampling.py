@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from moeray.kernels.sampling import sample, sample_reference
+from moeray.kernels.sampling import greedy, sample, sample_reference
 
 VOCAB = 50
 
@@ -148,3 +148,15 @@ def test_unseeded_rows_use_the_default_rng(fn):
     first = fn(logits, *_params(3), _gens(None, None, None))
     torch.manual_seed(11)
     assert torch.equal(fn(logits, *_params(3), _gens(None, None, None)), first)
+
+
+def test_greedy_gives_argmax_ids_on_ties_anywhere_in_the_row():
+    """max(dim).indices stands in for argmax: ties at every pair of places (vector lanes, chunk edges)."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 211, generator=gen)
+    places = torch.randint(0, 211, (64, 3), generator=gen)
+    for row, cols in enumerate(places.tolist()):
+        logits[row, cols] = logits[row].max() + 1
+    logits[0] = 0.0  # all equal: id 0
+    assert torch.equal(greedy(logits), logits.argmax(dim=-1))
+    assert greedy(logits)[0] == 0
