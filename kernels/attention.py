@@ -116,6 +116,9 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
 
     q [N, nh, D]; k, v [N, nkv, D]; k_cache, v_cache [num_slots, nkv, D] -> [N, nh, D].
     """
+    if meta.decode_rows is None and _native_decode(q, k_cache, v_cache):  # every row a decode query, in order:
+        return native.decode_attention(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale, window,
+                                       new=(k, v, meta.slot_mapping))  # writes the K/V too, one call a layer
     k_cache.index_copy_(0, meta.slot_mapping, k)  # index_copy_ / index_select: a third of the cost of
     v_cache.index_copy_(0, meta.slot_mapping, v)  # `cache[slots] = k` / `cache[slots]` at these sizes
     if meta.decode_rows is None:  # a pure decode step: every row is a decode query, in order
@@ -141,14 +144,18 @@ def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: PagedAtten
     On CPU (float32, bf16) the native kernel reads keys and values in place through the slots;
     elsewhere they are gathered into [Bd, nkv, Lmax, D] for one padded SDPA call."""
     slots = meta.decode_slots  # [Bd, Lmax]
-    if q.dtype == k_cache.dtype and native.supports(k_cache, v_cache):
-        return native.decode_attention(q.contiguous(), k_cache, v_cache, slots, meta.decode_lens, scale, window)
+    if _native_decode(q, k_cache, v_cache):
+        return native.decode_attention(q, k_cache, v_cache, slots, meta.decode_lens, scale, window)
     shape = (*slots.shape, *k_cache.shape[1:])  # [Bd, Lmax, nkv, D]
     keys = k_cache.index_select(0, slots.view(-1)).view(shape).transpose(1, 2)  # [Bd, nkv, Lmax, D]
     values = v_cache.index_select(0, slots.view(-1)).view(shape).transpose(1, 2)
     att = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask(window),
                                          scale=scale, enable_gqa=True)  # [Bd, nh, 1, D]
     return att.squeeze(2)
+
+
+def _native_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    return q.dtype == k_cache.dtype and native.supports(k_cache, v_cache)
 
 
 def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float, window: int | None) -> Tensor:

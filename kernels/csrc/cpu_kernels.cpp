@@ -498,13 +498,32 @@ int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float*
 // softmax and the weighted sum in float32 (exp(score - max), divided by the sum at the end, as SDPA
 // does); dtype 0 float32, 1 bf16 (the output rounded once). Returns 0; 1 for an unknown dtype; 3 if nh is
 // not a multiple of nkv; 4 for a length outside 0 .. L.
+//
+// The step's own keys and values can be written first (new_k non-null): row b of new_k / new_v, [nkv, D]
+// each, goes to slot new_slots[b] of the caches (which hold num_slots). q, new_k and new_v rows are
+// q_stride, k_stride and v_stride elements apart (the q and k heads of a fused projection, no copy).
+// Returns 5 for a slot (new or of the context) outside 0 .. num_slots - 1 (nothing is written).
 int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, int64_t D, const void* q,
-                            const void* k_cache, const void* v_cache, const int64_t* slots, int64_t L,
-                            const int64_t* lens, double scale, int64_t window, void* out, int64_t num_threads) {
+                            int64_t q_stride, void* k_cache, void* v_cache, int64_t num_slots, const void* new_k,
+                            int64_t k_stride, const void* new_v, int64_t v_stride, const int64_t* new_slots,
+                            const int64_t* slots, int64_t L, const int64_t* lens, double scale, int64_t window, void* out,
+                            int64_t num_threads) {
   if (dtype != 0 && dtype != 1) return 1;
   if (nkv <= 0 || nh % nkv) return 3;
   for (int64_t b = 0; b < B; ++b)
     if (lens[b] < 0 || lens[b] > L) return 4;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < lens[b]; ++i)
+      if (slots[b * L + i] < 0 || slots[b * L + i] >= num_slots) return 5;
+  if (new_k) {
+    for (int64_t b = 0; b < B; ++b)
+      if (new_slots[b] < 0 || new_slots[b] >= num_slots) return 5;
+    const int64_t size = dtype == 0 ? 4 : 2, row = nkv * D * size;
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(static_cast<char*>(k_cache) + new_slots[b] * row, static_cast<const char*>(new_k) + b * k_stride * size, row);
+      std::memcpy(static_cast<char*>(v_cache) + new_slots[b] * row, static_cast<const char*>(new_v) + b * v_stride * size, row);
+    }
+  }
   const int64_t group = nh / nkv;
 #pragma omp parallel num_threads(num_threads) if (B * nh * L * D >= (1 << 15))
   {
@@ -513,11 +532,12 @@ int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, i
     for (int64_t item = 0; item < B * nkv; ++item) {
       const int64_t b = item / nkv, kv = item % nkv, len = lens[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0, at = (b * nh + kv * group) * D;
+      const int64_t q_at = b * q_stride + kv * group * D;
       if (dtype == 0)
-        attend_one(static_cast<const float*>(q) + at, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache),
+        attend_one(static_cast<const float*>(q) + q_at, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache),
                    slots + b * L, first, len, nkv, kv, group, D, float(scale), static_cast<float*>(out) + at, work);
       else
-        attend_one(static_cast<const bf16*>(q) + at, static_cast<const bf16*>(k_cache), static_cast<const bf16*>(v_cache),
+        attend_one(static_cast<const bf16*>(q) + q_at, static_cast<const bf16*>(k_cache), static_cast<const bf16*>(v_cache),
                    slots + b * L, first, len, nkv, kv, group, D, float(scale), static_cast<bf16*>(out) + at, work);
     }
   }

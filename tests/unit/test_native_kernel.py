@@ -200,12 +200,15 @@ def test_decode_attention_matches_sdpa(window, dtype, monkeypatch):
     assert meta.decode_rows is None  # every row a decode query
     calls = []
     real = native.decode_attention
-    monkeypatch.setattr(native, "decode_attention", lambda *args: calls.append(1) or real(*args))
-    out = paged_attention(q, k, v, caches[0].clone(), caches[1].clone(), meta, 0.3, window)
+    monkeypatch.setattr(native, "decode_attention", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    written = [c.clone() for c in caches]
+    out = paged_attention(q, k, v, *written, meta, 0.3, window)  # the kernel writes this step's K/V itself
     assert calls == [1]
     monkeypatch.setattr(native, "ENABLED", False)  # as MOERAY_NATIVE_KERNELS=0 at start-up
-    expected = paged_attention(q, k, v, caches[0].clone(), caches[1].clone(), meta, 0.3, window)
+    expected_written = [c.clone() for c in caches]
+    expected = paged_attention(q, k, v, *expected_written, meta, 0.3, window)
     assert calls == [1] and out.dtype == dtype
+    assert all(torch.equal(a, b) for a, b in zip(written, expected_written))
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
     torch.testing.assert_close(out.float(), expected.float(), **tol)
 
@@ -250,6 +253,13 @@ def test_out_of_bounds_groups_and_lengths_are_refused_before_any_memory_is_touch
     with pytest.raises(ValueError, match="3 query heads are not a multiple of 2 kv heads"):
         native.decode_attention(torch.randn(1, 3, 16), cache, cache, torch.zeros(1, 4, dtype=torch.long),
                                 torch.tensor([4]), 0.25, None)
+    before = cache.clone()
+    new = (torch.randn(1, 2, 16), torch.randn(1, 2, 16))
+    for context, new_slot in (([0, 1, 8, 0], 3), ([0, 1, 2, 0], 8), ([0, 1, 2, 0], -1)):  # 8 slots: 0..7
+        with pytest.raises(ValueError, match=r"slots outside the cache's 0\.\.7"):
+            native.decode_attention(torch.randn(1, 2, 16), cache, cache, torch.tensor([context]), torch.tensor([3]),
+                                    0.25, None, new=(*new, torch.tensor([new_slot])))
+    assert torch.equal(cache, before)  # nothing written
 
 
 def test_empty_cxx_means_the_default_compiler_and_the_library_is_readable_by_others(monkeypatch, tmp_path):
