@@ -49,8 +49,8 @@ Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable
 from functools import cache, lru_cache
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -206,6 +206,7 @@ def logits(x: Tensor, weight: Tensor) -> Tensor:
                             torch.get_num_threads())
     return out
 
+
 def _check_raw(x: Tensor, alike: tuple[Tensor, ...], indices: tuple[Tensor | None, ...]) -> None:
     """The kernels read raw memory: x and `alike` one supported dtype, contiguous, indices int64.
     Plain loops: it runs on every call of every layer (generator expressions cost 4 us)."""

@@ -210,7 +210,7 @@ class MoEModel(nn.Module):
             inv_freq, _ = rope_inv_freq(self.config.rope, seq_len=int(positions.max()) + 1)
             rope = rotary_tables(*rope_cos_sin(positions, inv_freq, self.rope_scaling), self.dtype)  # [N, 1, D] x 2
         else:
-            if self._rope_cache is None or self._rope_cache.dtype != self.dtype:
+            if self._rope_cache is None:  # (a dtype or device move resets it, see _apply)
                 self._rope_cache = RotaryCache(self.inv_freq, self.rope_scaling, self.dtype)
             rope = self._rope_cache.lookup(positions)
         x = F.embedding(input_ids, self.embed)  # [N, H]
