@@ -23,16 +23,18 @@ Qwen-MoE / OLMoE) and summed in float32 in top-k order, then rounded once: the d
 transformers' experts, so bf16 results agree with it up to the summation order inside a matmul.
 In float32 the scale and sum are one `embedding_bag` (see `combine`), fused multiply-adds in
 top-k order: within an ulp of transformers, and the same bits whatever the placement or batch.
+(The float32 expert FFN itself sums in one of two orders, by how many rows its expert has: see
+`native.PANEL_ROWS`.)
 
 Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
-- CPU, float32 or bf16, experts with at most 64 rows (128 for float32 experts too big for L2, see
-  NATIVE_MAX_ROWS): the native kernel (`kernels.native`, csrc/cpu_kernels.cpp) runs all of them in
-  one call. It reads each weight once, at the machine's memory bandwidth for a row or two and close
-  to its FMA rate for tens, where torch's matmuls pack or re-read it: 1.1-4x faster than the torch
-  paths below at those sizes, and each row's result does not depend on the batch. When every expert
-  of a float32 batch is that small, the whole block (sort, experts, top-k sum) is one native call
-  (`native.fused_moe`), with the same bits.
-- More rows, float32, or any dtype the device multiplies natively: on CPU all experts go through
+- CPU, float32, any number of rows; bf16 experts with at most 64 rows (NATIVE_MAX_ROWS): the native
+  kernel (`kernels.native`, csrc/cpu_kernels.cpp) runs all of them in one call. With few rows it
+  reads each weight once, at the machine's memory bandwidth for a row or two and close to its FMA
+  rate for tens, where torch's matmuls pack or re-read it: 1.1-4x faster than the torch paths below.
+  Float32 experts with `native.PANEL_ROWS` rows or more are GEMMs of its own, 1.4-1.5x faster than
+  MKL's here (80-90% of the FMA peak against ~65%). A float32 block is one native call
+  (`native.fused_moe`: sort, experts, top-k sum), with the bits of the three steps below.
+- bf16 with more rows, or any dtype the device multiplies natively: on CPU all experts go through
   one `F.grouped_mm` call per projection (the same per-expert MKL matmuls as a Python loop, bitwise,
   without the per-expert Python overhead), elsewhere through the loop.
 - bf16/fp16 on CPUs without oneDNN support for them (x86 without AVX-512 BF16/AMX): torch's
@@ -48,6 +50,7 @@ Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
 """
 
 import itertools
+import sys
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Callable
@@ -62,15 +65,11 @@ from moeray.kernels import native
 # which streams the whole weight once per row; converting it to float32 costs about 3-4 such passes
 # (2-core AVX2 VM, Mixtral- and OLMoE-sized experts, 1 and 2 threads: break-even at 3-4 rows).
 MAX_ROWS_LOW_PRECISION_MATMUL = 3
-# Experts with at most this many rows go to the native kernel; float32 experts too big for L2 (at
-# least NATIVE_LARGE_EXPERT_BYTES) up to NATIVE_MAX_ROWS_LARGE. Measured (2-core AVX2 VM, expert FFN
-# alone, 8 experts, against grouped_mm / the float32-conversion path): float32 1.3-4x at 1-64 rows and
-# 1.3-1.4x at 96-128 for Mixtral-sized experts, 1.2-3x and 1.1-1.15x for OLMoE-sized ones, 1.1-2.7x
-# at 1-64 rows but 0.85-0.9x at 96-128 for the built-in model's (in cache); bf16 1.2-8x to 16 rows,
-# 1-1.2x at 64, 0.9-1.05x at 128. Beyond, MKL's packed GEMM wins.
+# bf16 experts with at most this many rows go to the native kernel (float32 ones always do: it runs
+# many rows as GEMMs faster than MKL, see csrc/cpu_kernels.cpp). Measured (2-core AVX2 VM, expert FFN
+# alone, 8 experts, against the float32-conversion path): 1.2-8x to 16 rows, 1-1.2x at 64, 0.9-1.05x
+# at 128. Beyond, MKL's packed float32 GEMM wins.
 NATIVE_MAX_ROWS = 64
-NATIVE_MAX_ROWS_LARGE = 128
-NATIVE_LARGE_EXPERT_BYTES = 4 << 20
 # Weight rows converted to float32 per matmul: small enough to stay in cache (L2 + L3) for it.
 FLOAT32_BLOCK_BYTES = 2 << 20
 # Rows of consecutive experts that `fused_moe` takes at a time: intermediates of about this size.
@@ -153,7 +152,7 @@ def expert_ffn(x_sorted: Tensor, counts: list[int], w13: Tensor, w2: Tensor) -> 
     code is fast for decode (a few rows, a few experts) and prefill (thousands of rows).
     """
     starts = [0, *itertools.accumulate(counts)][:-1]
-    most_native = _native_max_rows(w13, w2) if native.supports(x_sorted, w13, w2) else 0
+    most_native = _native_max_rows(w13) if native.supports(x_sorted, w13, w2) else 0
     small = [(e, start, count) for e, (start, count) in enumerate(zip(starts, counts)) if 0 < count <= most_native]
     upcast = _needs_float32_matmul(w13.dtype, w13.device.type)
     if not small and not upcast and _has_grouped_mm(w13.device.type):  # the same per-expert matmuls, looped in C++
@@ -208,16 +207,14 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     permute -> expert_ffn -> unpermute, with the same results to the bit, taken a chunk of
     consecutive experts at a time: each chunk gathers its rows and runs its experts, so a chunk's
     intermediates (about `CHUNK_BYTES`) stay in cache instead of every step streaming all T*K
-    rows through memory for each of them. Small batches are one chunk. Small float32 batches on
-    CPU are one native call (`native.fused_moe`): the same steps and bits without ~0.2 ms of
-    Python and small torch ops around the experts, which is most of a decode step's MoE time on
-    small models.
+    rows through memory for each of them. Small batches are one chunk. Float32 batches on CPU are
+    one native call (`native.fused_moe`): the same steps and bits without ~0.2 ms of Python and
+    small torch ops around the experts (most of a decode step's MoE time on small models), and
+    its own chunking of the GEMMs' panels.
     """
     num_tokens, top_k = topk_ids.shape
-    if x.dtype == topk_weights.dtype == torch.float32 and native.supports(x, w13, w2):
-        most = _native_max_rows(w13, w2)  # float32, every expert with few rows (decode, small prefill): one native call
-        if num_tokens <= most or int(torch.bincount(topk_ids.reshape(-1), minlength=w13.shape[0]).max()) <= most:
-            return native.fused_moe(x, topk_weights.contiguous(), topk_ids.contiguous(), w13, w2)  # (a token's K experts are distinct)
+    if x.dtype == topk_weights.dtype == torch.float32 and native.supports(x, w13, w2):  # float32: one native call
+        return native.fused_moe(x, topk_weights.contiguous(), topk_ids.contiguous(), w13, w2)
     if num_tokens == 1:
         return _fused_moe_one_token(x, topk_weights, topk_ids, w13, w2)
     handle = sort_pairs(topk_ids, w13.shape[0])
@@ -274,11 +271,9 @@ def _fused_moe_one_token(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13:
     return combine(y, _range(top_k, 1, x.device).view(1, top_k), topk_weights)
 
 
-def _native_max_rows(w13: Tensor, w2: Tensor) -> int:
-    """Rows up to which an expert runs on the native kernel (see NATIVE_MAX_ROWS)."""
-    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
-    large = w13.dtype == torch.float32 and expert_bytes >= NATIVE_LARGE_EXPERT_BYTES
-    return NATIVE_MAX_ROWS_LARGE if large else NATIVE_MAX_ROWS
+def _native_max_rows(w13: Tensor) -> int:
+    """Rows up to which an expert runs on the native kernel: all of them in float32 (see NATIVE_MAX_ROWS)."""
+    return sys.maxsize if w13.dtype == torch.float32 else NATIVE_MAX_ROWS
 
 
 @lru_cache(maxsize=256)

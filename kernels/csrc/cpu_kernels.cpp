@@ -1,7 +1,7 @@
-// CPU kernels for small batches, built and loaded by kernels/native.py: the grouped SwiGLU expert FFN
-// (moeray_expert_ffn), a float32 MoE block in one call (moeray_fused_moe), decode attention over
-// the paged KV cache (moeray_decode_attention) and the float32 lm_head for a few rows (moeray_logits).
-// kernels/moe.py, kernels/attention.py and models/model.py choose them.
+// CPU kernels, built and loaded by kernels/native.py: the grouped SwiGLU expert FFN (moeray_expert_ffn),
+// a float32 MoE block in one call (moeray_fused_moe), decode attention over the paged KV cache
+// (moeray_decode_attention) and the float32 lm_head for a few rows (moeray_logits). kernels/moe.py,
+// kernels/attention.py and models/model.py choose them.
 //
 // A group is one expert e and a range of sorted rows; sorted row j is row rows[j] of x (row j if rows
 // is null). For each row of each group:
@@ -10,15 +10,18 @@
 // with w13 [E, 2I, H] and w2 [E, H, I] as checkpoints store them ([out, in], row-major).
 //
 // Why not torch's matmuls: with a few rows per expert, MKL (F.linear, F.grouped_mm) spends its time
-// packing the weight or reading it at a fraction of the memory bandwidth. Here every block of weight
-// rows is read from memory once and kept in L1 while all of its expert's rows are multiplied by it,
-// as dot products along the weight rows; both phases are split over the threads by (group, block of
-// weight rows).
+// packing the weight or reading it at a fraction of the memory bandwidth. Here (`run_small`) every
+// block of weight rows is read from memory once and kept in L1 while all of its expert's rows are
+// multiplied by it, as dot products along the weight rows; both phases are split over the threads by
+// (group, block of weight rows). Float32 groups with many rows (`panel_rows` and more) are GEMMs of
+// our own instead (`run_panels`): MKL's sgemm reaches ~65% of the FMA peak on the AMD Zen 2 machines
+// this was measured on, these tiles 80-90%.
 //
-// Numerics: every output element is one dot product, accumulated in 8 float32 lanes in index order
-// (a fused multiply-add per element), the lanes summed pairwise, then any tail. How many rows an
-// expert has, or which thread takes which block, never changes a result: a row gets the same bits
-// alone or in any batch. bf16 (dtype 1): weights widen exactly to float32 (a bf16 is the top half of
+// Numerics: in `run_small` every output element is one dot product, accumulated in 8 float32 lanes in
+// index order (a fused multiply-add per element), the lanes summed pairwise, then any tail; in
+// `run_panels` one chain of fused multiply-adds over the index in order. How many rows an expert has
+// (on either side of `panel_rows`), or which thread takes which block, never changes a result: a row
+// gets the same bits alone or in any batch of its side. bf16 (dtype 1, always `run_small`): weights widen exactly to float32 (a bf16 is the top half of
 // one), 16 at a time, as the even elements (<< 16) and the odd ones (& 0xffff0000): no shuffles. The
 // vectors they multiply are stored the same way, deinterleaved (see `position`). Matmul outputs, the
 // activation and its product are rounded to bf16 where transformers rounds them (nearest even).
@@ -26,7 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
+#include <type_traits>
 #include <vector>
 #if defined(__FMA__)
 #include <immintrin.h>
@@ -196,8 +199,232 @@ void weight_rows(const W* w, int64_t ldw, int64_t count, const float* const* x, 
   }
 }
 
+// acc[r][v] = sum over k < K, in order, of w[r][k] * column k of panel v (8 rows of x; panels [*, K, 8], see
+// `to_panels`), one fused multiply-add each: every accumulator is 8 rows of x times one weight row, the
+// weight element broadcast. No horizontal sums, so K = 128 runs as well as 4096, and a row's result does
+// not depend on the other rows of its panel. R * V <= 12 accumulators (+ V x vectors + 1 broadcast).
+// Not inlined: inside its callers the compiler kept their epilogues' constants in registers and spilled
+// accumulators to memory in this loop (2x slower at V = 1).
+template <int R, int V>
+__attribute__((noinline)) void panel_dots(const float* const* w, int64_t K, const float* panels, v8 (&acc)[R][V]) {
+  v8 sums[R][V];  // local: accumulators behind a reference are stored back on every k (they might alias w)
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) sums[r][v] = v8{};
+  for (int64_t k = 0; k < K; ++k) {
+    v8 xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = load8(panels + (v * K + k) * 8);
+    for (int r = 0; r < R; ++r) {
+      const v8 wv = splat8(w[r][k]);
+      for (int v = 0; v < V; ++v) sums[r][v] = fma8(wv, xv[v], sums[r][v]);
+    }
+  }
+  std::memcpy(acc, sums, sizeof sums);
+}
+
+// out[m, n0 + r] = sum over k of w[n0 + r, k] * x[m, k] (see `panel_dots`) for R weight rows and the rows
+// m < M of x in panels p0 .. p0 + V - 1; out has N columns.
+template <int R, int V>
+inline void logits_tile(const float* w, int64_t K, const float* panels, int64_t p0, int64_t M, int64_t n0, int64_t N,
+                        float* out) {
+  const float* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = w + (n0 + r) * K;
+  v8 acc[R][V];
+  panel_dots<R, V>(rows, K, panels + p0 * K * 8, acc);
+  for (int v = 0; v < V; ++v)
+    for (int e = 0; e < 8 && (p0 + v) * 8 + e < M; ++e)
+      for (int r = 0; r < R; ++r) out[((p0 + v) * 8 + e) * N + n0 + r] = acc[r][v][e];
+}
+
+// Weight rows a tile of V panels takes: 12 accumulators, but 8 for a lone panel: a weight row is a
+// stream of its own and rows of 4 KiB (K = 1024) share L1 sets, which hold 8 lines (12 rows at K >= 1024:
+// 2.5x slower). Measured with one thread, data in cache: 6 x 2 panels 100-106 GFLOP/s at K = 512-2048,
+// 8 x 1 76-80, 4 x 3 78 (so an odd panel count ends with a lone panel, not a tile of 3).
+template <int V>
+constexpr int tile_rows() { return V == 1 ? 8 : 12 / V; }
+
+// Panels 0 .. n - 1 in tiles of 2, the last alone if n is odd: f(first panel, std::integral_constant<int, V>).
+template <typename F>
+inline void panel_tiles(int64_t n, F&& f) {
+  int64_t p = 0;
+  for (; p + 2 <= n; p += 2) f(p, std::integral_constant<int, 2>{});
+  if (p < n) f(p, std::integral_constant<int, 1>{});
+}
+
+// Tiles of fewer than R weight rows, for what is left after the whole tiles.
+template <int R, typename F>
+inline void tail_tile(int64_t count, F&& f) {
+  if constexpr (R > 0) {
+    if (count == R) return f(std::integral_constant<int, R>{});
+    tail_tile<R - 1>(count, f);
+  }
+}
+
+template <int V>
+inline void logits_rows(const float* w, int64_t K, const float* panels, int64_t p0, int64_t M, int64_t n0, int64_t count,
+                        int64_t N, float* out) {  // count weight rows from n0
+  constexpr int R = tile_rows<V>();
+  int64_t n = n0;
+  for (; n + R <= n0 + count; n += R) logits_tile<R, V>(w, K, panels, p0, M, n, N, out);
+  tail_tile<R - 1>(n0 + count - n, [&](auto r) { logits_tile<decltype(r)::value, V>(w, K, panels, p0, M, n, N, out); });
+}
+
+// exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, degree-5 polynomial; within 2 ulp of
+// the true value): softmax weights of decode attention, where scalar expf was most of the time.
+inline v8 exp8(v8 x) {
+  typedef int32_t i32x8 __attribute__((vector_size(32)));
+  x = x < -87.3365f ? v8{} - 87.3365f : x;  // below: ~1e-38 instead of 0, the weight of a far-off key
+  x = x > 88.3762f ? v8{} + 88.3762f : x;
+  const v8 t = fma8(x, v8{} + 1.44269504088896341f, v8{} + 0.5f);
+  v8 n = __builtin_convertvector(__builtin_convertvector(t, i32x8), v8);
+  n = n + __builtin_convertvector(n > t, v8);  // floor: a true comparison is -1
+  v8 r = fma8(n, v8{} - 0.693359375f, x);
+  r = fma8(n, v8{} + 2.12194440e-4f, r);
+  v8 y = v8{} + 1.9875691500e-4f;
+  y = fma8(y, r, v8{} + 1.3981999507e-3f);
+  y = fma8(y, r, v8{} + 8.3334519073e-3f);
+  y = fma8(y, r, v8{} + 4.1665795894e-2f);
+  y = fma8(y, r, v8{} + 1.6666665459e-1f);
+  y = fma8(y, r, v8{} + 5.0000001201e-1f);
+  y = fma8(y, r * r, r) + 1.0f;
+  const i32x8 bits = (__builtin_convertvector(n, i32x8) + 127) << 23;  // 2^n
+  v8 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+// silu(g) * u, 8 at a time: g / (1 + exp(-g)) * u, torch's formula, exp within 2 ulp (see `exp8`).
+inline v8 swiglu8(v8 g, v8 u) { return g / (exp8(-g) + 1.0f) * u; }
+
+// r[i][e] <- r[e][i]: an 8 x 8 block of floats transposed in registers.
+inline void transpose8(v8 (&r)[8]) {
+  v8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      u[i + 2 * j] = __builtin_shufflevector(t[i + j], t[i + j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * j + 1] = __builtin_shufflevector(t[i + j], t[i + j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// One panel of 8 rows of x: panel[k][e] = src[e][k] for the n (<= 8) rows given, zeros for the rest.
+inline void to_panel(const float* const* src, int n, int64_t K, float* panel) {
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    v8 r[8];
+    for (int e = 0; e < 8; ++e) r[e] = e < n ? load8(src[e] + k) : v8{};
+    transpose8(r);
+    for (int i = 0; i < 8; ++i) std::memcpy(panel + (k + i) * 8, &r[i], sizeof r[i]);
+  }
+  for (; k < K; ++k)
+    for (int e = 0; e < 8; ++e) panel[k * 8 + e] = e < n ? src[e][k] : 0.0f;
+}
+
+// act rows i .. i + A - 1 of panels p0 .. p0 + V - 1 (act panels [*, I, 8], xp and actp at panel p0):
+// the gate rows i.. and up rows I + i.. of one expert's w13 [2I, H] as the 2A weight rows of one tile,
+// then silu(gate) * up in registers.
+template <int A, int V>
+inline void swiglu_tile(const float* w13, int64_t H, int64_t I, int64_t i, const float* xp, float* actp) {
+  const float* rows[2 * A];
+  for (int a = 0; a < A; ++a) {
+    rows[a] = w13 + (i + a) * H;
+    rows[A + a] = w13 + (I + i + a) * H;
+  }
+  v8 acc[2 * A][V];
+  panel_dots<2 * A, V>(rows, H, xp, acc);
+  for (int v = 0; v < V; ++v)
+    for (int a = 0; a < A; ++a) {
+      const v8 act = swiglu8(acc[a][v], acc[A + a][v]);
+      std::memcpy(actp + (v * I + i + a) * 8, &act, sizeof act);
+    }
+}
+
+template <int V>
+inline void swiglu_rows(const float* w13, int64_t H, int64_t I, int64_t i0, int64_t count, const float* xp,
+                        float* actp) {  // act rows i0 .. i0 + count - 1 (a gate and an up row each)
+  constexpr int A = tile_rows<V>() / 2;
+  int64_t i = i0;
+  for (; i + A <= i0 + count; i += A) swiglu_tile<A, V>(w13, H, I, i, xp, actp);
+  tail_tile<A - 1>(i0 + count - i, [&](auto a) { swiglu_tile<decltype(a)::value, V>(w13, H, I, i, xp, actp); });
+}
+
+// Float32 groups with at least `panel_rows` rows (kernels/native.py: PANEL_ROWS), as GEMMs: a group's rows of x become panels of 8
+// ([ceil(rows / 8), H, 8]), gate/up tiles write the activation straight into panels ([.., I, 8]) and the
+// down projection reads them (see `panel_dots`); 12 accumulators of 8 outputs per tile, each weight element
+// loaded once per 16 rows, and no horizontal sums: 80-90% of the FMA peak where MKL's sgemm reaches ~65%
+// here. Every output is one chain of fused multiply-adds over k in order: a row's bits do not depend on
+// the others in its group (but differ from the dot products of `run_small` in the order of additions).
+// Consecutive groups are taken PANEL_CHUNK_BYTES of panels at a time, so that the panels stay in cache
+// between the phases. Phases are split over the threads by (group, panel or block of weight rows).
+constexpr int64_t PANEL_CHUNK_BYTES = 8 << 20;
+// Weight rows of a work item: at most ITEM_BYTES of them, so that they and the two panels a tile reads
+// stay in L2 (512 KiB here) while every panel of the group passes; 12 to 48 rows, whole tiles.
+constexpr int64_t ITEM_BYTES = 192 << 10;
+inline int64_t item_rows(int64_t K) { return std::clamp<int64_t>(ITEM_BYTES / (4 * K) / 12 * 12, 12, 48); }
+
+void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const float* x, const float* w13,
+                const float* w2, int64_t H, int64_t I, float* out, int num_threads) {
+  thread_local std::vector<float> panels;  // kept between calls: no page faults on the next batch
+  const int64_t num_groups = int64_t(groups.size() / 3);
+  for (int64_t g0 = 0, g1; g0 < num_groups; g0 = g1) {
+    std::vector<int64_t> offsets;  // the x panels of each group of the chunk, then its act panels
+    int64_t size = 0;
+    for (g1 = g0; g1 < num_groups; ++g1) {
+      const int64_t need = (groups[3 * g1 + 2] + 7) / 8 * 8 * (H + I);
+      if (g1 > g0 && (size + need) * 4 > PANEL_CHUNK_BYTES) break;
+      offsets.push_back(size);
+      size += need;
+    }
+    if (int64_t(panels.size()) < size) panels.resize(size);
+    float* const base = panels.data();  // (inside the parallel region `panels` would be each thread's own)
+    std::vector<int64_t> pack, act, down;  // work items: (group, panel), (group, first act row), (group, first output row)
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t p = 0; p < (groups[3 * g + 2] + 7) / 8; ++p) pack.insert(pack.end(), {g, p});
+      for (int64_t i = 0; i < I; i += item_rows(H) / 2) act.insert(act.end(), {g, i});
+      for (int64_t h = 0; h < H; h += item_rows(I)) down.insert(down.end(), {g, h});
+    }
+    auto x_panels = [&](int64_t g) { return base + offsets[g - g0]; };
+    auto act_panels = [&](int64_t g) { return x_panels(g) + (groups[3 * g + 2] + 7) / 8 * 8 * H; };
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(dynamic, 4)
+      for (int64_t item = 0; item < int64_t(pack.size() / 2); ++item) {
+        const int64_t g = pack[2 * item], p = pack[2 * item + 1];
+        const int64_t first = groups[3 * g + 1] + 8 * p, n = std::min<int64_t>(8, groups[3 * g + 2] - 8 * p);
+        const float* src[8];
+        for (int64_t e = 0; e < n; ++e) src[e] = x + (rows ? rows[first + e] : first + e) * H;
+        to_panel(src, int(n), H, x_panels(g) + p * H * 8);
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t item = 0; item < int64_t(act.size() / 2); ++item) {
+        const int64_t g = act[2 * item], i = act[2 * item + 1], count = std::min(item_rows(H) / 2, I - i);
+        const int64_t num_panels = (groups[3 * g + 2] + 7) / 8;
+        const float* w = w13 + groups[3 * g] * 2 * I * H;
+        panel_tiles(num_panels, [&](int64_t p, auto v) {
+          swiglu_rows<decltype(v)::value>(w, H, I, i, count, x_panels(g) + p * H * 8, act_panels(g) + p * I * 8);
+        });
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t item = 0; item < int64_t(down.size() / 2); ++item) {
+        const int64_t g = down[2 * item], h = down[2 * item + 1], count = std::min(item_rows(I), H - h);
+        const int64_t first = groups[3 * g + 1], num_rows = groups[3 * g + 2], num_panels = (num_rows + 7) / 8;
+        const float* w = w2 + groups[3 * g] * H * I;
+        panel_tiles(num_panels, [&](int64_t p, auto v) {
+          logits_rows<decltype(v)::value>(w, I, act_panels(g), p, num_rows, h, count, H, out + first * H);
+        });
+      }
+    }
+  }
+}
+
 template <typename W>
-void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows, const W* x, const W* w13,
+void run_small(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows, const W* x, const W* w13,
          const W* w2, int64_t H, int64_t I, float* scratch, W* out, int num_threads) {
   constexpr bool bf = sizeof(W) == 2;
   float* act = scratch;                     // [N, I], deinterleaved for bf16
@@ -263,70 +490,6 @@ void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int6
       }
     }
   }
-}
-
-// out[m, n] = sum over k, in order, of w[n, k] * x[m, k] (one fused multiply-add each) for R weight rows
-// n0.. and the 8 * V rows of x in panels p0.. (see moeray_logits): each accumulator is 8 rows of x times
-// one weight row, the weight element broadcast. No horizontal sums: as fast for K = 128 as for 4096.
-template <int R, int V>
-inline void logits_tile(const float* w, int64_t K, const float* panels, int64_t p0, int64_t M, int64_t n0, int64_t N,
-                        float* out) {
-  v8 acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = v8{};
-  const float* xs = panels + p0 * K * 8;
-  for (int64_t k = 0; k < K; ++k) {
-    v8 xv[V];
-    for (int v = 0; v < V; ++v) xv[v] = load8(xs + (v * K + k) * 8);
-    for (int r = 0; r < R; ++r) {
-      const v8 wv = splat8(w[(n0 + r) * K + k]);
-      for (int v = 0; v < V; ++v) acc[r][v] = fma8(wv, xv[v], acc[r][v]);
-    }
-  }
-  for (int v = 0; v < V; ++v)
-    for (int e = 0; e < 8 && (p0 + v) * 8 + e < M; ++e)
-      for (int r = 0; r < R; ++r) out[((p0 + v) * 8 + e) * N + n0 + r] = acc[r][v][e];
-}
-
-template <int V>
-inline void logits_rows(const float* w, int64_t K, const float* panels, int64_t p0, int64_t M, int64_t n0, int64_t count,
-                        int64_t N, float* out) {  // count weight rows from n0, in tiles of 12 / V
-  constexpr int R = 12 / V;
-  int64_t n = n0;
-  for (; n + R <= n0 + count; n += R) logits_tile<R, V>(w, K, panels, p0, M, n, N, out);
-  switch (n0 + count - n) {
-    case 5: return logits_tile<5, V>(w, K, panels, p0, M, n, N, out);
-    case 4: return logits_tile<4, V>(w, K, panels, p0, M, n, N, out);
-    case 3: return logits_tile<3, V>(w, K, panels, p0, M, n, N, out);
-    case 2: return logits_tile<2, V>(w, K, panels, p0, M, n, N, out);
-    case 1: return logits_tile<1, V>(w, K, panels, p0, M, n, N, out);
-    default:
-      for (; n < n0 + count; ++n) logits_tile<1, V>(w, K, panels, p0, M, n, N, out);  // R = 12: up to 11 left
-  }
-}
-
-// exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, degree-5 polynomial; within 2 ulp of
-// the true value): softmax weights of decode attention, where scalar expf was most of the time.
-inline v8 exp8(v8 x) {
-  typedef int32_t i32x8 __attribute__((vector_size(32)));
-  x = x < -87.3365f ? v8{} - 87.3365f : x;  // below: ~1e-38 instead of 0, the weight of a far-off key
-  x = x > 88.3762f ? v8{} + 88.3762f : x;
-  const v8 t = fma8(x, v8{} + 1.44269504088896341f, v8{} + 0.5f);
-  v8 n = __builtin_convertvector(__builtin_convertvector(t, i32x8), v8);
-  n = n + __builtin_convertvector(n > t, v8);  // floor: a true comparison is -1
-  v8 r = fma8(n, v8{} - 0.693359375f, x);
-  r = fma8(n, v8{} + 2.12194440e-4f, r);
-  v8 y = v8{} + 1.9875691500e-4f;
-  y = fma8(y, r, v8{} + 1.3981999507e-3f);
-  y = fma8(y, r, v8{} + 8.3334519073e-3f);
-  y = fma8(y, r, v8{} + 4.1665795894e-2f);
-  y = fma8(y, r, v8{} + 1.6666665459e-1f);
-  y = fma8(y, r, v8{} + 5.0000001201e-1f);
-  y = fma8(y, r * r, r) + 1.0f;
-  const i32x8 bits = (__builtin_convertvector(n, i32x8) + 127) << 23;  // 2^n
-  v8 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
 }
 
 template <typename T>
@@ -416,6 +579,20 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* s
   }
 }
 
+template <typename W>
+void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows, const W* x, const W* w13,
+         const W* w2, int64_t H, int64_t I, float* scratch, W* out, int64_t panel_rows, int num_threads) {
+  std::vector<int64_t> small, large;  // float32 groups with many rows are GEMMs (run_panels)
+  for (int64_t g = 0; g < num_groups; ++g) {
+    std::vector<int64_t>& to = sizeof(W) == 4 && groups[3 * g + 2] >= panel_rows ? large : small;
+    to.insert(to.end(), groups + 3 * g, groups + 3 * g + 3);
+  }
+  if constexpr (sizeof(W) == 4)
+    if (!large.empty()) run_panels(large, rows, x, w13, w2, H, I, out, num_threads);
+  if (!small.empty())
+    run_small(int64_t(small.size() / 3), small.data(), num_rows, rows, x, w13, w2, H, I, scratch, out, num_threads);
+}
+
 }  // namespace
 
 extern "C" {
@@ -427,7 +604,7 @@ extern "C" {
 // Returns 0; 1 for an unknown dtype; 2 for a group or row outside those bounds (nothing is computed).
 int moeray_expert_ffn(int64_t dtype, int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows,
                       const void* x, int64_t x_rows, const void* w13, const void* w2, int64_t E, int64_t hidden,
-                      int64_t inter, float* scratch, void* out, int64_t num_threads) {
+                      int64_t inter, float* scratch, void* out, int64_t panel_rows, int64_t num_threads) {
   if (dtype != 0 && dtype != 1) return 1;
   for (int64_t g = 0; g < num_groups; ++g) {
     const int64_t expert = groups[3 * g], first = groups[3 * g + 1], count = groups[3 * g + 2];
@@ -437,10 +614,12 @@ int moeray_expert_ffn(int64_t dtype, int64_t num_groups, const int64_t* groups, 
   }
   if (dtype == 0)
     run<float>(num_groups, groups, num_rows, rows, static_cast<const float*>(x), static_cast<const float*>(w13),
-               static_cast<const float*>(w2), hidden, inter, scratch, static_cast<float*>(out), int(num_threads));
+               static_cast<const float*>(w2), hidden, inter, scratch, static_cast<float*>(out), panel_rows,
+               int(num_threads));
   else
     run<bf16>(num_groups, groups, num_rows, rows, static_cast<const bf16*>(x), static_cast<const bf16*>(w13),
-              static_cast<const bf16*>(w2), hidden, inter, scratch, static_cast<bf16*>(out), int(num_threads));
+              static_cast<const bf16*>(w2), hidden, inter, scratch, static_cast<bf16*>(out), panel_rows,
+              int(num_threads));
   return 0;
 }
 
@@ -452,7 +631,7 @@ int moeray_expert_ffn(int64_t dtype, int64_t num_groups, const int64_t* groups, 
 // experts are distinct). Returns 0, or 2 if an id is outside 0 .. E-1.
 int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float* topk_weights, const float* x,
                      const float* w13, const float* w2, int64_t E, int64_t hidden, int64_t inter, float* out,
-                     int64_t num_threads) {
+                     int64_t panel_rows, int64_t num_threads) {
   const int64_t P = T * K;
   std::vector<int64_t> counts(E), fill(E), sorted_row(P), rows(P), groups;
   for (int64_t p = 0; p < P; ++p) {
@@ -468,10 +647,13 @@ int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float*
     sorted_row[p] = j;
     rows[j] = p / K;
   }
-  // [P, H] expert outputs (sorted) and [P, I] activations, left uninitialised: every row is written
-  const std::unique_ptr<float[]> y(new float[P * hidden]), scratch(new float[P * inter]);
-  run<float>(int64_t(groups.size() / 3), groups.data(), P, rows.data(), x, w13, w2, hidden, inter, scratch.get(),
-             y.get(), int(num_threads));
+  // [P, H] expert outputs (sorted) and [P, I] activations, every row written before it is read; kept
+  // between calls, as fresh memory would page-fault its way through every prefill (~5% at T=2048)
+  thread_local std::vector<float> workspace;
+  if (workspace.size() < size_t(P * (hidden + inter))) workspace.resize(P * (hidden + inter));
+  float* const y = workspace.data();
+  run<float>(int64_t(groups.size() / 3), groups.data(), P, rows.data(), x, w13, w2, hidden, inter, y + P * hidden, y,
+             panel_rows, int(num_threads));
 #pragma omp parallel for num_threads(num_threads) if (P * hidden >= (1 << 16))
   for (int64_t t = 0; t < T; ++t) {
     float* o = out + t * hidden;
@@ -558,9 +740,7 @@ int moeray_logits(int64_t M, int64_t K, int64_t N, const float* x, const float* 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (items > 1 && M * N * K >= (1 << 16))
   for (int64_t item = 0; item < items; ++item) {
     const int64_t n0 = item * ITEM, count = std::min(ITEM, N - n0);
-    int64_t p = 0;
-    for (; p + 2 <= num_panels; p += 2) logits_rows<2>(w, K, panels.data(), p, M, n0, count, N, out);
-    if (p < num_panels) logits_rows<1>(w, K, panels.data(), p, M, n0, count, N, out);
+    panel_tiles(num_panels, [&](int64_t p, auto v) { logits_rows<decltype(v)::value>(w, K, panels.data(), p, M, n0, count, N, out); });
   }
   return 0;
 }

@@ -33,51 +33,70 @@ def make(num_experts, hidden, inter, dtype, seed=0):
     return w13, w2
 
 
-def run_groups(x, groups, w13, w2, rows=None):
+def run_groups(x, groups, w13, w2, rows=None, panel_rows=native.PANEL_ROWS):
     num_rows = max(first + count for _, first, count in groups)
     out = torch.full((num_rows, x.shape[1]), float("nan"), dtype=x.dtype)
-    return native.expert_ffn(x, torch.tensor(groups), w13, w2, out, rows)
+    return native.expert_ffn(x, torch.tensor(groups), w13, w2, out, rows, panel_rows)
 
 
 # sizes with and without tails: H, I multiples of 16, of 8 only, and odd
 @pytest.mark.parametrize("hidden,inter", [(64, 32), (48, 40), (37, 21)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_groups_match_reference(hidden, inter, dtype):
-    """Groups of 1..70 rows (every tile remainder, and past the 64-row chunk), experts in any order and
-    repeated, against float64 dot products (float32: 1e-5; bf16: with the same roundings, 1 bf16 ulp)."""
+@pytest.mark.parametrize("dtype,panel_rows", [(torch.float32, native.PANEL_ROWS), (torch.float32, 1), (torch.bfloat16, 1)])
+def test_groups_match_reference(hidden, inter, dtype, panel_rows):
+    """Groups of 1..70 rows (every tile remainder, partial and odd panel counts, past the 64-row chunk),
+    experts in any order and repeated, as dot products and (float32, panel_rows) as GEMMs, against
+    float64 dot products (float32: 1e-5; bf16: with the same roundings, 1 bf16 ulp)."""
     w13, w2 = make(5, hidden, inter, dtype)
-    sizes = [1, 2, 3, 4, 5, 7, 70, 1]
-    experts = [3, 0, 4, 3, 1, 2, 0, 4]
+    sizes = [1, 2, 3, 4, 5, 7, 70, 1, 9, 16, 17, 24, 33]
+    experts = [3, 0, 4, 3, 1, 2, 0, 4, 1, 2, 3, 0, 1]
     starts = [0, *itertools.accumulate(sizes)][:-1]
     x = torch.randn(sum(sizes), hidden, generator=torch.Generator().manual_seed(1)).to(dtype)
-    out = run_groups(x, list(zip(experts, starts, sizes)), w13, w2)
+    out = run_groups(x, list(zip(experts, starts, sizes)), w13, w2, panel_rows=panel_rows)
     assert out.dtype == dtype and not out.isnan().any()
     for expert, first, count in zip(experts, starts, sizes):
         rows = slice(first, first + count)
         ref = swiglu_reference(x[rows], w13[expert], w2[expert], bf16_roundings=dtype == torch.bfloat16)
         if dtype == torch.float32:
             torch.testing.assert_close(out[rows].double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-        else:  # the float32 sums differ from float64 in the last bits, so a rounding may land one ulp apart
-            torch.testing.assert_close(out[rows].double(), ref.to(torch.bfloat16).double(), rtol=2 ** -7, atol=1e-6)
+        else:  # the float32 sums differ from float64 in the last bits, so a rounding may land one ulp apart (and
+            # one ulp of an activation moves a small output by up to ~2^-8 of the largest)
+            torch.testing.assert_close(out[rows].double(), ref.to(torch.bfloat16).double(), rtol=2 ** -7,
+                                       atol=2 ** -8 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_row_gets_the_same_bits_in_any_batch(dtype):
-    """Every output is one dot product in a fixed order: alone, in a group of 9 or of 40, or on 1 thread
-    instead of 2, a row's result is bitwise the same."""
+@pytest.mark.parametrize("dtype,panel_rows", [(torch.float32, 1 << 30), (torch.float32, 1), (torch.bfloat16, 1)])
+def test_a_row_gets_the_same_bits_in_any_batch(dtype, panel_rows):
+    """Every output is a sum in a fixed order, as dot products (1 << 30: never GEMMs; bf16 always) or as
+    GEMMs (panel_rows 1: always): alone, in a group of 9 or of 40, or on 1 thread instead of 2, a row's
+    result is bitwise the same."""
     w13, w2 = make(3, 64, 48, dtype, seed=2)
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
-    batch = run_groups(x, [(1, 0, 40)], w13, w2)
-    nine = run_groups(x[:9].contiguous(), [(1, 0, 9)], w13, w2)
+    batch = run_groups(x, [(1, 0, 40)], w13, w2, panel_rows=panel_rows)
+    nine = run_groups(x[:9].contiguous(), [(1, 0, 9)], w13, w2, panel_rows=panel_rows)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one_thread = run_groups(x, [(1, 0, 40)], w13, w2)
+        one_thread = run_groups(x, [(1, 0, 40)], w13, w2, panel_rows=panel_rows)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(batch[:9], nine) and torch.equal(batch, one_thread)
     for row in (0, 5, 39):
-        assert torch.equal(run_groups(x[row:row + 1].contiguous(), [(1, 0, 1)], w13, w2)[0], batch[row])
+        assert torch.equal(run_groups(x[row:row + 1].contiguous(), [(1, 0, 1)], w13, w2, panel_rows=panel_rows)[0],
+                           batch[row])
+
+
+def test_float32_rows_change_bits_only_where_their_expert_crosses_panel_rows():
+    """At the default line: a row alone and in a group of PANEL_ROWS - 1 gets the same bits (dot products),
+    in groups of PANEL_ROWS and of 40 the same bits again (GEMMs), and the two agree to float32 rounding."""
+    w13, w2 = make(2, 64, 48, torch.float32, seed=10)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(11))
+    below, at = native.PANEL_ROWS - 1, native.PANEL_ROWS
+    alone = run_groups(x[:1].contiguous(), [(0, 0, 1)], w13, w2)[0]
+    small = run_groups(x[:below].contiguous(), [(0, 0, below)], w13, w2)
+    gemm = run_groups(x[:at].contiguous(), [(0, 0, at)], w13, w2)
+    large = run_groups(x, [(0, 0, 40)], w13, w2)
+    assert torch.equal(small[0], alone) and torch.equal(gemm, large[:at])
+    torch.testing.assert_close(gemm[:below], small, rtol=1e-5, atol=1e-5)
 
 
 def test_rows_map_gathers_from_x():
@@ -96,12 +115,13 @@ def test_only_the_groups_rows_are_written():
     assert out[[0, 3]].isnan().all() and not out[[1, 2, 4]].isnan().any()
 
 
-def test_expert_ffn_sends_small_experts_to_native_and_large_to_torch(monkeypatch):
-    """Experts with <= NATIVE_MAX_ROWS rows go to the kernel (one call), the rest to matmuls; the
-    result matches the reference either way, and with the kernel switched off."""
-    w13, w2 = make(4, 48, 40, torch.float32, seed=6)
+def test_expert_ffn_sends_small_bf16_experts_to_native_and_large_to_torch(monkeypatch):
+    """bf16 experts with <= NATIVE_MAX_ROWS rows go to the kernel (one call), the rest to matmuls;
+    float32 experts always go to the kernel. The result matches the reference either way, and with
+    the kernel switched off."""
+    w13, w2 = make(4, 48, 40, torch.bfloat16, seed=6)
     counts = [3, 0, 9, 1]
-    x = torch.randn(sum(counts), 48, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(sum(counts), 48, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     calls = []
     real = native.expert_ffn
     monkeypatch.setattr(native, "expert_ffn", lambda x, groups, *args, **kwargs: calls.append(groups.tolist()) or real(x, groups, *args, **kwargs))
@@ -109,12 +129,19 @@ def test_expert_ffn_sends_small_experts_to_native_and_large_to_torch(monkeypatch
     out = moe.expert_ffn(x, counts, w13, w2)
     assert calls == [[[0, 0, 3], [3, 12, 1]]]  # expert 2 (9 rows) is over the limit
     starts = [0, 3, 3, 12]
+    bf16_ulp = dict(rtol=2 ** -7, atol=1e-6)  # float32 sums in another order may round one ulp apart
     for expert, (start, count) in enumerate(zip(starts, counts)):
         rows = slice(start, start + count)
-        torch.testing.assert_close(out[rows].double(), swiglu_reference(x[rows], w13[expert], w2[expert]), rtol=1e-5, atol=1e-5)
+        ref = swiglu_reference(x[rows], w13[expert], w2[expert], bf16_roundings=True).to(torch.bfloat16)
+        torch.testing.assert_close(out[rows].double(), ref.double(), **bf16_ulp)
+    calls.clear()
+    w13_f, w2_f, x_f = w13.float(), w2.float(), x.float()
+    out_f = moe.expert_ffn(x_f, counts, w13_f, w2_f)
+    assert calls == [[[0, 0, 3], [2, 3, 9], [3, 12, 1]]]  # float32: every expert, one call
     monkeypatch.setattr(native, "ENABLED", False)  # as MOERAY_NATIVE_KERNELS=0 at start-up
     calls.clear()
-    torch.testing.assert_close(moe.expert_ffn(x, counts, w13, w2), out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moe.expert_ffn(x, counts, w13, w2).double(), out.double(), **bf16_ulp)
+    torch.testing.assert_close(moe.expert_ffn(x_f, counts, w13_f, w2_f), out_f, rtol=1e-5, atol=1e-5)
     assert calls == []
 
 
@@ -160,7 +187,8 @@ def test_build_is_cached(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,hidden,inter", [(1, 8, 2, 128, 64), (16, 8, 2, 64, 48),
                                                                         (7, 6, 3, 48, 40), (64, 64, 8, 32, 16),
-                                                                        (5, 6, 3, 37, 21)])
+                                                                        (5, 6, 3, 37, 21), (40, 6, 3, 37, 21),
+                                                                        (200, 8, 2, 48, 40)])
 def test_fused_moe_is_sort_experts_and_combine_in_one_call(num_tokens, num_experts, top_k, hidden, inter):
     """native.fused_moe gives the bits of sort_pairs -> expert_ffn -> unpermute (whose float32 combine is
     torch.embedding_bag's fused multiply-adds), and matches the per-token reference."""
