@@ -50,6 +50,7 @@ SIGNATURES = {  # as declared in csrc/cpu_kernels.cpp; every function returns an
     "moeray_decode_attention": [_I, _I, _I, _I, _I, _P, _I, _P, _P, _I, _P, _I, _P, _I, _P, _P, _I, _P, ctypes.c_double,
                                 _I, _P, _I],
     "moeray_logits": [_I, _I, _I, _P, _P, _P, _I],
+    "moeray_rms_norm": [_I, _I, _P, _P, ctypes.c_double, _I, _P, _I],
 }
 
 
@@ -222,6 +223,23 @@ def logits(x: Tensor, weight: Tensor) -> Tensor:
     out = x.new_empty(rows, weight.shape[0])
     library().moeray_logits(rows, inner, weight.shape[0], x.data_ptr(), weight.data_ptr(), out.data_ptr(),
                             torch.get_num_threads())
+    return out
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, lanes: int) -> Tensor:
+    """float32 x [..., H] (contiguous), weight [H] -> RMSNorm in torch's order of additions for vectors
+    of `lanes` (8 or 16) floats (see kernels.norm, which checks where that gives F.rms_norm's bits)."""
+    hidden = x.shape[-1]
+    if x.dtype != torch.float32:
+        raise TypeError(f"rms_norm takes float32 tensors, not {x.dtype}")
+    _check_raw(x, (weight,), ())
+    if weight.shape != (hidden,) or hidden < lanes:
+        raise ValueError(f"rms_norm shapes disagree: x {tuple(x.shape)}, weight {tuple(weight.shape)}, {lanes} lanes")
+    out = torch.empty_like(x)
+    status = library().moeray_rms_norm(x.numel() // hidden, hidden, x.data_ptr(), weight.data_ptr(), eps, lanes,
+                                       out.data_ptr(), torch.get_num_threads())
+    if status:
+        raise ValueError(f"rms_norm takes 8 or 16 lanes, not {lanes}")
     return out
 
 

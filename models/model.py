@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from moeray.kernels import native
 from moeray.kernels.attention import causal_attention
+from moeray.kernels.linear import linear
 from moeray.kernels.moe import fused_moe
 from moeray.kernels.norm import rms_norm
 from moeray.kernels.rope import RotaryCache, RotaryTables, rope_cos_sin, rope_inv_freq, rotary_tables, rotate
@@ -74,7 +75,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: RotaryTables, ctx: AttentionContext) -> Tensor:
         c = self.config
         n, heads, kv_heads, dim = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
-        qkv = F.linear(x, self.qkv_proj, self.qkv_bias)  # [N, (nh + 2nkv) * D]
+        qkv = linear(x, self.qkv_proj, self.qkv_bias)  # [N, (nh + 2nkv) * D]
         if c.qk_norm == "none":  # q and k heads side by side already: views, no copy
             if c.clip_qkv is not None:
                 qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
@@ -92,7 +93,7 @@ class Attention(nn.Module):
             qk = torch.cat((q, k), dim=1)  # [N, nh + nkv, D]
         qk = rotate(qk, rope)  # [N, nh + nkv, D]
         out = ctx.attend(self.layer, qk[:, :heads], qk[:, heads:], v, self.scale, self.window)  # [N, nh, D]
-        return F.linear(out.reshape(n, -1), self.o_proj, self.o_bias)
+        return linear(out.reshape(n, -1), self.o_proj, self.o_bias)
 
 
 class DenseMLP(nn.Module):
@@ -103,8 +104,8 @@ class DenseMLP(nn.Module):
         self.gate_up, self.down = _param(2 * inter, hidden), _param(hidden, inter)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)  # [N, I] each
-        return F.linear(F.silu(gate) * up, self.down)
+        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)  # [N, I] each
+        return linear(F.silu(gate) * up, self.down)
 
 
 class LocalExperts(nn.Module):
@@ -137,7 +138,7 @@ class MoEBlock(nn.Module):
         self.shared_gate = _param(1, c.hidden_size) if c.shared_expert_gate and self.shared else None
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = F.linear(x, self.gate)  # [N, E]
+        logits = linear(x, self.gate)  # [N, E]
         topk_weights, topk_ids = route(logits, self.routing)  # [N, K] float32, [N, K] int64
         if self.weights_in_model_dtype:
             topk_weights = topk_weights.to(x.dtype)  # as transformers' Qwen-MoE / OLMoE routers do

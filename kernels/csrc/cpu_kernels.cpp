@@ -593,9 +593,75 @@ void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int6
     run_small(int64_t(small.size() / 3), small.data(), num_rows, rows, x, w13, w2, H, I, scratch, out, num_threads);
 }
 
+// torch's float32 sum of the squares of x[0 .. n) (`x.pow(2).sum(-1)` on the CPU, with vectors of W
+// lanes: 8 on AVX2 builds, 16 on AVX-512), in its order of additions (aten/src/ATen/native/cpu/
+// SumKernel.cpp, vectorized_inner_sum): the squares taken as vectors, vector i added into partial sum
+// i % 4 through a cascade of levels (level_step vectors a level, so only sums of similar size meet);
+// the levels added down, the leftover vectors added to partial 0, partials 1-3 added to it in order;
+// then, from 0, the scalar tail and the W lanes of the vector, in order. n >= W.
+template <int W>
+float torch_sum_squares(const float* x, int64_t n) {
+  struct Vec {
+    float lane[W];
+    void add(const Vec& o) {
+      for (int l = 0; l < W; ++l) lane[l] += o.lane[l];
+    }
+  };
+  auto squares = [x](int64_t i) {
+    Vec v;
+    for (int l = 0; l < W; ++l) v.lane[l] = x[i * W + l] * x[i * W + l];
+    return v;
+  };
+  constexpr int levels = 4, ilp = 4;
+  const int64_t vectors = n / W, size = vectors / ilp;  // size: rows of ilp vectors
+  const int64_t ceil_log2 = size <= 2 ? 1 : 64 - __builtin_clzll(uint64_t(size - 1));
+  const int64_t power = std::max<int64_t>(4, ceil_log2 / levels), step = int64_t(1) << power, mask = step - 1;
+  Vec acc[levels][ilp] = {};
+  int64_t i = 0;
+  while (i + step <= size) {
+    for (int64_t j = 0; j < step; ++j, ++i)
+      for (int k = 0; k < ilp; ++k) acc[0][k].add(squares(i * ilp + k));
+    for (int j = 1; j < levels; ++j) {
+      for (int k = 0; k < ilp; ++k) {
+        acc[j][k].add(acc[j - 1][k]);
+        acc[j - 1][k] = Vec{};
+      }
+      if (i & (mask << (j * power))) break;
+    }
+  }
+  for (; i < size; ++i)
+    for (int k = 0; k < ilp; ++k) acc[0][k].add(squares(i * ilp + k));
+  for (int j = 1; j < levels; ++j)
+    for (int k = 0; k < ilp; ++k) acc[0][k].add(acc[j][k]);
+  for (int64_t v = size * ilp; v < vectors; ++v) acc[0][0].add(squares(v));
+  for (int k = 1; k < ilp; ++k) acc[0][0].add(acc[0][k]);
+  float total = 0;
+  for (int64_t k = vectors * W; k < n; ++k) total += x[k] * x[k];
+  for (int l = 0; l < W; ++l) total += acc[0][0].lane[l];
+  return total;
+}
+
 }  // namespace
 
 extern "C" {
+
+// RMSNorm of float32 rows, in the order of additions and roundings of torch's `F.rms_norm` (and of
+// transformers' formula: pow, mean, + eps, rsqrt, two products): out = (x * rsqrt(sum(x^2) / H + eps))
+// * weight, the sum as `torch_sum_squares<lanes>` adds it, rsqrt as 1 / sqrt. x, out [rows, H]; weight
+// [H]. Returns 0; 1 for lanes other than 8 and 16 or H < lanes.
+int moeray_rms_norm(int64_t rows, int64_t H, const float* x, const float* weight, double eps, int64_t lanes, float* out,
+                    int64_t num_threads) {
+  if ((lanes != 8 && lanes != 16) || H < lanes) return 1;
+#pragma omp parallel for num_threads(num_threads) if (rows * H >= (1 << 16))
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * H;
+    const float sum = lanes == 8 ? torch_sum_squares<8>(row, H) : torch_sum_squares<16>(row, H);
+    const float scale = 1.0f / std::sqrt(sum / float(H) + float(eps));
+    for (int64_t h = 0; h < H; ++h) out[r * H + h] = row[h] * scale * weight[h];
+  }
+  return 0;
+}
+
 
 // groups [G, 3]: (expert, first sorted row, rows) of each group; the groups' rows lie in 0 .. num_rows.
 // rows [num_rows]: the row of x of each sorted row, or null (x is sorted). out [num_rows, H] (the groups'

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
 
+from moeray.kernels import native, norm
 from moeray.kernels.norm import rms_norm
 
 
@@ -32,3 +34,33 @@ def test_rms_norm_casts_before_weight_multiply():
     h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
     multiply_in_fp32 = (weight.float() * h).to(torch.bfloat16)
     assert not torch.equal(rms_norm(x, weight, 1e-6), multiply_in_fp32)
+
+
+@pytest.mark.parametrize("hidden", [8, 37, 200, 513, 4096, 40000])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_float32_rms_norm_has_torch_bits_at_any_size(hidden, rows):
+    """float32 takes the native kernel where it reproduces torch's order of additions (tails of
+    vectors and of partial sums, the cascade's levels past 2^16 squares): bitwise F.rms_norm."""
+    gen = torch.Generator().manual_seed(hidden * rows)
+    x = torch.randn(rows, hidden, generator=gen) * torch.logspace(-2, 2, rows).unsqueeze(-1)
+    weight = torch.randn(hidden, generator=gen)
+    assert torch.equal(rms_norm(x, weight, 1e-5), F.rms_norm(x, (hidden,), weight, 1e-5))
+
+
+def test_native_rms_norm_is_taken_only_where_it_agrees(monkeypatch):
+    """Each hidden size is checked once; a kernel that disagrees (here: one ulp off) is never used."""
+    calls = []
+    real = native.rms_norm
+    monkeypatch.setattr(norm, "_same_bits", {})
+    monkeypatch.setattr(native, "rms_norm", lambda *args: calls.append(args[0].shape) or real(*args))
+    x, weight = torch.randn(4, 64), torch.randn(64)
+    for _ in range(3):
+        assert torch.equal(rms_norm(x, weight, 1e-6), F.rms_norm(x, (64,), weight, 1e-6))
+    assert norm._same_bits == {64: True} and calls.count((4, 64)) == 3  # checked once (on its own rows), used 3 times
+
+    monkeypatch.setattr(native, "rms_norm", lambda *args: calls.append(args[0].shape) or torch.nextafter(real(*args), torch.tensor(1e9)))
+    calls.clear()
+    x, weight = torch.randn(4, 72), torch.randn(72)
+    for _ in range(3):
+        assert torch.equal(rms_norm(x, weight, 1e-6), F.rms_norm(x, (72,), weight, 1e-6))
+    assert norm._same_bits[72] is False and (4, 72) not in calls
