@@ -50,7 +50,8 @@ SIGNATURES = {  # as declared in csrc/cpu_kernels.cpp; every function returns an
     "moeray_decode_attention": [_I, _I, _I, _I, _I, _P, _I, _P, _P, _I, _P, _I, _P, _I, _P, _P, _I, _P, ctypes.c_double,
                                 _I, _P, _I],
     "moeray_logits": [_I, _I, _I, _P, _P, _P, _I],
-    "moeray_rms_norm": [_I, _I, _P, _P, ctypes.c_double, _I, _P, _I],
+    "moeray_rms_norm": [_I, _I, _P, _P, _P, ctypes.c_double, _I, _P, _P, _I],
+    "moeray_rope": [_I, _I, _I, _P, _I, _P, _P, _P],
 }
 
 
@@ -226,21 +227,41 @@ def logits(x: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, lanes: int) -> Tensor:
-    """float32 x [..., H] (contiguous), weight [H] -> RMSNorm in torch's order of additions for vectors
-    of `lanes` (8 or 16) floats (see kernels.norm, which checks where that gives F.rms_norm's bits)."""
+def rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """float32 x [T, n, D] (rows may be strided, heads contiguous), cos and signed_sin [T, 1, D]
+    (contiguous) -> rotated [T, n, D], contiguous: kernels.rope.rotate's ops and bits in one pass."""
+    tokens, heads, dim = x.shape
+    if not (x.dtype == cos.dtype == signed_sin.dtype == torch.float32):
+        raise TypeError(f"rope takes float32 tensors, not {x.dtype}, {cos.dtype}, {signed_sin.dtype}")
+    x = _contiguous_rows(x)
+    _check_raw(cos, (signed_sin,), ())
+    if cos.shape != (tokens, 1, dim) or signed_sin.shape != cos.shape or dim % 2:
+        raise ValueError(f"rope shapes disagree: x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(signed_sin.shape)}")
+    out = torch.empty(tokens, heads, dim, dtype=x.dtype)
+    library().moeray_rope(tokens, heads, dim, x.data_ptr(), x.stride(0), cos.data_ptr(), signed_sin.data_ptr(),
+                          out.data_ptr())
+    return out
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, lanes: int, residual: Tensor | None = None
+             ) -> tuple[Tensor, Tensor]:
+    """float32 x [..., H] (contiguous), weight [H] -> (x, RMSNorm of x) in torch's order of additions for
+    vectors of `lanes` (8 or 16) floats (see kernels.norm, which checks where that gives F.rms_norm's
+    bits). With `residual` (x's shape), x + residual is normalised and returned in place of x."""
     hidden = x.shape[-1]
     if x.dtype != torch.float32:
         raise TypeError(f"rms_norm takes float32 tensors, not {x.dtype}")
-    _check_raw(x, (weight,), ())
-    if weight.shape != (hidden,) or hidden < lanes:
-        raise ValueError(f"rms_norm shapes disagree: x {tuple(x.shape)}, weight {tuple(weight.shape)}, {lanes} lanes")
+    _check_raw(x, (weight,) if residual is None else (weight, residual), ())
+    if weight.shape != (hidden,) or hidden < lanes or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"rms_norm shapes disagree: x {tuple(x.shape)}, weight {tuple(weight.shape)}, {lanes} lanes"
+                         + ("" if residual is None else f", residual {tuple(residual.shape)}"))
     out = torch.empty_like(x)
-    status = library().moeray_rms_norm(x.numel() // hidden, hidden, x.data_ptr(), weight.data_ptr(), eps, lanes,
-                                       out.data_ptr(), torch.get_num_threads())
+    total = x if residual is None else torch.empty_like(x)
+    status = library().moeray_rms_norm(x.numel() // hidden, hidden, x.data_ptr(), None if residual is None else residual.data_ptr(),
+                                       weight.data_ptr(), eps, lanes, total.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if status:
         raise ValueError(f"rms_norm takes 8 or 16 lanes, not {lanes}")
-    return out
+    return total, out
 
 
 def _check_raw(x: Tensor, alike: tuple[Tensor, ...], indices: tuple[Tensor | None, ...]) -> None:

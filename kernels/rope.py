@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from moeray.kernels import native
+
 DEFAULT_THETA = 10000.0
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
@@ -298,7 +300,11 @@ class RotaryCache:
 
 def rotate(x: Tensor, tables: RotaryTables) -> Tensor:
     """x [T, n_heads, D] (any strides, e.g. the q and k heads of a fused projection) -> rotated,
-    contiguous, same dtype. Op for op transformers' `x * cos + rotate_half(x) * sin`."""
+    contiguous, same dtype. Op for op transformers' `x * cos + rotate_half(x) * sin`; float32 on the
+    CPU in one native pass (the same ops, the same bits) instead of four torch ops and their buffers."""
+    if x.dtype == torch.float32 and x.is_cpu and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] and native.available() \
+            and tables.cos.dtype == torch.float32 and tables.cos.is_contiguous() and tables.signed_sin.is_contiguous():
+        return native.rope(x, tables.cos, tables.signed_sin)
     swapped = torch.roll(x, x.shape[-1] // 2, dims=-1)  # [x2, x1]
     return (x * tables.cos).add_(swapped.mul_(tables.signed_sin))
 

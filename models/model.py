@@ -19,7 +19,7 @@ from moeray.kernels import native
 from moeray.kernels.attention import causal_attention
 from moeray.kernels.linear import linear
 from moeray.kernels.moe import fused_moe
-from moeray.kernels.norm import rms_norm
+from moeray.kernels.norm import add_rms_norm, rms_norm
 from moeray.kernels.rope import RotaryCache, RotaryTables, rope_cos_sin, rope_inv_freq, rotary_tables, rotate
 from moeray.kernels.routing import route
 from moeray.models.config import ModelConfig
@@ -164,8 +164,9 @@ class DecoderLayer(nn.Module):
             self.mlp = DenseMLP(config.hidden_size, config.dense_intermediate_size)
 
     def forward(self, x: Tensor, rope: RotaryTables, ctx: AttentionContext) -> Tensor:
-        x = x + self.attn(rms_norm(x, self.input_norm, self.eps), rope, ctx)
-        return x + self.mlp(rms_norm(x, self.post_attention_norm, self.eps))
+        x, h = add_rms_norm(x, self.attn(rms_norm(x, self.input_norm, self.eps), rope, ctx), self.post_attention_norm,
+                            self.eps)
+        return x + self.mlp(h)
 
 
 class MoEModel(nn.Module):

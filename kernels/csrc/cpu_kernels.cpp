@@ -645,16 +645,39 @@ float torch_sum_squares(const float* x, int64_t n) {
 
 extern "C" {
 
+// Rotary embedding of float32 heads, op for op kernels/rope.py's `rotate` (transformers' x * cos +
+// rotate_half(x) * sin): out = x * cos + swap_halves(x) * signed_sin, each product rounded, then the sum.
+// x [T, heads, D], rows x_stride floats apart (the q and k heads of a fused projection), heads contiguous;
+// cos, signed_sin [T, D]; out [T, heads, D] contiguous. D even. Returns 0.
+int moeray_rope(int64_t T, int64_t heads, int64_t D, const float* x, int64_t x_stride, const float* cos,
+                const float* signed_sin, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* in = x + t * x_stride + h * D;
+      const float *c = cos + t * D, *s = signed_sin + t * D;
+      float* o = out + (t * heads + h) * D;
+      for (int64_t d = 0; d < half; ++d) o[d] = in[d] * c[d] + in[d + half] * s[d];
+      for (int64_t d = half; d < D; ++d) o[d] = in[d] * c[d] + in[d - half] * s[d];
+    }
+  return 0;
+}
+
 // RMSNorm of float32 rows, in the order of additions and roundings of torch's `F.rms_norm` (and of
 // transformers' formula: pow, mean, + eps, rsqrt, two products): out = (x * rsqrt(sum(x^2) / H + eps))
 // * weight, the sum as `torch_sum_squares<lanes>` adds it, rsqrt as 1 / sqrt. x, out [rows, H]; weight
-// [H]. Returns 0; 1 for lanes other than 8 and 16 or H < lanes.
-int moeray_rms_norm(int64_t rows, int64_t H, const float* x, const float* weight, double eps, int64_t lanes, float* out,
-                    int64_t num_threads) {
+// [H]. With `residual` (else null), x + residual is taken instead of x and written to `sum` (a residual
+// connection and the norm after it). Returns 0; 1 for lanes other than 8 and 16 or H < lanes.
+int moeray_rms_norm(int64_t rows, int64_t H, const float* x, const float* residual, const float* weight, double eps,
+                    int64_t lanes, float* sum, float* out, int64_t num_threads) {
   if ((lanes != 8 && lanes != 16) || H < lanes) return 1;
 #pragma omp parallel for num_threads(num_threads) if (rows * H >= (1 << 16))
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * H;
+    if (residual) {
+      for (int64_t h = 0; h < H; ++h) sum[r * H + h] = row[h] + residual[r * H + h];
+      row = sum + r * H;
+    }
     const float sum = lanes == 8 ? torch_sum_squares<8>(row, H) : torch_sum_squares<16>(row, H);
     const float scale = 1.0f / std::sqrt(sum / float(H) + float(eps));
     for (int64_t h = 0; h < H; ++h) out[r * H + h] = row[h] * scale * weight[h];

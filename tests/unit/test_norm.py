@@ -58,9 +58,18 @@ def test_native_rms_norm_is_taken_only_where_it_agrees(monkeypatch):
         assert torch.equal(rms_norm(x, weight, 1e-6), F.rms_norm(x, (64,), weight, 1e-6))
     assert norm._same_bits == {64: True} and calls.count((4, 64)) == 3  # checked once (on its own rows), used 3 times
 
-    monkeypatch.setattr(native, "rms_norm", lambda *args: calls.append(args[0].shape) or torch.nextafter(real(*args), torch.tensor(1e9)))
+    monkeypatch.setattr(native, "rms_norm", lambda *args: calls.append(args[0].shape) or (args[0], torch.nextafter(real(*args)[1], torch.tensor(1e9))))
     calls.clear()
     x, weight = torch.randn(4, 72), torch.randn(72)
     for _ in range(3):
         assert torch.equal(rms_norm(x, weight, 1e-6), F.rms_norm(x, (72,), weight, 1e-6))
     assert norm._same_bits[72] is False and (4, 72) not in calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_is_the_sum_and_its_norm(dtype):
+    gen = torch.Generator().manual_seed(13)
+    x, residual = (torch.randn(9, 96, generator=gen) * 4).to(dtype), torch.randn(9, 96, generator=gen).to(dtype)
+    weight = torch.randn(96, generator=gen).to(dtype)
+    total, normed = norm.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(total, x + residual) and torch.equal(normed, rms_norm(x + residual, weight, 1e-5))

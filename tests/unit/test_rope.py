@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
 
-from moeray.kernels.rope import RopeConfig, RotaryCache, apply_rope, rope_cos_sin, rope_inv_freq, rotary_tables
+from moeray.kernels.rope import RopeConfig, RotaryCache, apply_rope, rope_cos_sin, rope_inv_freq, rotary_tables, rotate
 
 HEAD_DIM = 32
 MAX_POS = 256
@@ -256,3 +256,18 @@ def test_unsupported_rope_type_is_a_clear_error(rope_parameters):
 def test_missing_scaling_parameter_is_a_clear_error():
     with pytest.raises(ValueError, match="factor"):
         RopeConfig.from_hf({"max_position_embeddings": 8, "rope_scaling": {"rope_type": "linear"}}, 8)
+
+
+def test_native_rotate_has_the_bits_of_the_torch_ops_on_a_fused_projection():
+    """float32 on the CPU rotates in one native pass; the q and k heads of a fused q/k/v projection
+    (rows strided, heads contiguous) get the bits of transformers' ops on a copy."""
+    gen = torch.Generator().manual_seed(12)
+    tokens, heads, kv_heads, dim = 7, 4, 2, 18
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen) * 3
+    qk = qkv[:, :(heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)  # not contiguous
+    inv_freq, scaling = rope_inv_freq(RopeConfig(head_dim=dim, theta=10000.0, max_position_embeddings=128))
+    cos, sin = rope_cos_sin(torch.arange(40, 40 + tokens), inv_freq, scaling)
+    tables = rotary_tables(cos, sin, torch.float32)
+    expected = qk.contiguous() * cos[:, None] + torch.cat((-qk[..., dim // 2:], qk[..., :dim // 2]), dim=-1) * sin[:, None]
+    out = rotate(qk, tables)
+    assert out.is_contiguous() and torch.equal(out, expected)
