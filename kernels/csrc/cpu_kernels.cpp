@@ -21,10 +21,11 @@
 // index order (a fused multiply-add per element), the lanes summed pairwise, then any tail; in
 // `run_panels` one chain of fused multiply-adds over the index in order. How many rows an expert has
 // (on either side of `panel_rows`), or which thread takes which block, never changes a result: a row
-// gets the same bits alone or in any batch of its side. bf16 (dtype 1, always `run_small`): weights widen exactly to float32 (a bf16 is the top half of
-// one), 16 at a time, as the even elements (<< 16) and the odd ones (& 0xffff0000): no shuffles. The
-// vectors they multiply are stored the same way, deinterleaved (see `position`). Matmul outputs, the
-// activation and its product are rounded to bf16 where transformers rounds them (nearest even).
+// gets the same bits alone or in any batch of its side. bf16 (dtype 1, always `run_small`): weights
+// widen exactly to float32 (a bf16 is the top half of one), 16 at a time, as the even elements (<< 16)
+// and the odd ones (& 0xffff0000): no shuffles. The vectors they multiply are stored the same way,
+// deinterleaved (see `position`). Matmul outputs, the activation and its product are rounded to bf16
+// where transformers rounds them (nearest even).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -354,12 +355,13 @@ inline void swiglu_rows(const float* w13, int64_t H, int64_t I, int64_t i0, int6
   tail_tile<A - 1>(i0 + count - i, [&](auto a) { swiglu_tile<decltype(a)::value, V>(w13, H, I, i, xp, actp); });
 }
 
-// Float32 groups with at least `panel_rows` rows (kernels/native.py: PANEL_ROWS), as GEMMs: a group's rows of x become panels of 8
-// ([ceil(rows / 8), H, 8]), gate/up tiles write the activation straight into panels ([.., I, 8]) and the
-// down projection reads them (see `panel_dots`); 12 accumulators of 8 outputs per tile, each weight element
-// loaded once per 16 rows, and no horizontal sums: 80-90% of the FMA peak where MKL's sgemm reaches ~65%
-// here. Every output is one chain of fused multiply-adds over k in order: a row's bits do not depend on
-// the others in its group (but differ from the dot products of `run_small` in the order of additions).
+// Float32 groups with at least `panel_rows` rows (kernels/native.py: PANEL_ROWS), as GEMMs: a group's
+// rows of x become panels of 8 ([ceil(rows / 8), H, 8]), gate/up tiles write the activation straight into
+// panels ([.., I, 8]) and the down projection reads them (see `panel_dots`); 12 accumulators of 8 outputs
+// per tile, each weight element loaded once per 16 rows, and no horizontal sums: 80-90% of the FMA peak
+// where MKL's sgemm reaches ~65% here. Every output is one chain of fused multiply-adds over k in order:
+// a row's bits do not depend on the others in its group (but differ from the dot products of `run_small`
+// in the order of additions).
 // Consecutive groups are taken PANEL_CHUNK_BYTES of panels at a time, so that the panels stay in cache
 // between the phases. Phases are split over the threads by (group, panel or block of weight rows).
 constexpr int64_t PANEL_CHUNK_BYTES = 8 << 20;
@@ -383,7 +385,8 @@ void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const f
     }
     if (int64_t(panels.size()) < size) panels.resize(size);
     float* const base = panels.data();  // (inside the parallel region `panels` would be each thread's own)
-    std::vector<int64_t> pack, act, down;  // work items: (group, panel), (group, first act row), (group, first output row)
+    // work items: (group, panel), (group, first act row), (group, first output row)
+    std::vector<int64_t> pack, act, down;
     for (int64_t g = g0; g < g1; ++g) {
       for (int64_t p = 0; p < (groups[3 * g + 2] + 7) / 8; ++p) pack.insert(pack.end(), {g, p});
       for (int64_t i = 0; i < I; i += item_rows(H) / 2) act.insert(act.end(), {g, i});
