@@ -51,17 +51,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(x + residual, rms_norm(x + residual)): a residual connection and the norm after it, in one
     native pass for float32 on the CPU (the same bits: the sum is one rounding either way)."""
-    if residual.dtype == torch.float32 and residual.is_contiguous() and residual.shape == x.shape and _native(x, weight):
+    if residual.shape == x.shape and _native(x, weight, residual):
         return native.rms_norm(x, weight, eps, LANES, residual)
     total = x + residual
     return total, rms_norm(total, weight, eps)
 
 
-def _native(x: Tensor, weight: Tensor) -> bool:
-    """float32 x and weight the kernel takes, at a hidden size where it gives F.rms_norm's bits."""
+def _native(x: Tensor, *alike: Tensor) -> bool:
+    """float32 x (and `alike`) the kernel takes, at a hidden size where it gives F.rms_norm's bits."""
     hidden = x.shape[-1]
-    if not (x.dtype == weight.dtype == torch.float32 and x.is_cpu and x.is_contiguous() and hidden >= LANES
-            and native.supports(x, weight)):
+    if not (x.dtype == torch.float32 and hidden >= LANES and native.supports(x, *alike)):
         return False
     same = _same_bits.get(hidden)
     if same is None:

@@ -164,8 +164,8 @@ class DecoderLayer(nn.Module):
             self.mlp = DenseMLP(config.hidden_size, config.dense_intermediate_size)
 
     def forward(self, x: Tensor, rope: RotaryTables, ctx: AttentionContext) -> Tensor:
-        x, h = add_rms_norm(x, self.attn(rms_norm(x, self.input_norm, self.eps), rope, ctx), self.post_attention_norm,
-                            self.eps)
+        attn = self.attn(rms_norm(x, self.input_norm, self.eps), rope, ctx)
+        x, h = add_rms_norm(x, attn, self.post_attention_norm, self.eps)  # x + attn, and its norm
         return x + self.mlp(h)
 
 

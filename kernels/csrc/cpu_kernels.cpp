@@ -827,7 +827,7 @@ int moeray_logits(int64_t M, int64_t K, int64_t N, const float* x, const float* 
   std::vector<float> panels(num_panels * K * 8, 0.0f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) panels[((m / 8) * K + k) * 8 + m % 8] = x[m * K + k];
-  constexpr int64_t ITEM = 48;  // weight rows per work item: whole tiles of 6 and 12
+  constexpr int64_t ITEM = 48;  // weight rows per work item: whole tiles of 6 and 8 (see tile_rows)
   const int64_t items = (N + ITEM - 1) / ITEM;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (items > 1 && M * N * K >= (1 << 16))
   for (int64_t item = 0; item < items; ++item) {
