@@ -370,6 +370,16 @@ constexpr int64_t PANEL_CHUNK_BYTES = 8 << 20;
 constexpr int64_t ITEM_BYTES = 192 << 10;
 inline int64_t item_rows(int64_t K) { return std::clamp<int64_t>(ITEM_BYTES / (4 * K) / 12 * 12, 12, 48); }
 
+// Work items (g, first, count) for rows 0 .. n - 1 of group g, `size` rows each; in the phase's last group
+// the last `num_threads` items are cut into tiles of `tile` rows, so that the threads finish the phase
+// together (they wait for each other at its end: with whole items, half an item each on average).
+inline void blocks(int64_t g, int64_t n, int64_t size, int64_t tile, int num_threads, bool last,
+                   std::vector<int64_t>& items) {
+  const int64_t split = last ? std::max<int64_t>(0, n - num_threads * size) / size * size : n;
+  for (int64_t first = 0; first < split; first += size) items.insert(items.end(), {g, first, std::min(size, n - first)});
+  for (int64_t first = split; first < n; first += tile) items.insert(items.end(), {g, first, std::min(tile, n - first)});
+}
+
 void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const float* x, const float* w13,
                 const float* w2, int64_t H, int64_t I, float* out, int num_threads) {
   thread_local std::vector<float> panels;  // kept between calls: no page faults on the next batch
@@ -385,12 +395,12 @@ void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const f
     }
     if (int64_t(panels.size()) < size) panels.resize(size);
     float* const base = panels.data();  // (inside the parallel region `panels` would be each thread's own)
-    // work items: (group, panel), (group, first act row), (group, first output row)
+    // work items: (group, panel), (group, first act row, count), (group, first output row, count)
     std::vector<int64_t> pack, act, down;
     for (int64_t g = g0; g < g1; ++g) {
       for (int64_t p = 0; p < (groups[3 * g + 2] + 7) / 8; ++p) pack.insert(pack.end(), {g, p});
-      for (int64_t i = 0; i < I; i += item_rows(H) / 2) act.insert(act.end(), {g, i});
-      for (int64_t h = 0; h < H; h += item_rows(I)) down.insert(down.end(), {g, h});
+      blocks(g, I, item_rows(H) / 2, tile_rows<2>() / 2, num_threads, g == g1 - 1, act);
+      blocks(g, H, item_rows(I), tile_rows<2>(), num_threads, g == g1 - 1, down);
     }
     auto x_panels = [&](int64_t g) { return base + offsets[g - g0]; };
     auto act_panels = [&](int64_t g) { return x_panels(g) + (groups[3 * g + 2] + 7) / 8 * 8 * H; };
@@ -405,8 +415,8 @@ void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const f
         to_panel(src, int(n), H, x_panels(g) + p * H * 8);
       }
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t item = 0; item < int64_t(act.size() / 2); ++item) {
-        const int64_t g = act[2 * item], i = act[2 * item + 1], count = std::min(item_rows(H) / 2, I - i);
+      for (int64_t item = 0; item < int64_t(act.size() / 3); ++item) {
+        const int64_t g = act[3 * item], i = act[3 * item + 1], count = act[3 * item + 2];
         const int64_t num_panels = (groups[3 * g + 2] + 7) / 8;
         const float* w = w13 + groups[3 * g] * 2 * I * H;
         panel_tiles(num_panels, [&](int64_t p, auto v) {
@@ -414,8 +424,8 @@ void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const f
         });
       }
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t item = 0; item < int64_t(down.size() / 2); ++item) {
-        const int64_t g = down[2 * item], h = down[2 * item + 1], count = std::min(item_rows(I), H - h);
+      for (int64_t item = 0; item < int64_t(down.size() / 3); ++item) {
+        const int64_t g = down[3 * item], h = down[3 * item + 1], count = down[3 * item + 2];
         const int64_t first = groups[3 * g + 1], num_rows = groups[3 * g + 2], num_panels = (num_rows + 7) / 8;
         const float* w = w2 + groups[3 * g] * H * I;
         panel_tiles(num_panels, [&](int64_t p, auto v) {
