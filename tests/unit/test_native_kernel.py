@@ -39,8 +39,9 @@ def run_groups(x, groups, w13, w2, rows=None, panel_rows=native.PANEL_ROWS):
     return native.expert_ffn(x, torch.tensor(groups), w13, w2, out, rows, panel_rows)
 
 
-# sizes with and without tails: H, I multiples of 16, of 8 only, and odd
-@pytest.mark.parametrize("hidden,inter", [(64, 32), (48, 40), (37, 21)])
+# sizes with and without tails: H, I multiples of 16, of 8 only, and odd; (200, 130): whole work items of
+# act and output rows, then the last group's last ones cut into single tiles (`blocks` in cpu_kernels.cpp)
+@pytest.mark.parametrize("hidden,inter", [(64, 32), (48, 40), (37, 21), (200, 130)])
 @pytest.mark.parametrize("dtype,panel_rows", [(torch.float32, native.PANEL_ROWS), (torch.float32, 1), (torch.bfloat16, 1)])
 def test_groups_match_reference(hidden, inter, dtype, panel_rows):
     """Groups of 1..70 rows (every tile remainder, partial and odd panel counts, past the 64-row chunk),
