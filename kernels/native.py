@@ -1,6 +1,7 @@
 """CPU kernels in C++ (`csrc/cpu_kernels.cpp`), compiled once per machine and called through ctypes.
 
-Four entry points, each tested against a plain-torch reference (tests/unit/test_native_kernel.py):
+Entry points, each tested against a plain-torch reference (tests/unit/test_native_kernel.py,
+test_norm.py, test_rope.py, test_linear.py):
 - `expert_ffn`: the grouped SwiGLU. Experts with few rows (decode, small prefill): torch's matmuls
   pack or re-read an expert's weight per call at those sizes; the kernel reads each weight block
   once and multiplies all of its expert's rows by it while it sits in L1: memory bandwidth for a
@@ -12,8 +13,11 @@ Four entry points, each tested against a plain-torch reference (tests/unit/test_
   the slots instead of gathered into a padded copy.
 - `logits`: the float32 lm_head for the few rows a step samples from; MKL reads the [V, H] weight
   at a fraction of the memory bandwidth at those sizes (1.3-3.8x, see LOGITS_MAX_ROWS).
-`kernels.moe`, `kernels.attention` and `MoEModel.compute_logits` choose them (CPU, float32/bf16, contiguous); everything
-else, and every machine where the source cannot be built, takes the torch paths.
+- `rms_norm` and `rope`: float32 RMSNorm (optionally after a residual add) and rotary embedding in
+  one pass each, with torch's bits.
+`kernels.moe`, `kernels.attention`, `kernels.linear`, `kernels.norm`, `kernels.rope` and
+`MoEModel.compute_logits` choose them (CPU, float32/bf16, contiguous); everything else, and every
+machine where the source cannot be built, takes the torch paths.
 
 Build: `$CXX` (default `c++`) with `-O3 -march=native -ffp-contract=off -fopenmp`, into
 `$MOERAY_CACHE_DIR` (default `~/.cache/moeray`), named by a hash of the source, the flags, the

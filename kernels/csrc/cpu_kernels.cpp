@@ -201,7 +201,7 @@ void weight_rows(const W* w, int64_t ldw, int64_t count, const float* const* x, 
 }
 
 // acc[r][v] = sum over k < K, in order, of w[r][k] * column k of panel v (8 rows of x; panels [*, K, 8], see
-// `to_panels`), one fused multiply-add each: every accumulator is 8 rows of x times one weight row, the
+// `to_panel`), one fused multiply-add each: every accumulator is 8 rows of x times one weight row, the
 // weight element broadcast. No horizontal sums, so K = 128 runs as well as 4096, and a row's result does
 // not depend on the other rows of its panel. R * V <= 12 accumulators (+ V x vectors + 1 broadcast).
 // Not inlined: inside its callers the compiler kept their epilogues' constants in registers and spilled
@@ -834,9 +834,13 @@ int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, i
 // x is first laid out as panels of 8 rows, [ceil(M / 8), K, 8], zero past row M. Returns 0.
 int moeray_logits(int64_t M, int64_t K, int64_t N, const float* x, const float* w, float* out, int64_t num_threads) {
   const int64_t num_panels = (M + 7) / 8;
-  std::vector<float> panels(num_panels * K * 8, 0.0f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) panels[((m / 8) * K + k) * 8 + m % 8] = x[m * K + k];
+  std::vector<float> panels(num_panels * K * 8);
+  for (int64_t p = 0; p < num_panels; ++p) {
+    const int n = int(std::min<int64_t>(8, M - 8 * p));
+    const float* src[8];
+    for (int e = 0; e < n; ++e) src[e] = x + (8 * p + e) * K;
+    to_panel(src, n, K, panels.data() + p * K * 8);
+  }
   constexpr int64_t ITEM = 48;  // weight rows per work item: whole tiles of 6 and 8 (see tile_rows)
   const int64_t items = (N + ITEM - 1) / ITEM;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (items > 1 && M * N * K >= (1 << 16))
