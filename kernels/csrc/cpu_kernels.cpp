@@ -274,7 +274,7 @@ inline void logits_rows(const float* w, int64_t K, const float* panels, int64_t 
 // SwiGLU epilogue of every gate/up tile. Latency is what it costs there (a tile's 6 vectors wait on it
 // while the next tile's loop fills the reorder buffer), so the clamps are min/max and the floor one
 // rounding instruction where AVX has them (the same values as the comparisons and conversions of the
-// portable path, NaN included: checked bitwise over a sweep of all float bit patterns).
+// portable path, NaN included: checked bitwise on every 97th float bit pattern).
 inline v8 exp8(v8 x) {
   typedef int32_t i32x8 __attribute__((vector_size(32)));
 #if defined(__AVX__)
