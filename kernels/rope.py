@@ -88,7 +88,7 @@ class RopeConfig:
         Legacy: `rope_theta` at the top and `rope_scaling` a dict or null. Transformers 5:
         `rope_parameters` holding `rope_theta` and `rope_type`. Where both are present
         `rope_scaling` wins, as in transformers. A missing theta is `default_theta` (10000;
-        note transformers' Mixtral class defaults to 1e6 when a config omits it).
+        model families fill in their own first, see `moeray.models.family.Family.defaults`).
         """
         params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
         theta = params.pop("rope_theta", None)
@@ -105,6 +105,8 @@ class RopeConfig:
         if rope_type in ("llama3", "yarn") and config.get("original_max_position_embeddings") is not None:
             # Phi3-style configs keep the pretraining length at the top; transformers prefers it.
             params["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+        if rope_type == "default":  # {"rope_type": "default"} and {} are the same rope: one config
+            params = {k: v for k, v in params.items() if k not in ("rope_type", "type")}
         scaling = tuple(sorted((key, _hashable(value)) for key, value in params.items()))
         return cls(
             head_dim=head_dim,

@@ -15,10 +15,19 @@ class Family(ABC):
 
     name: str = ""
     architectures: tuple[str, ...] = ()
+    # What transformers' config class assumes for optional fields a config.json leaves out. They
+    # differ by family: Mixtral's rms_norm_eps is 1e-5 and its rope_theta 1e6, Qwen's 1e-6 and the
+    # 1e4 that RopeConfig assumes when no family says otherwise.
+    defaults: dict = {}
+
+    def parse(self, raw: dict) -> ModelConfig:
+        """config.json (as a dict) -> ModelConfig, absent optional fields as transformers reads them;
+        raises ConfigError naming the field and value."""
+        return self.read({**self.defaults, **raw})
 
     @abstractmethod
-    def parse(self, raw: dict) -> ModelConfig:
-        """config.json (as a dict) -> ModelConfig; raises ConfigError naming the field and value."""
+    def read(self, raw: dict) -> ModelConfig:
+        """`parse` of a config with the family's defaults filled in."""
 
     # Weight names (Llama-style defaults). `layer` is the decoder layer index.
     def layer_prefix(self, layer: int) -> str:

@@ -43,9 +43,9 @@ def common_fields(raw: dict) -> dict:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=field(raw, "rms_norm_eps", float, 1e-6),
+        rms_norm_eps=field(raw, "rms_norm_eps", float),  # families default it (Family.defaults)
         rope=_rope(raw, head_dim),
-        max_position_embeddings=field(raw, "max_position_embeddings", int, 4096, minimum=1),
+        max_position_embeddings=field(raw, "max_position_embeddings", int, minimum=1),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,

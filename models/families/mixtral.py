@@ -9,8 +9,10 @@ from moeray.models.family import Family, register
 class Mixtral(Family):
     name = "mixtral"
     architectures = ("MixtralForCausalLM",)
+    defaults = dict(rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=131072, num_key_value_heads=8,
+                    bos_token_id=1, eos_token_id=2)
 
-    def parse(self, raw: dict) -> ModelConfig:
+    def read(self, raw: dict) -> ModelConfig:
         base = common_fields(raw)
         num_experts = num_experts_field(raw, "num_local_experts", "num_experts")
         top_k = field(raw, "num_experts_per_tok", int, minimum=1)

@@ -9,8 +9,9 @@ from moeray.models.family import Family, register
 class Olmoe(Family):
     name = "olmoe"
     architectures = ("OlmoeForCausalLM",)
+    defaults = dict(rms_norm_eps=1e-5, max_position_embeddings=4096, eos_token_id=50279)
 
-    def parse(self, raw: dict) -> ModelConfig:
+    def read(self, raw: dict) -> ModelConfig:
         base = common_fields(raw)
         if base["head_dim"] * base["num_heads"] != base["hidden_size"]:
             raise ConfigError(f"config.json: OLMoE needs head_dim * num_attention_heads == hidden_size, got head_dim={base['head_dim']}")

@@ -11,8 +11,10 @@ from moeray.models.family import Family, register
 class Qwen2Moe(Family):
     name = "qwen2_moe"
     architectures = ("Qwen2MoeForCausalLM",)
+    defaults = dict(rms_norm_eps=1e-6, max_position_embeddings=32768, num_key_value_heads=16,
+                    intermediate_size=5632, shared_expert_intermediate_size=5632)
 
-    def parse(self, raw: dict) -> ModelConfig:
+    def read(self, raw: dict) -> ModelConfig:
         base = common_fields(raw)
         num_layers = base["num_layers"]
         num_experts = field(raw, "num_experts", int, minimum=1)

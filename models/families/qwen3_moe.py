@@ -10,8 +10,10 @@ from moeray.models.family import Family, register
 class Qwen3Moe(Family):
     name = "qwen3_moe"
     architectures = ("Qwen3MoeForCausalLM",)
+    defaults = dict(rms_norm_eps=1e-6, max_position_embeddings=32768, num_key_value_heads=4,
+                    intermediate_size=6144)
 
-    def parse(self, raw: dict) -> ModelConfig:
+    def read(self, raw: dict) -> ModelConfig:
         base = common_fields(raw)
         num_layers = base["num_layers"]
         num_experts = num_experts_field(raw, "num_experts", "num_local_experts")

@@ -212,6 +212,31 @@ def test_num_experts_under_either_name(make_checkpoint, name):
         family.parse(raw)
 
 
+# Only what has no sensible default: the sizes (and Qwen's expert width under its own name).
+MINIMAL = dict(vocab_size=101, hidden_size=128, num_attention_heads=32, num_hidden_layers=2, num_experts_per_tok=2)
+MINIMAL_MOE = {"MixtralForCausalLM": dict(num_local_experts=4, intermediate_size=32),
+               "OlmoeForCausalLM": dict(num_experts=4, intermediate_size=32),
+               "Qwen2MoeForCausalLM": dict(num_experts=4, moe_intermediate_size=32),
+               "Qwen3MoeForCausalLM": dict(num_experts=4, moe_intermediate_size=32)}
+
+
+@pytest.mark.parametrize("arch", list(MINIMAL_MOE))
+def test_absent_fields_read_as_transformers_reads_them(arch):
+    """A config.json that leaves out rms_norm_eps, rope_theta, num_key_value_heads, eos_token_id...
+    gets the family's defaults, which are transformers' ones: the same config as the one transformers
+    writes back with its class defaults filled in (Mixtral's rope_theta 1e6 and rms_norm_eps 1e-5 are
+    not Qwen's 1e4 and 1e-6)."""
+    raw = {"architectures": [arch], **MINIMAL, **MINIMAL_MOE[arch]}
+    family = family_for(raw)
+    model_type = {"MixtralForCausalLM": "mixtral", "OlmoeForCausalLM": "olmoe", "Qwen2MoeForCausalLM": "qwen2_moe",
+                  "Qwen3MoeForCausalLM": "qwen3_moe"}[arch]
+    hf = transformers.AutoConfig.for_model(model_type, **MINIMAL, **MINIMAL_MOE[arch])
+    ours = family.parse(raw)
+    assert ours == family.parse({**hf.to_dict(), "architectures": [arch]})
+    assert (ours.rms_norm_eps, ours.rope.theta, ours.num_kv_heads) == (hf.rms_norm_eps, hf.rope_parameters["rope_theta"],
+                                                                        hf.num_key_value_heads)
+
+
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
 def test_unsupported_architecture_is_named(make_checkpoint, tmp_path, arch):
     folder = tmp_path / "ckpt"
