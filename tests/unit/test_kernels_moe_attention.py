@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from moeray.kernels import moe, native
 from moeray.kernels.attention import attention_reference, build_metadata, causal_attention, paged_attention
 from moeray.kernels.moe import fused_moe, fused_moe_reference, permute, unpermute
 
@@ -45,6 +46,36 @@ def test_fused_moe_bfloat16(num_tokens, num_experts, top_k):
     assert out.dtype == torch.bfloat16
     scale = ref.abs().max().item()
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * scale)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+@pytest.mark.parametrize("num_experts,top_k", [(6, 3), (64, 8)])
+def test_fused_moe_float32_on_torch_ops(monkeypatch, num_tokens, num_experts, top_k):
+    """Without the native kernel (MOERAY_NATIVE_KERNELS=0, or no C++ compiler) float32 runs sort ->
+    expert_ffn on torch ops -> unpermute, a path the float32 tests above never take where it builds."""
+    monkeypatch.setattr(native, "ENABLED", False)
+    x, weights, ids, w13, w2 = moe_inputs(num_tokens, num_experts, top_k)
+    torch.testing.assert_close(fused_moe(x, weights, ids, w13, w2), fused_moe_reference(x, weights, ids, w13, w2),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,native_kernels", [(torch.bfloat16, True), (torch.bfloat16, False),
+                                                  (torch.float32, False)])
+def test_fused_moe_in_chunks_gives_the_bits_of_one_chunk(monkeypatch, dtype, native_kernels):
+    """Past CHUNK_BYTES of intermediates a batch runs a few consecutive experts at a time (only the
+    benchmark's sizes get there by themselves): the same bits as one chunk. Float32 on the native
+    kernel is one call with its own chunking, so it is not among the cases."""
+    monkeypatch.setattr(native, "ENABLED", native_kernels)
+    x, weights, ids, w13, w2 = (t.to(dtype) if t.is_floating_point() and i != 1 else t
+                                for i, t in enumerate(moe_inputs(300, 6, 3, seed=4)))
+    whole = fused_moe(x, weights, ids, w13, w2)
+    chunks = []
+    real = moe._expert_chunks
+    monkeypatch.setattr(moe, "_expert_chunks", lambda *args: chunks.extend(real(*args)) or iter(chunks))
+    monkeypatch.setattr(moe, "CHUNK_BYTES", 200 * 4 * (2 * I + 2 * H))  # ~200 of the 900 sorted rows
+    chunked = fused_moe(x, weights, ids, w13, w2)
+    assert len(chunks) >= 4 and chunks[-1][1].stop == 900
+    assert torch.equal(chunked, whole)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 7, 300])
