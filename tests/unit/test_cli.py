@@ -1,10 +1,12 @@
 """`moeray generate` as a user runs it: a real subprocess, its stdout, stderr and exit code."""
 
 import json
+import shutil
 import subprocess
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from moeray.models import DEFAULT_MODEL_DIR
@@ -68,3 +70,40 @@ def test_default_model_streams_text():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("def fibonacci(n):")
     assert len(result.stdout.strip()) > len("def fibonacci(n):") + 10
+
+
+def test_default_model_json_text_is_its_token_ids_decoded():
+    """--json's "text" is the generated ids decoded by the checkpoint's tokenizer.json (read here with
+    the `tokenizers` library itself), and "token_ids" holds the generated ids only."""
+    result = moeray("generate", "--prompt", "The", "--max-tokens", "16", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    tokenizer = Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
+    assert 1 <= len(out["token_ids"]) <= 16 and out["text"]
+    assert out["text"] == tokenizer.decode(out["token_ids"])
+
+
+def test_seeded_sampling_repeats_and_the_seed_matters(tiny_mixtral):
+    sample = ["generate", "--model", str(tiny_mixtral), "--prompt-ids", "1,5,9,33", "--max-tokens", "24", "--json",
+              "--temperature", "1.0", "--top-k", "50", "--top-p", "0.95"]
+    runs = [json.loads(moeray(*sample, "--seed", seed).stdout)["token_ids"] for seed in ("7", "7", "8")]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_bfloat16_generates(tiny_mixtral):
+    result = moeray("generate", "--model", str(tiny_mixtral), "--prompt-ids", "1,5,9,33", "--max-tokens", "12", "--json",
+                    "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    ids = json.loads(result.stdout)["token_ids"]
+    assert 1 <= len(ids) <= 12 and all(0 <= i < 97 for i in ids)
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"version": "1.0"}'])
+def test_unreadable_tokenizer_exits_2_naming_the_file(tiny_mixtral, tmp_path, content):
+    folder = shutil.copytree(tiny_mixtral, tmp_path / "ckpt")
+    (folder / "tokenizer.json").write_text(content)
+    result = moeray("generate", "--model", str(folder), "--prompt", "hi")
+    assert result.returncode == 2
+    assert f"{folder / 'tokenizer.json'}: cannot read tokenizer" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
