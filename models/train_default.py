@@ -11,7 +11,8 @@ Takes 15-20 minutes on one CPU thread with the default `--steps` (800). Re-run w
 
     python -m moeray.models.train_default --out models/default
 
-This is the only moeray module that imports transformers.
+This is the only moeray module that imports transformers, which comes with the test extra
+(`pip install -e '.[test]'`); tests/unit/test_train_default.py runs it for two steps.
 """
 
 from __future__ import annotations
