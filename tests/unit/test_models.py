@@ -212,6 +212,25 @@ def test_num_experts_under_either_name(make_checkpoint, name):
         family.parse(raw)
 
 
+def test_a_new_family_is_a_new_module(tmp_path, monkeypatch):
+    """Dropping a module into models/families registers its family, with no other file edited (here
+    the module sits in a second folder of the package's path)."""
+    import moeray.models.families as families
+    from moeray.models import family as registry
+
+    (tmp_path / "toy_moe.py").write_text(
+        "from moeray.models.families.mixtral import Mixtral\n"
+        "from moeray.models.family import register\n"
+        "class Toy(Mixtral):\n    name = 'toy'\n    architectures = ('ToyMoeForCausalLM',)\n"
+        "register(Toy())\n")
+    monkeypatch.setattr(families, "__path__", [*families.__path__, str(tmp_path)])
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    assert "ToyMoeForCausalLM" not in registry.supported()
+    families.import_all()  # what importing the package does
+    assert family_for({"architectures": ["ToyMoeForCausalLM"]}).name == "toy"
+    assert family_for({"architectures": ["MixtralForCausalLM"]}).name == "mixtral"
+
+
 # Only what has no sensible default: the sizes (and Qwen's expert width under its own name).
 MINIMAL = dict(vocab_size=101, hidden_size=128, num_attention_heads=32, num_hidden_layers=2, num_experts_per_tok=2)
 MINIMAL_MOE = {"MixtralForCausalLM": dict(num_local_experts=4, intermediate_size=32),
