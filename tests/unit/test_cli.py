@@ -107,3 +107,33 @@ def test_unreadable_tokenizer_exits_2_naming_the_file(tiny_mixtral, tmp_path, co
     assert result.returncode == 2
     assert f"{folder / 'tokenizer.json'}: cannot read tokenizer" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+class _Terminal:
+    """stdout as the CLI sees it: what was written, and how much of it had been flushed at each flush."""
+
+    def __init__(self):
+        self.pieces, self.flushed = [], []
+
+    def write(self, text):
+        self.pieces.append(text)
+        return len(text)
+
+    def flush(self):
+        self.flushed.append("".join(self.pieces))
+
+
+def test_text_streams_token_by_token(monkeypatch, capsys):
+    """Without --json each step's text is written and flushed as it comes (the prompt first), and all
+    of it is the --json run's text."""
+    from moeray.cluster.cli import main
+
+    assert main(["generate", "--prompt", "The", "--max-tokens", "12", "--json"]) == 0
+    text = json.loads(capsys.readouterr().out)["text"]
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stdout", terminal)
+    assert main(["generate", "--prompt", "The", "--max-tokens", "12"]) == 0
+    assert "".join(terminal.pieces) == "The" + text + "\n"
+    assert terminal.flushed[0] == "The"
+    steps = [later[len(earlier):] for earlier, later in zip(terminal.flushed, terminal.flushed[1:])]
+    assert sum(1 for piece in steps if piece) >= 6 and "".join(steps) == text
