@@ -11,7 +11,7 @@ from moeray.models.config import ConfigError, ModelConfig
 
 
 class Family(ABC):
-    """Base for a model family; subclasses set `name`, `architectures` and implement `parse`."""
+    """Base for a model family; subclasses set `name`, `architectures`, `defaults` and implement `read`."""
 
     name: str = ""
     architectures: tuple[str, ...] = ()
