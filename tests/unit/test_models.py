@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -226,9 +227,13 @@ def test_a_new_family_is_a_new_module(tmp_path, monkeypatch):
     monkeypatch.setattr(families, "__path__", [*families.__path__, str(tmp_path)])
     monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
     assert "ToyMoeForCausalLM" not in registry.supported()
-    families.import_all()  # what importing the package does
-    assert family_for({"architectures": ["ToyMoeForCausalLM"]}).name == "toy"
-    assert family_for({"architectures": ["MixtralForCausalLM"]}).name == "mixtral"
+    try:
+        families.import_all()  # what importing the package does
+        assert family_for({"architectures": ["ToyMoeForCausalLM"]}).name == "toy"
+        assert family_for({"architectures": ["MixtralForCausalLM"]}).name == "mixtral"
+    finally:  # the toy module is gone for the tests after this one
+        sys.modules.pop(f"{families.__name__}.toy_moe", None)
+        families.__dict__.pop("toy_moe", None)
 
 
 # Only what has no sensible default: the sizes (and Qwen's expert width under its own name).
