@@ -1,4 +1,5 @@
-"""`moeray generate` as a user runs it: a real subprocess, its stdout, stderr and exit code."""
+"""`moeray generate` as a user runs it: a real subprocess, its stdout, stderr and exit code (in-process
+only where the test watches how stdout is written and flushed)."""
 
 import json
 import shutil
