@@ -2,7 +2,8 @@
 
 `BlockAllocator` is the bookkeeping (pure Python, unit-tested alone); `KVCache` owns the tensors,
 one `[num_blocks * block_size, n_kv, D]` pair per layer, sized from a byte budget; `PagedContext`
-is the model's `AttentionContext` for one step over it.
+is the model's `AttentionContext` for one step over it. With MLA a layer holds one tensor
+`[slots, 1, r + dr]` and the values are a view of its first r numbers (`ModelConfig.kv_cache_dims`).
 """
 
 import torch
@@ -40,7 +41,9 @@ class BlockAllocator:
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
+    heads, key_dim, value_dim = config.kv_cache_dims
+    per_layer = heads * (key_dim if config.values_in_keys else key_dim + value_dim)
+    return config.num_layers * per_layer * torch.finfo(dtype).bits // 8
 
 
 class KVCache:
@@ -52,9 +55,12 @@ class KVCache:
             raise ValueError(f"kv_cache_bytes={budget_bytes} is too small for one block of {block_size} tokens "
                              f"({kv_bytes_per_token(config, dtype) * block_size} bytes)")
         slots = num_blocks * block_size
-        shape = (slots, config.num_kv_heads, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]  # L x [slots, nkv, D]
-        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_layers)]
+        heads, key_dim, value_dim = config.kv_cache_dims
+        self.keys = [torch.zeros(slots, heads, key_dim, dtype=dtype) for _ in range(config.num_layers)]  # L x [slots, nkv, Dk]
+        if config.values_in_keys:
+            self.values = [k[..., :value_dim] for k in self.keys]  # views: written with the keys
+        else:
+            self.values = [torch.zeros(slots, heads, value_dim, dtype=dtype) for _ in range(config.num_layers)]
         self.allocator = BlockAllocator(num_blocks, block_size)
 
     def context(self, meta: PagedAttentionMetadata) -> "PagedContext":

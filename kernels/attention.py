@@ -114,16 +114,19 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
                     meta: PagedAttentionMetadata, scale: float, window: int | None) -> Tensor:
     """Write the step's K/V into the cache, then attend each sequence over its whole context.
 
-    q [N, nh, D]; k, v [N, nkv, D]; k_cache, v_cache [num_slots, nkv, D] -> [N, nh, D].
+    q [N, nh, Dk]; k [N, nkv, Dk], v [N, nkv, Dv]; k_cache [num_slots, nkv, Dk], v_cache
+    [num_slots, nkv, Dv] -> [N, nh, Dv]. A v_cache that is a view of k_cache's first Dv numbers
+    (MLA, whose value is the first numbers of its key) is written with the keys.
     """
     if meta.decode_rows is None and _native_decode(q, k_cache, v_cache):  # every row a decode query, in order:
         return native.decode_attention(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale, window,
                                        new=(k, v, meta.slot_mapping))  # writes the K/V too, one call a layer
     k_cache.index_copy_(0, meta.slot_mapping, k)  # index_copy_ / index_select: a third of the cost of
-    v_cache.index_copy_(0, meta.slot_mapping, v)  # `cache[slots] = k` / `cache[slots]` at these sizes
+    if not _shares_keys(v_cache, k_cache):  # `cache[slots] = k` / `cache[slots]` at these sizes
+        v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.decode_rows is None:  # a pure decode step: every row is a decode query, in order
         return _attend_decode(q, k_cache, v_cache, meta, scale, window)
-    out = q.new_empty(q.shape)
+    out = q.new_empty(*q.shape[:2], v.shape[-1])  # [N, nh, Dv]
     if meta.decode_seqs:
         out[meta.decode_rows] = _attend_decode(q[meta.decode_rows], k_cache, v_cache, meta, scale, window)
     for i in meta.prefill_seqs:
@@ -146,16 +149,19 @@ def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: PagedAtten
     slots = meta.decode_slots  # [Bd, Lmax]
     if _native_decode(q, k_cache, v_cache):
         return native.decode_attention(q, k_cache, v_cache, slots, meta.decode_lens, scale, window)
-    shape = (*slots.shape, *k_cache.shape[1:])  # [Bd, Lmax, nkv, D]
-    keys = k_cache.index_select(0, slots.view(-1)).view(shape).transpose(1, 2)  # [Bd, nkv, Lmax, D]
-    values = v_cache.index_select(0, slots.view(-1)).view(shape).transpose(1, 2)
+    keys = k_cache.index_select(0, slots.view(-1)).view(*slots.shape, *k_cache.shape[1:]).transpose(1, 2)  # [Bd, nkv, Lmax, Dk]
+    values = v_cache.index_select(0, slots.view(-1)).view(*slots.shape, *v_cache.shape[1:]).transpose(1, 2)  # [.., Dv]
     att = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask(window),
                                          scale=scale, enable_gqa=True)  # [Bd, nh, 1, D]
     return att.squeeze(2)
 
 
 def _native_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
-    return q.dtype == k_cache.dtype and native.supports(k_cache, v_cache)
+    return q.dtype == k_cache.dtype and k_cache.shape == v_cache.shape and native.supports(k_cache, v_cache)
+
+
+def _shares_keys(v_cache: Tensor, k_cache: Tensor) -> bool:
+    return v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
 
 
 def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float, window: int | None) -> Tensor:

@@ -2,7 +2,9 @@
 
 A `Family` turns config.json into a `ModelConfig` and says where each weight lives in the
 checkpoint. Families that share Llama-style names override only what differs, so adding one
-(DeepSeek with MLA, GPT-OSS, Llama-4) is a new module that registers itself, touching no other.
+is a new module that registers itself, touching no other (DeepSeek-V3 with MLA is one).
+Attention modules name their own weights (`weight_names(prefix)`), so a family with another
+attention needs no loader change either.
 """
 
 from abc import ABC, abstractmethod
@@ -39,6 +41,10 @@ class Family(ABC):
 
     def dense_mlp_prefix(self, layer: int) -> str:
         return f"{self.layer_prefix(layer)}.mlp"
+
+    def shared_expert_prefix(self, moe_prefix: str) -> str:
+        """The shared expert(s) under an MoE block (Qwen2-MoE's name; DeepSeek says shared_experts)."""
+        return f"{moe_prefix}.shared_expert"
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -14,7 +14,8 @@ import torch
 from moeray.models.checkpoint import CheckpointError, CheckpointReader, load_experts, read_config
 from moeray.models.config import ModelConfig
 from moeray.models.family import Family, family_for
-from moeray.models.model import Attention, DenseMLP, MakeExperts, MoEBlock, MoEModel
+from moeray.models.layers import WeightNames, whole
+from moeray.models.model import MakeExperts, MoEBlock, MoEModel
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
 
@@ -74,10 +75,6 @@ def moe_prefix(family: Family, reader: CheckpointReader, layer: int) -> str:
                           + ", ".join(f"'{p}.gate.weight'" for p in candidates))
 
 
-# Checkpoint tensors that make one parameter, concatenated along dim 0, each with its length there.
-Parts = list[tuple[str, int]]
-
-
 def load_dense_weights(model: MoEModel, family: Family, reader: CheckpointReader) -> None:
     """Everything but the routed experts: parameter <- one checkpoint tensor or a concatenation."""
     for param, parts in dense_weight_names(model, family, reader).items():
@@ -86,46 +83,25 @@ def load_dense_weights(model: MoEModel, family: Family, reader: CheckpointReader
         param.data = (tensors[0] if len(tensors) == 1 else torch.cat(tensors)).contiguous()
 
 
-def dense_weight_names(model: MoEModel, family: Family, reader: CheckpointReader) -> dict[torch.nn.Parameter, Parts]:
-    names = {model.embed: _whole(model.embed, "model.embed_tokens.weight"), model.norm: _whole(model.norm, "model.norm.weight")}
+def dense_weight_names(model: MoEModel, family: Family, reader: CheckpointReader) -> WeightNames:
+    """Each module names its own tensors under the prefix the family gives it."""
+    names = {model.embed: whole(model.embed, "model.embed_tokens.weight"), model.norm: whole(model.norm, "model.norm.weight")}
     if model.lm_head is not None:
-        names[model.lm_head] = _whole(model.lm_head, "lm_head.weight")
+        names[model.lm_head] = whole(model.lm_head, "lm_head.weight")
     for i, layer in enumerate(model.layers):
         prefix = family.layer_prefix(i)
-        names[layer.input_norm] = _whole(layer.input_norm, f"{prefix}.input_layernorm.weight")
-        names[layer.post_attention_norm] = _whole(layer.post_attention_norm, f"{prefix}.post_attention_layernorm.weight")
-        names.update(_attention_names(layer.attn, f"{prefix}.self_attn"))
+        names[layer.input_norm] = whole(layer.input_norm, f"{prefix}.input_layernorm.weight")
+        names[layer.post_attention_norm] = whole(layer.post_attention_norm, f"{prefix}.post_attention_layernorm.weight")
+        names.update(layer.attn.weight_names(f"{prefix}.self_attn"))
         if isinstance(layer.mlp, MoEBlock):
             moe = moe_prefix(family, reader, i)
-            names[layer.mlp.gate] = _whole(layer.mlp.gate, f"{moe}.gate.weight")
+            names[layer.mlp.gate] = whole(layer.mlp.gate, f"{moe}.gate.weight")
+            if layer.mlp.score_bias is not None:
+                names[layer.mlp.score_bias] = whole(layer.mlp.score_bias, f"{moe}.gate.e_score_correction_bias")
             if layer.mlp.shared is not None:
-                names.update(_mlp_names(layer.mlp.shared, f"{moe}.shared_expert"))
+                names.update(layer.mlp.shared.weight_names(family.shared_expert_prefix(moe)))
             if layer.mlp.shared_gate is not None:
-                names[layer.mlp.shared_gate] = _whole(layer.mlp.shared_gate, f"{moe}.shared_expert_gate.weight")
+                names[layer.mlp.shared_gate] = whole(layer.mlp.shared_gate, f"{moe}.shared_expert_gate.weight")
         else:
-            names.update(_mlp_names(layer.mlp, family.dense_mlp_prefix(i)))
+            names.update(layer.mlp.weight_names(family.dense_mlp_prefix(i)))
     return names
-
-
-def _whole(param: torch.nn.Parameter, name: str) -> Parts:
-    return [(name, param.shape[0])]
-
-
-def _attention_names(attn: Attention, prefix: str) -> dict:
-    """q_proj, k_proj, v_proj -> the fused qkv_proj (and their biases -> qkv_bias)."""
-    names = {attn.qkv_proj: [(f"{prefix}.{p}_proj.weight", rows) for p, rows in zip("qkv", attn.sizes)],
-             attn.o_proj: _whole(attn.o_proj, f"{prefix}.o_proj.weight")}
-    if attn.qkv_bias is not None:
-        names[attn.qkv_bias] = [(f"{prefix}.{p}_proj.bias", rows) for p, rows in zip("qkv", attn.sizes)]
-    if attn.o_bias is not None:
-        names[attn.o_bias] = _whole(attn.o_bias, f"{prefix}.o_proj.bias")
-    if attn.q_norm is not None:
-        names[attn.q_norm] = _whole(attn.q_norm, f"{prefix}.q_norm.weight")
-        names[attn.k_norm] = _whole(attn.k_norm, f"{prefix}.k_norm.weight")
-    return names
-
-
-def _mlp_names(mlp: DenseMLP, prefix: str) -> dict:
-    inter = mlp.down.shape[1]
-    return {mlp.gate_up: [(f"{prefix}.gate_proj.weight", inter), (f"{prefix}.up_proj.weight", inter)],
-            mlp.down: _whole(mlp.down, f"{prefix}.down_proj.weight")}

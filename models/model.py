@@ -1,99 +1,39 @@
 """The decoder of every supported family, built from `ModelConfig` and the kernels.
 
 Tokens are flat: a step's hidden states are `[N, H]` (the new tokens of all sequences one after
-the other). Two seams keep this one module usable everywhere:
-- `AttentionContext` decides where keys and values come from: `CausalContext` (no cache, the
+the other). Attention is `models.attention.Attention` (q/k/v heads) or `models.mla.MLAttention`
+(DeepSeek's latent attention), chosen by the config. Two seams keep this one module usable everywhere:
+- `AttentionContext` (`models.layers`) decides where keys and values come from: `CausalContext` (no cache, the
   `forward(input_ids)` API) or the engine's paged KV cache (`actors.kv_cache.PagedContext`).
 - `MoEBlock.experts` computes the routed experts: `LocalExperts` holds all of them in-process;
   the distributed router swaps in one that dispatches tokens to expert groups.
 Parameters are created empty (`torch.empty`) and filled by `models.loader`.
 """
 
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moeray.kernels import native
-from moeray.kernels.attention import causal_attention
 from moeray.kernels.linear import linear
 from moeray.kernels.moe import fused_moe
 from moeray.kernels.norm import add_rms_norm, rms_norm
-from moeray.kernels.rope import RotaryCache, RotaryTables, rope_cos_sin, rope_inv_freq, rotary_tables, rotate
+from moeray.kernels.rope import RotaryCache, RotaryTables, rope_cos_sin, rope_inv_freq, rotary_tables
 from moeray.kernels.routing import route
+from moeray.models.attention import Attention
 from moeray.models.config import ModelConfig
-
-
-class AttentionContext(Protocol):
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
-        """q [N, nh, D], k, v [N, nkv, D] of this step's tokens -> [N, nh, D]."""
-
-
-class CausalContext:
-    """No cache: B sequences of equal length T laid out flat as [B*T]."""
-
-    def __init__(self, batch: int, seq_len: int):
-        self.batch, self.seq_len = batch, seq_len
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
-        shape = (self.batch, self.seq_len)
-        out = causal_attention(q.view(*shape, *q.shape[1:]), k.view(*shape, *k.shape[1:]),
-                               v.view(*shape, *v.shape[1:]), scale, window)  # [B, T, nh, D]
-        return out.reshape(q.shape)
+from moeray.models.layers import AttentionContext, CausalContext, WeightNames, param, whole
+from moeray.models.mla import MLAttention
 
 
 MakeExperts = Callable[[int], nn.Module]
 
 
-def _param(*shape: int) -> nn.Parameter:
-    """Uninitialised, in torch's default dtype: build the model under `default_dtype(...)`."""
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
-
-
-class Attention(nn.Module):
-    """q, k and v come out of one fused projection `qkv_proj [(nh + 2 nkv) * D, H]` (q rows, then
-    k, then v; the loader concatenates the checkpoint's three): one matmul instead of three, the
-    same bits per output (each is the same dot product), and q and k are rotated in one call."""
-
-    def __init__(self, config: ModelConfig, layer: int):
-        super().__init__()
-        c = config
-        self.layer, self.config = layer, c
-        self.window = c.sliding_windows[layer]
-        self.scale = c.head_dim**-0.5
-        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.sizes = (q_dim, kv_dim, kv_dim)  # rows of q, k, v in qkv_proj
-        self.qkv_proj = _param(q_dim + 2 * kv_dim, c.hidden_size)
-        self.o_proj = _param(c.hidden_size, q_dim)
-        self.qkv_bias = _param(q_dim + 2 * kv_dim) if c.qkv_bias else None
-        self.o_bias = _param(c.hidden_size) if c.o_bias else None
-        norm_dims = {"none": (0, 0), "head": (c.head_dim, c.head_dim), "full": (q_dim, kv_dim)}[c.qk_norm]
-        self.q_norm = _param(norm_dims[0]) if norm_dims[0] else None
-        self.k_norm = _param(norm_dims[1]) if norm_dims[1] else None
-
-    def forward(self, x: Tensor, rope: RotaryTables, ctx: AttentionContext) -> Tensor:
-        c = self.config
-        n, heads, kv_heads, dim = x.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
-        qkv = linear(x, self.qkv_proj, self.qkv_bias)  # [N, (nh + 2nkv) * D]
-        if c.qk_norm == "none":  # q and k heads side by side already: views, no copy
-            if c.clip_qkv is not None:
-                qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
-            qk, v = qkv[:, :(heads + kv_heads) * dim], qkv[:, (heads + kv_heads) * dim:]
-            qk, v = qk.view(n, heads + kv_heads, dim), v.view(n, kv_heads, dim)  # [N, nh + nkv, D], [N, nkv, D]
-        else:  # transformers' order: "full" norm, clip, split into heads, "head" norm
-            q, k, v = qkv.split(self.sizes, dim=-1)  # [N, nh*D], [N, nkv*D] x 2
-            if c.qk_norm == "full":
-                q, k = rms_norm(q, self.q_norm, c.rms_norm_eps), rms_norm(k, self.k_norm, c.rms_norm_eps)
-            if c.clip_qkv is not None:
-                q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-            q, k, v = q.reshape(n, heads, dim), k.reshape(n, kv_heads, dim), v.reshape(n, kv_heads, dim)
-            if c.qk_norm == "head":
-                q, k = rms_norm(q, self.q_norm, c.rms_norm_eps), rms_norm(k, self.k_norm, c.rms_norm_eps)
-            qk = torch.cat((q, k), dim=1)  # [N, nh + nkv, D]
-        qk = rotate(qk, rope)  # [N, nh + nkv, D]
-        out = ctx.attend(self.layer, qk[:, :heads], qk[:, heads:], v, self.scale, self.window)  # [N, nh, D]
-        return linear(out.reshape(n, -1), self.o_proj, self.o_bias)
+def make_attention(config: ModelConfig, layer: int) -> nn.Module:
+    """The family's attention: Llama-style heads, or DeepSeek's latent attention."""
+    return MLAttention(config, layer) if config.mla is not None else Attention(config, layer)
 
 
 class DenseMLP(nn.Module):
@@ -101,11 +41,16 @@ class DenseMLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_up, self.down = _param(2 * inter, hidden), _param(hidden, inter)
+        self.gate_up, self.down = param(2 * inter, hidden), param(hidden, inter)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = linear(x, self.gate_up).chunk(2, dim=-1)  # [N, I] each
         return linear(F.silu(gate) * up, self.down)
+
+    def weight_names(self, prefix: str) -> WeightNames:
+        inter = self.down.shape[1]
+        return {self.gate_up: [(f"{prefix}.gate_proj.weight", inter), (f"{prefix}.up_proj.weight", inter)],
+                self.down: whole(self.down, f"{prefix}.down_proj.weight")}
 
 
 class LocalExperts(nn.Module):
@@ -113,7 +58,7 @@ class LocalExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, inter: int):
         super().__init__()
-        self.w13, self.w2 = _param(num_experts, 2 * inter, hidden), _param(num_experts, hidden, inter)
+        self.w13, self.w2 = param(num_experts, 2 * inter, hidden), param(num_experts, hidden, inter)
 
     def dispatch(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
         """Local experts compute at once; `combine` just hands the result back."""
@@ -124,22 +69,30 @@ class LocalExperts(nn.Module):
 
 
 class MoEBlock(nn.Module):
-    """Gate -> route -> experts (local or dispatched) [+ shared expert, gated for Qwen2-MoE]."""
+    """Gate -> route -> experts (local or dispatched) [+ shared expert, gated for Qwen2-MoE].
+
+    DeepSeek-V3's gate has a correction bias [E] that steers which experts are chosen (kept in
+    float32, as transformers keeps it), and DeepSeek takes the gate matmul in float32."""
 
     def __init__(self, config: ModelConfig, layer: int, experts: nn.Module | None = None):
         super().__init__()
         c = config
         self.layer, self.routing = layer, c.routing
         self.weights_in_model_dtype = c.routing_weights_in_model_dtype
-        self.gate = _param(c.num_experts, c.hidden_size)  # [E, H]
+        self.gate = param(c.num_experts, c.hidden_size)  # [E, H]
+        self.score_bias = param(c.num_experts, dtype=torch.float32) if c.routing_bias else None  # [E]
+        self.router_in_float32 = c.router_in_float32
         # Anything with dispatch(x, topk_weights, topk_ids) -> pending and combine(pending) -> [N, H].
         self.experts = experts if experts is not None else LocalExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size)
         self.shared = DenseMLP(c.hidden_size, c.shared_expert_intermediate_size) if c.shared_expert_intermediate_size else None
-        self.shared_gate = _param(1, c.hidden_size) if c.shared_expert_gate and self.shared else None
+        self.shared_gate = param(1, c.hidden_size) if c.shared_expert_gate and self.shared else None
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = linear(x, self.gate)  # [N, E]
-        topk_weights, topk_ids = route(logits, self.routing)  # [N, K] float32, [N, K] int64
+        if self.router_in_float32 and x.dtype != torch.float32:
+            logits = F.linear(x.float(), self.gate.float())  # [N, E]
+        else:
+            logits = linear(x, self.gate)  # [N, E]
+        topk_weights, topk_ids = route(logits, self.routing, self.score_bias)  # [N, K] float32, [N, K] int64
         if self.weights_in_model_dtype:
             topk_weights = topk_weights.to(x.dtype)  # as transformers' Qwen-MoE / OLMoE routers do
         pending = self.experts.dispatch(x, topk_weights, topk_ids)
@@ -156,8 +109,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, make_experts: "MakeExperts | None" = None):
         super().__init__()
         self.eps = config.rms_norm_eps
-        self.input_norm, self.post_attention_norm = _param(config.hidden_size), _param(config.hidden_size)
-        self.attn = Attention(config, layer)
+        self.input_norm, self.post_attention_norm = param(config.hidden_size), param(config.hidden_size)
+        self.attn = make_attention(config, layer)
         if config.moe_layers[layer]:
             self.mlp = MoEBlock(config, layer, make_experts(layer) if make_experts else None)
         else:
@@ -176,10 +129,10 @@ class MoEModel(nn.Module):
         """make_experts(layer) builds the experts of an MoE layer (default: LocalExperts)."""
         super().__init__()
         self.config = config
-        self.embed = _param(config.vocab_size, config.hidden_size)
+        self.embed = param(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, make_experts) for i in range(config.num_layers))
-        self.norm = _param(config.hidden_size)
-        self.lm_head = None if config.tie_word_embeddings else _param(config.vocab_size, config.hidden_size)
+        self.norm = param(config.hidden_size)
+        self.lm_head = None if config.tie_word_embeddings else param(config.vocab_size, config.hidden_size)
         inv_freq, self.rope_scaling = rope_inv_freq(config.rope)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._rope_cache: RotaryCache | None = None  # built on first use, in the model's dtype
@@ -190,10 +143,15 @@ class MoEModel(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # `.to(bfloat16)` must not round the rope frequencies (transformers keeps them float32;
-        # bf16 inv_freq moves every angle and the logits by whole units): follow devices only.
+        # bf16 inv_freq moves every angle and the logits by whole units) nor DeepSeek's routing
+        # bias (which would move expert choices): they follow devices only.
         inv_freq = self.inv_freq
+        biases = [(block, block.score_bias.data) for block in self.modules()
+                  if isinstance(block, MoEBlock) and block.score_bias is not None]
         super()._apply(fn, recurse)
         self.inv_freq = inv_freq.to(self.inv_freq.device)
+        for block, bias in biases:
+            block.score_bias.data = bias.to(block.score_bias.device)
         self._rope_cache = None  # rebuilt from the moved frequencies
         return self
 

@@ -50,12 +50,29 @@ CONFIGS = {
     "olmoe_clip": ("OlmoeForCausalLM", "OlmoeConfig", dict(
         num_hidden_layers=2, intermediate_size=40, num_experts=6, num_experts_per_tok=3,
         clip_qkv=0.75, attention_bias=True, norm_topk_prob=False)),
+    # MLA with a q LoRA and interleaved rope; 3 groups of 2 experts, 2 kept; a dense first layer;
+    # two shared experts; a multi-token-prediction layer in the checkpoint that generation skips.
+    "deepseek_v3_lora": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
+        num_hidden_layers=3, num_key_value_heads=4, intermediate_size=56, moe_intermediate_size=24,
+        n_routed_experts=6, num_experts_per_tok=3, n_group=3, topk_group=2, n_shared_experts=2,
+        first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=20, qk_rope_head_dim=8, qk_nope_head_dim=12,
+        v_head_dim=10, routed_scaling_factor=2.5, norm_topk_prob=True, num_nextn_predict_layers=1)),
+    # MLA without a q LoRA, halves rope scaled by yarn (mscale_all_dim scales the softmax), biases,
+    # unnormalised top-k weights, every layer MoE.
+    "deepseek_v3_yarn": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
+        num_hidden_layers=2, num_key_value_heads=4, intermediate_size=56, moe_intermediate_size=24,
+        n_routed_experts=6, num_experts_per_tok=3, n_group=3, topk_group=2, n_shared_experts=1,
+        first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=6, qk_nope_head_dim=10,
+        v_head_dim=14, routed_scaling_factor=1.5, norm_topk_prob=False, rope_interleave=False,
+        attention_bias=True, num_nextn_predict_layers=0,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64,
+                             mscale=1.0, mscale_all_dim=1.0, beta_fast=32, beta_slow=1))),
 }
 
 
 def hf_config(name: str):
     _, config_cls, kwargs = CONFIGS[name]
-    return getattr(transformers, config_cls)(**_COMMON, **kwargs)
+    return getattr(transformers, config_cls)(**{**_COMMON, **kwargs})
 
 
 def build_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
@@ -69,9 +86,11 @@ def build_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
 
 @torch.no_grad()
 def scale_up(model: torch.nn.Module, seed: int) -> None:
-    """Re-draw every parameter: matrices N(0, 0.5), vectors (norm weights, biases) around 1 / 0."""
+    """Re-draw every parameter: matrices N(0, 0.5), vectors (norm weights, biases) around 1 / 0;
+    and DeepSeek's routing correction bias (a buffer), N(0, 0.5) too, so that it moves choices."""
     gen = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
+    for name, param in [*model.named_parameters(), *((n, b) for n, b in model.named_buffers()
+                                                      if n.endswith("e_score_correction_bias"))]:
         if param.dim() >= 2:
             param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
         elif name.endswith("bias"):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from checkpoints import CONFIGS
 
 from moeray.actors.engine import Engine
 from moeray.actors.placement import PlacementPlan
@@ -17,8 +18,7 @@ from moeray.actors.sequence import SamplingParams
 from moeray.cluster.deploy import ClusterConfig, DeploymentError, deploy
 from moeray.models import DEFAULT_MODEL_DIR, load_config, load_model
 
-FAMILIES = ["mixtral_swa", "mixtral_tied", "qwen2_moe_norm", "qwen2_moe_swa", "qwen3_moe_dense",
-            "qwen3_moe_swa_tied", "olmoe_clip"]
+FAMILIES = list(CONFIGS)  # every tiny checkpoint: every family, every feature
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 
 

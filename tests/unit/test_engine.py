@@ -1,6 +1,7 @@
 """The engine: continuous batching, chunked prefill and preemption never change greedy tokens;
 requests end for the right reason; seeded sampling repeats; bad requests are refused cleanly."""
 
+import copy
 import dataclasses
 import math
 import re
@@ -25,10 +26,12 @@ PROMPTS = [  # lengths 3, 17, 9, 30, 1
 ]
 
 
-@pytest.fixture(scope="module")
-def model(make_checkpoint):
-    """Qwen2-MoE with a sliding window (6) on layer 0, a dense layer and shared experts."""
-    return load_model(make_checkpoint("qwen2_moe_swa"))
+@pytest.fixture(scope="module", params=["qwen2_moe_swa", "deepseek_v3_lora"])
+def model(make_checkpoint, request):
+    """Qwen2-MoE with a sliding window (6) on layer 0, a dense layer and shared experts; and
+    DeepSeek-V3, whose KV cache holds MLA's latents (keys and values of different widths, values a
+    view of the keys)."""
+    return load_model(make_checkpoint(request.param))
 
 
 def engine(model, tokenizer=None, **config):
@@ -139,9 +142,9 @@ def test_max_tokens(model, alone):
     assert [c.finish_reason for c in done] == ["length", "length"]
 
 
-def test_eos_ends_a_request(make_checkpoint, alone):
+def test_eos_ends_a_request(model, alone):
     """With the model's EOS set to a token greedy decoding reaches, the request stops right after it."""
-    model = load_model(make_checkpoint("qwen2_moe_swa"))
+    model = copy.deepcopy(model)  # its config is edited below
     assert model.config.eos_token_ids == (EOS,)
     eos = alone[1][6]
     model.config = dataclasses.replace(model.config, eos_token_ids=(EOS, eos))

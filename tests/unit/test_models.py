@@ -12,6 +12,7 @@ from checkpoints import CONFIGS, VOCAB
 from safetensors.torch import load_file, save_file
 
 from moeray.actors.engine import Engine, EngineConfig
+from moeray.actors.kv_cache import KVCache, kv_bytes_per_token
 from moeray.actors.sequence import SamplingParams
 from moeray.models import load_model
 from moeray.models.checkpoint import CheckpointError
@@ -99,9 +100,12 @@ def test_bfloat16_checkpoint_in_bfloat16(make_checkpoint, name):
     model = load_model(folder, torch.bfloat16)
     assert model.dtype == torch.bfloat16 and model.inv_freq.dtype == torch.float32
     got = model(ids)
-    within_ulp = ((got - expected).abs() <= bf16_ulp(expected)).float().mean()
-    assert within_ulp >= 0.8, within_ulp
-    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+    if model.config.mla is None:
+        within_ulp = ((got - expected).abs() <= bf16_ulp(expected)).float().mean()
+        assert within_ulp >= 0.8, within_ulp
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+    else:
+        assert_as_close_to_float32_as_transformers(folder, ids, got, expected)
 
     prompt = PROMPTS[1]
     [tokens] = engine_greedy(model, [prompt], 16)
@@ -111,6 +115,20 @@ def test_bfloat16_checkpoint_in_bfloat16(make_checkpoint, name):
     chosen = forced[torch.arange(16), torch.tensor(tokens)]
     assert (chosen >= best - 0.5).all(), best - chosen
     assert (chosen == best).sum() >= 14
+
+
+def assert_as_close_to_float32_as_transformers(folder, ids, got, expected):
+    """MLA runs absorbed (models/mla.py): the same products summed in another order, rounded to bf16
+    at other points than transformers' expanded keys and values, so agreement to one bf16 ulp is not
+    the measure. Against the same bf16 weights run in float32, our error is within 1.25x of
+    transformers' bf16 error and our argmax as often right (measured: 0.153 vs 0.141 mean abs error
+    with q LoRA, 0.092 vs 0.103 without; Mixtral and Qwen have transformers' error to the bit)."""
+    with torch.no_grad():
+        truth = hf_model(folder, torch.float32)(ids).logits
+    ours_err, hf_err = (got - truth).abs().mean(), (expected - truth).abs().mean()
+    assert ours_err <= 1.25 * hf_err, (ours_err, hf_err)
+    ours_right, hf_right = ((x.argmax(-1) == truth.argmax(-1)).float().mean() for x in (got, expected))
+    assert ours_right >= hf_right - 0.05, (ours_right, hf_right)
 
 
 def test_to_bfloat16_keeps_rope_frequencies_float32(make_checkpoint):
@@ -138,8 +156,70 @@ def test_configs_exercise_their_features(make_checkpoint):
     assert c["qwen2_moe_norm"].routing.renormalize and not c["qwen2_moe_swa"].routing.renormalize
     assert c["qwen2_moe_norm"].shared_expert_intermediate_size == 36 and c["qwen2_moe_norm"].qkv_bias
     assert c["olmoe_clip"].clip_qkv == 0.75 and c["olmoe_clip"].qkv_bias and c["olmoe_clip"].qk_norm == "full"
+    lora, yarn = c["deepseek_v3_lora"], c["deepseek_v3_yarn"]
+    assert lora.mla.q_lora_rank == 32 and yarn.mla.q_lora_rank is None
+    assert lora.mla.rope_interleave and not yarn.mla.rope_interleave and yarn.mla.attention_bias
+    assert lora.moe_layers == (False, True, True) and yarn.moe_layers == (True, True)  # first_k_dense_replace
+    assert lora.shared_expert_intermediate_size == 48 and yarn.shared_expert_intermediate_size == 24
+    assert (lora.routing.num_groups, lora.routing.topk_group, lora.routing.scaling_factor) == (3, 2, 2.5)
+    assert lora.routing.renormalize and not yarn.routing.renormalize
+    assert lora.attention_scale == 20**-0.5 and yarn.attention_scale > 16**-0.5  # yarn's mscale_all_dim
     for name in NAMES:
         assert c[name].num_experts == 6 and c[name].top_k == 3 and c[name].vocab_size == VOCAB
+
+
+@pytest.mark.parametrize("feature", ["correction bias", "rope interleave", "attention scale"])
+def test_deepseek_features_matter_at_test_scale(make_checkpoint, feature):
+    """Without each of these the logits move: the parity tests above see them."""
+    name = "deepseek_v3_yarn" if feature == "attention scale" else "deepseek_v3_lora"
+    model = load_model(make_checkpoint(name))
+    ids = random_ids()
+    before = model(ids)
+    for layer in model.layers:
+        if feature == "correction bias" and isinstance(layer.mlp, MoEBlock):
+            layer.mlp.score_bias.zero_()
+        elif feature == "rope interleave":
+            layer.attn.rope_order = None
+        elif feature == "attention scale":
+            layer.attn.scale = 16**-0.5
+    assert (model(ids) - before).abs().max() > 1e-2
+
+
+def test_deepseek_correction_bias_stays_float32(make_checkpoint):
+    """transformers keeps e_score_correction_bias in float32 in a bf16 model; so do we, loaded in bf16
+    or converted, because a bias rounded to bf16 moves expert choices."""
+    folder = make_checkpoint("deepseek_v3_lora")
+    expected = load_file(folder / "model.safetensors")["model.layers.1.mlp.gate.e_score_correction_bias"]
+    for model in (load_model(folder, torch.bfloat16), load_model(folder).to(torch.bfloat16)):
+        assert model.dtype == torch.bfloat16
+        bias = model.layers[1].mlp.score_bias
+        assert bias.dtype == torch.float32 and torch.equal(bias, expected)
+
+
+def test_deepseek_multi_token_prediction_layers_are_not_read(make_checkpoint, tmp_path):
+    """Hub DeepSeek-V3 checkpoints carry the MTP module as layer `num_hidden_layers`; generation
+    does not use it and loading ignores it."""
+    folder = make_checkpoint("deepseek_v3_lora")
+
+    def add_mtp_layer(tensors):
+        for name in [n for n in tensors if n.startswith("model.layers.2.")]:
+            tensors[name.replace("model.layers.2.", "model.layers.3.")] = tensors[name] + 1
+        tensors["model.layers.3.eh_proj.weight"] = torch.ones(48, 96)
+
+    copy = broken_copy(folder, tmp_path / "mtp", add_mtp_layer)
+    ids = random_ids()
+    assert torch.equal(load_model(copy)(ids), load_model(folder)(ids))
+
+
+def test_mla_caches_one_latent_per_token(make_checkpoint):
+    """The KV cache of an MLA model holds r + dr numbers a token and layer (here 20 + 8), values being
+    views of the keys, not nh * (dn + dr + dv) = 4 * 30."""
+    config = load_model(make_checkpoint("deepseek_v3_lora")).config
+    assert config.kv_cache_dims == (1, 28, 20)
+    assert kv_bytes_per_token(config, torch.float32) == 3 * 28 * 4
+    cache = KVCache(config, torch.float32, budget_bytes=1 << 16, block_size=4)
+    assert cache.keys[0].shape[1:] == (1, 28) and cache.values[0].shape[1:] == (1, 20)
+    assert cache.values[0].data_ptr() == cache.keys[0].data_ptr()
 
 
 @pytest.mark.parametrize("name", ["mixtral_swa", "qwen2_moe_swa", "qwen3_moe_swa_tied"])
@@ -239,6 +319,8 @@ def test_a_new_family_is_a_new_module(tmp_path, monkeypatch):
 # Only what has no sensible default: the sizes (and Qwen's expert width under its own name).
 MINIMAL = dict(vocab_size=101, hidden_size=128, num_attention_heads=32, num_hidden_layers=2, num_experts_per_tok=2)
 MINIMAL_MOE = {"MixtralForCausalLM": dict(num_local_experts=4, intermediate_size=32),
+               "DeepseekV3ForCausalLM": dict(n_routed_experts=8, moe_intermediate_size=32, intermediate_size=64,
+                                             first_k_dense_replace=1),
                "OlmoeForCausalLM": dict(num_experts=4, intermediate_size=32),
                "Qwen2MoeForCausalLM": dict(num_experts=4, moe_intermediate_size=32),
                "Qwen3MoeForCausalLM": dict(num_experts=4, moe_intermediate_size=32)}
@@ -255,8 +337,9 @@ def test_absent_fields_read_as_transformers_reads_them(arch):
     hf = transformers.AutoConfig.for_model(family.name, **MINIMAL, **MINIMAL_MOE[arch])  # names are model_types
     ours = family.parse(raw)
     assert ours == family.parse({**hf.to_dict(), "architectures": [arch]})
-    assert (ours.rms_norm_eps, ours.rope.theta, ours.num_kv_heads) == (hf.rms_norm_eps, hf.rope_parameters["rope_theta"],
-                                                                        hf.num_key_value_heads)
+    assert (ours.rms_norm_eps, ours.rope.theta) == (hf.rms_norm_eps, hf.rope_parameters["rope_theta"])
+    if ours.mla is None:  # MLA has no kv heads of its own
+        assert ours.num_kv_heads == hf.num_key_value_heads
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
