@@ -39,6 +39,7 @@ class ModelConfig:
     rms_norm_eps: float
     rope: RopeConfig  # over head_dim dims (MLA: the qk_rope_head_dim part)
     max_position_embeddings: int
+    rope_in_float32: bool = False  # DeepSeek-V2 rotates bf16 q and k as float32 complex numbers
     # attention details
     mla: MLAConfig | None = None  # None: Llama-style q/k/v heads
     attention_scale: float | None = None  # softmax scale; None = head_dim ** -0.5

@@ -2,7 +2,7 @@
 
 A `Family` turns config.json into a `ModelConfig` and says where each weight lives in the
 checkpoint. Families that share Llama-style names override only what differs, so adding one
-is a new module that registers itself, touching no other (DeepSeek-V3 with MLA is one).
+is a new module that registers itself, touching no other (DeepSeek-V2 and V3, with MLA, are two).
 Attention modules name their own weights (`weight_names(prefix)`), so a family with another
 attention needs no loader change either.
 """

@@ -70,7 +70,7 @@ class MLAttention(nn.Module):
         pe = torch.cat((q_pe, k_pe[:, None]), dim=1)  # [N, nh + 1, dr]
         if self.rope_order is not None:
             pe = pe[..., self.rope_order]
-        pe = rotate(pe, rope)
+        pe = rotate(pe.to(rope.cos.dtype), rope).to(x.dtype)  # float32 tables: rotated in float32 (DeepSeek-V2)
         w_uk, w_uv = self.kv_b_proj.view(heads, dn + m.v_head_dim, r).split((dn, m.v_head_dim), dim=1)  # [nh, dn | dv, r]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, nh, r]
         query = torch.cat((q_latent, pe[:, :heads]), dim=-1)  # [N, nh, r + dr]

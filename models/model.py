@@ -141,6 +141,11 @@ class MoEModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
+    @property
+    def rope_dtype(self) -> torch.dtype:
+        """The rope tables' dtype: the model's, or float32 where the family rotates in float32."""
+        return torch.float32 if self.config.rope_in_float32 else self.dtype
+
     def _apply(self, fn, recurse=True):
         # `.to(bfloat16)` must not round the rope frequencies (transformers keeps them float32;
         # bf16 inv_freq moves every angle and the logits by whole units) nor DeepSeek's routing
@@ -168,10 +173,10 @@ class MoEModel(nn.Module):
         input_ids, positions = input_ids.to(device), positions.to(device)
         if self.config.rope.rope_type == "dynamic":
             inv_freq, _ = rope_inv_freq(self.config.rope, seq_len=int(positions.max()) + 1)
-            rope = rotary_tables(*rope_cos_sin(positions, inv_freq, self.rope_scaling), self.dtype)  # [N, 1, D] x 2
+            rope = rotary_tables(*rope_cos_sin(positions, inv_freq, self.rope_scaling), self.rope_dtype)  # [N, 1, D] x 2
         else:
             if self._rope_cache is None:  # (a dtype or device move resets it, see _apply)
-                self._rope_cache = RotaryCache(self.inv_freq, self.rope_scaling, self.dtype)
+                self._rope_cache = RotaryCache(self.inv_freq, self.rope_scaling, self.rope_dtype)
             rope = self._rope_cache.lookup(positions)
         x = F.embedding(input_ids, self.embed)  # [N, H]
         for layer in self.layers:

@@ -28,7 +28,7 @@ class DeepseekV3(Family):
             qk_nope_head_dim=field(raw, "qk_nope_head_dim", int, minimum=1),
             qk_rope_head_dim=field(raw, "qk_rope_head_dim", int, minimum=2),
             v_head_dim=field(raw, "v_head_dim", int, minimum=1),
-            rope_interleave=field(raw, "rope_interleave", bool),
+            rope_interleave=self.rope_interleave(raw),
             attention_bias=field(raw, "attention_bias", bool),
         )
         # Rope turns the dr dims only; MLA has no kv heads of its own (transformers' default of 128
@@ -36,18 +36,9 @@ class DeepseekV3(Family):
         base = common_fields({**raw, "head_dim": mla.qk_rope_head_dim,
                               "num_key_value_heads": raw.get("num_attention_heads")})
         num_layers = base["num_layers"]
-        num_experts = num_experts_field(raw, "n_routed_experts", "num_local_experts")
+        num_experts = num_experts_field(raw, *self.num_experts_keys)
         top_k = field(raw, "num_experts_per_tok", int, minimum=1)
         check_top_k(num_experts, top_k)
-        num_groups = field(raw, "n_group", int, None, minimum=1) or 1
-        if num_experts % num_groups:
-            raise ConfigError(f"config.json: n_routed_experts={num_experts} is not a multiple of n_group={num_groups}")
-        topk_group = field(raw, "topk_group", int, None, minimum=1) or 1
-        if topk_group > num_groups:
-            raise ConfigError(f"config.json: topk_group={topk_group} must be <= n_group={num_groups}")
-        if top_k > topk_group * (num_experts // num_groups):
-            raise ConfigError(f"config.json: num_experts_per_tok={top_k} is more than the {topk_group} kept groups "
-                              f"hold ({topk_group} x {num_experts // num_groups} experts)")
         inter = field(raw, "moe_intermediate_size", int, minimum=1)
         first_dense = field(raw, "first_k_dense_replace", int, 0, minimum=0) or 0
         return ModelConfig(
@@ -57,18 +48,44 @@ class DeepseekV3(Family):
             attention_scale=_attention_scale(base["rope"], mla),
             num_experts=num_experts,
             moe_intermediate_size=inter,
-            routing=RoutingConfig(kind="sigmoid_group_topk", top_k=top_k, renormalize=bool(raw.get("norm_topk_prob")),
-                                  num_groups=num_groups, topk_group=topk_group,
-                                  scaling_factor=field(raw, "routed_scaling_factor", float)),
-            routing_bias=True,
+            routing=self.routing(raw, num_experts, top_k),
+            routing_bias=self.routing_bias,
             router_in_float32=True,
             moe_layers=tuple(layer >= first_dense for layer in range(num_layers)),
             dense_intermediate_size=field(raw, "intermediate_size", int, minimum=1),
             shared_expert_intermediate_size=inter * (field(raw, "n_shared_experts", int, 0, minimum=0) or 0),
         )
 
+    # What DeepSeek-V2 (a subclass) reads differently.
+    num_experts_keys = ("n_routed_experts", "num_local_experts")
+    routing_bias = True  # the gate's e_score_correction_bias
+
+    def rope_interleave(self, raw: dict) -> bool:
+        return field(raw, "rope_interleave", bool)
+
+    def routing(self, raw: dict, num_experts: int, top_k: int) -> RoutingConfig:
+        """Sigmoid scores; the best `topk_group` of `n_group` groups by their two best biased scores."""
+        num_groups, topk_group = groups(raw, num_experts, top_k)
+        return RoutingConfig(kind="sigmoid_group_topk", top_k=top_k, renormalize=bool(raw.get("norm_topk_prob")),
+                             num_groups=num_groups, topk_group=topk_group,
+                             scaling_factor=field(raw, "routed_scaling_factor", float))
+
     def shared_expert_prefix(self, moe_prefix: str) -> str:
         return f"{moe_prefix}.shared_experts"
+
+
+def groups(raw: dict, num_experts: int, top_k: int) -> tuple[int, int]:
+    """(n_group, topk_group), None read as 1, checked against the experts and top-k."""
+    num_groups = field(raw, "n_group", int, None, minimum=1) or 1
+    if num_experts % num_groups:
+        raise ConfigError(f"config.json: n_routed_experts={num_experts} is not a multiple of n_group={num_groups}")
+    topk_group = field(raw, "topk_group", int, None, minimum=1) or 1
+    if topk_group > num_groups:
+        raise ConfigError(f"config.json: topk_group={topk_group} must be <= n_group={num_groups}")
+    if top_k > topk_group * (num_experts // num_groups):
+        raise ConfigError(f"config.json: num_experts_per_tok={top_k} is more than the {topk_group} kept groups "
+                          f"hold ({topk_group} x {num_experts // num_groups} experts)")
+    return num_groups, topk_group
 
 
 def _attention_scale(rope: RopeConfig, mla: MLAConfig) -> float:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 import sys
 
@@ -91,7 +92,9 @@ def test_bfloat16_checkpoint_in_bfloat16(make_checkpoint, name):
     Greedy decoding through the paged engine is checked by teacher forcing, so that one flip at a
     near-tie does not cascade: for the engine's own tokens, transformers' logits on the same prefix
     must rank each token first or within 0.5 of the max (a near-tie; logits spread over ~+-15),
-    and at least 14 of 16 must be transformers' argmax."""
+    and at least 14 of 16 must be transformers' argmax. MLA rounds differently from transformers
+    (see assert_as_close_to_float32_as_transformers); its engine tokens are forced by its own
+    cache-free forward instead, which checks the paged path in bf16."""
     folder = make_checkpoint(name, torch.bfloat16)
     ids = random_ids(seed=2)
     hf = hf_model(folder, torch.bfloat16)
@@ -109,8 +112,9 @@ def test_bfloat16_checkpoint_in_bfloat16(make_checkpoint, name):
 
     prompt = PROMPTS[1]
     [tokens] = engine_greedy(model, [prompt], 16)
-    with torch.no_grad():
-        forced = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()  # [16, V]
+    with torch.no_grad():  # (MLA: by our own cache-free forward, bounded against transformers above)
+        forced = (hf(torch.tensor([prompt + tokens])).logits if model.config.mla is None
+                  else model(torch.tensor([prompt + tokens])))[0, len(prompt) - 1:-1].float()  # [16, V]
     best = forced.max(dim=-1).values
     chosen = forced[torch.arange(16), torch.tensor(tokens)]
     assert (chosen >= best - 0.5).all(), best - chosen
@@ -121,8 +125,10 @@ def assert_as_close_to_float32_as_transformers(folder, ids, got, expected):
     """MLA runs absorbed (models/mla.py): the same products summed in another order, rounded to bf16
     at other points than transformers' expanded keys and values, so agreement to one bf16 ulp is not
     the measure. Against the same bf16 weights run in float32, our error is within 1.25x of
-    transformers' bf16 error and our argmax as often right (measured: 0.153 vs 0.141 mean abs error
-    with q LoRA, 0.092 vs 0.103 without; Mixtral and Qwen have transformers' error to the bit)."""
+    transformers' bf16 error and our argmax as often right (measured mean abs error, ours vs
+    transformers': V3 0.153 vs 0.141 with q LoRA, 0.092 vs 0.103 without; V2 0.128 vs 0.116, and 0.151
+    with its rope rotated in bf16 instead of float32 as transformers does; Mixtral and Qwen have
+    transformers' error to the bit)."""
     with torch.no_grad():
         truth = hf_model(folder, torch.float32)(ids).logits
     ours_err, hf_err = (got - truth).abs().mean(), (expected - truth).abs().mean()
@@ -164,6 +170,9 @@ def test_configs_exercise_their_features(make_checkpoint):
     assert (lora.routing.num_groups, lora.routing.topk_group, lora.routing.scaling_factor) == (3, 2, 2.5)
     assert lora.routing.renormalize and not yarn.routing.renormalize
     assert lora.attention_scale == 20**-0.5 and yarn.attention_scale > 16**-0.5  # yarn's mscale_all_dim
+    v2 = c["deepseek_v2_groups"]
+    assert v2.routing.kind == "softmax_group_limited_greedy" and (v2.routing.num_groups, v2.routing.topk_group) == (3, 2)
+    assert not v2.routing_bias and v2.rope_in_float32 and v2.mla.rope_interleave and v2.mla.q_lora_rank is None
     for name in NAMES:
         assert c[name].num_experts == 6 and c[name].top_k == 3 and c[name].vocab_size == VOCAB
 
@@ -321,6 +330,7 @@ MINIMAL = dict(vocab_size=101, hidden_size=128, num_attention_heads=32, num_hidd
 MINIMAL_MOE = {"MixtralForCausalLM": dict(num_local_experts=4, intermediate_size=32),
                "DeepseekV3ForCausalLM": dict(n_routed_experts=8, moe_intermediate_size=32, intermediate_size=64,
                                              first_k_dense_replace=1),
+               "DeepseekV2ForCausalLM": dict(n_routed_experts=8, moe_intermediate_size=32, intermediate_size=64),
                "OlmoeForCausalLM": dict(num_experts=4, intermediate_size=32),
                "Qwen2MoeForCausalLM": dict(num_experts=4, moe_intermediate_size=32),
                "Qwen3MoeForCausalLM": dict(num_experts=4, moe_intermediate_size=32)}
@@ -340,6 +350,24 @@ def test_absent_fields_read_as_transformers_reads_them(arch):
     assert (ours.rms_norm_eps, ours.rope.theta) == (hf.rms_norm_eps, hf.rope_parameters["rope_theta"])
     if ours.mla is None:  # MLA has no kv heads of its own
         assert ours.num_kv_heads == hf.num_key_value_heads
+
+
+BAD_DEEPSEEK = [  # (checkpoint, edit of its config.json, what the error names)
+    ("deepseek_v3_lora", dict(n_group=4), "n_routed_experts=6 is not a multiple of n_group=4"),
+    ("deepseek_v3_lora", dict(topk_group=4), "topk_group=4 must be <= n_group=3"),
+    ("deepseek_v3_lora", dict(topk_group=1), "num_experts_per_tok=3 is more than the 1 kept groups"),
+    ("deepseek_v3_lora", dict(kv_lora_rank=0), "kv_lora_rank=0 must be >= 1"),
+    ("deepseek_v3_lora", dict(rope_interleave="yes"), "rope_interleave='yes' must be of type bool"),
+    ("deepseek_v2_groups", dict(topk_method="noaux_tc"), "topk_method='noaux_tc' is not supported"),
+    ("deepseek_v2_groups", dict(mlp_bias=True), "mlp_bias=True is not supported"),
+]
+
+
+@pytest.mark.parametrize("name, edit, message", BAD_DEEPSEEK)
+def test_bad_deepseek_config_is_named(make_checkpoint, name, edit, message):
+    raw = {**saved_config(make_checkpoint, name), **edit}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        family_for(raw).parse(raw)
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
