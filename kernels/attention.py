@@ -122,7 +122,7 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
         return native.decode_attention(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale, window,
                                        new=(k, v, meta.slot_mapping))  # writes the K/V too, one call a layer
     k_cache.index_copy_(0, meta.slot_mapping, k)  # index_copy_ / index_select: a third of the cost of
-    if not _shares_keys(v_cache, k_cache):  # `cache[slots] = k` / `cache[slots]` at these sizes
+    if not native.shares_keys(v_cache, k_cache):  # `cache[slots] = k` / `cache[slots]` at these sizes
         v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.decode_rows is None:  # a pure decode step: every row is a decode query, in order
         return _attend_decode(q, k_cache, v_cache, meta, scale, window)
@@ -157,11 +157,9 @@ def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: PagedAtten
 
 
 def _native_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
-    return q.dtype == k_cache.dtype and k_cache.shape == v_cache.shape and native.supports(k_cache, v_cache)
-
-
-def _shares_keys(v_cache: Tensor, k_cache: Tensor) -> bool:
-    return v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
+    if q.dtype != k_cache.dtype:
+        return False
+    return native.supports(k_cache) if native.shares_keys(v_cache, k_cache) else native.supports(k_cache, v_cache)
 
 
 def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float, window: int | None) -> Tensor:

@@ -51,8 +51,8 @@ _I, _P = ctypes.c_int64, ctypes.c_void_p  # integers are int64_t, pointers are d
 SIGNATURES = {  # as declared in csrc/cpu_kernels.cpp; every function returns an int status
     "moeray_expert_ffn": [_I, _I, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _I, _I],
     "moeray_fused_moe": [_I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I],
-    "moeray_decode_attention": [_I, _I, _I, _I, _I, _P, _I, _P, _P, _I, _P, _I, _P, _I, _P, _P, _I, _P, ctypes.c_double,
-                                _I, _P, _I],
+    "moeray_decode_attention": [_I, _I, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _I, _P, _I, _P, _I, _P, _P, _I, _P,
+                                ctypes.c_double, _I, _P, _I],
     "moeray_logits": [_I, _I, _I, _P, _P, _P, _I],
     "moeray_rms_norm": [_I, _I, _P, _P, _P, ctypes.c_double, _I, _P, _P, _I],
     "moeray_rope": [_I, _I, _I, _P, _I, _P, _P, _P],
@@ -170,31 +170,35 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, lens: Tensor, scale: float,
                      window: int | None, new: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-    """q [B, nh, D] (one new token per sequence) over paged caches k_cache, v_cache [num_slots, nkv, D]:
-    slots [B, L] int64 the slot of each context position (padded), lens [B] int64 context lengths ->
-    [B, nh, D]. A query sees the last `window` positions of its context (None: all). With
-    new = (k, v [B, nkv, D], new_slots [B] int64), this step's keys and values are written to their
-    slots first. q, k and v may be row-strided views (heads of a fused projection). Check `supports`."""
+    """q [B, nh, D] (one new token per sequence) over paged caches k_cache [num_slots, nkv, D], v_cache
+    [num_slots, nkv, Dv]: slots [B, L] int64 the slot of each context position (padded), lens [B] int64
+    context lengths -> [B, nh, Dv]. A query sees the last `window` positions of its context (None: all).
+    With new = (k [B, nkv, D], v [B, nkv, Dv], new_slots [B] int64), this step's keys and values are
+    written to their slots first. q, k and v may be row-strided views (heads of a fused projection).
+    v_cache is contiguous, or the first Dv numbers of k_cache's rows (MLA; see `shares_keys`), whose
+    values are then written with the keys. Check `supports` on k_cache."""
     batch, heads, dim = q.shape
-    _check_raw(k_cache, (v_cache,), (slots, lens) if new is None else (slots, lens, new[2]))
-    num_slots, kv_heads = k_cache.shape[0], k_cache.shape[1]
+    in_keys = shares_keys(v_cache, k_cache)
+    _check_raw(k_cache, () if in_keys else (v_cache,), (slots, lens) if new is None else (slots, lens, new[2]))
+    num_slots, kv_heads, v_dim = k_cache.shape[0], k_cache.shape[1], v_cache.shape[2]
     q = _contiguous_rows(q)
     if new is not None:
         new = (_contiguous_rows(new[0]), _contiguous_rows(new[1]), new[2])
-    if (k_cache.shape[1:] != v_cache.shape[1:] or k_cache.shape[2] != dim or len(lens) != batch or len(slots) != batch
-            or q.dtype != k_cache.dtype
-            or (new is not None and not (new[0].shape == new[1].shape == (batch, kv_heads, dim) and len(new[2]) == batch
-                                         and new[0].dtype == new[1].dtype == q.dtype))):
+    if (v_cache.shape[:2] != k_cache.shape[:2] or k_cache.shape[2] != dim or len(lens) != batch or len(slots) != batch
+            or q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype
+            or (new is not None and not (new[0].shape == (batch, kv_heads, dim) and new[1].shape == (batch, kv_heads, v_dim)
+                                         and len(new[2]) == batch and new[0].dtype == new[1].dtype == q.dtype))):
         raise ValueError(f"decode_attention shapes disagree: q {tuple(q.shape)} {q.dtype}, caches {tuple(k_cache.shape)} "
                          f"{tuple(v_cache.shape)} {k_cache.dtype}, slots {tuple(slots.shape)}, lens {tuple(lens.shape)}"
                          + ("" if new is None else f", new k {tuple(new[0].shape)}, v {tuple(new[1].shape)}, "
                                                    f"slots {tuple(new[2].shape)}"))
-    out = q.new_empty(q.shape)
+    out = q.new_empty(batch, heads, v_dim)
     new_k, new_v, new_slots = (None, None, None) if new is None else (t.data_ptr() for t in new)
     status = library().moeray_decode_attention(
-        DTYPES[q.dtype], batch, heads, kv_heads, dim, q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-        num_slots, new_k, new[0].stride(0) if new else 0, new_v, new[1].stride(0) if new else 0, new_slots, slots.data_ptr(),
-        slots.shape[1], lens.data_ptr(), scale, window or 0, out.data_ptr(), torch.get_num_threads())
+        DTYPES[q.dtype], batch, heads, kv_heads, dim, v_dim, v_cache.stride(0), v_cache.stride(1), q.data_ptr(),
+        q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), num_slots, new_k, new[0].stride(0) if new else 0, new_v,
+        new[1].stride(0) if new else 0, new_slots, slots.data_ptr(), slots.shape[1], lens.data_ptr(), scale, window or 0,
+        out.data_ptr(), torch.get_num_threads())
     if status == 3:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
     if status == 4:
@@ -204,6 +208,12 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
     if status:
         raise RuntimeError(f"moeray_decode_attention failed with status {status}")
     return out
+
+
+def shares_keys(v_cache: Tensor, k_cache: Tensor) -> bool:
+    """v_cache [slots, nkv, Dv] is k_cache [slots, nkv, D]'s first Dv numbers of every row (a view)."""
+    return (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
+            and v_cache.shape[:2] == k_cache.shape[:2] and v_cache.shape[2] <= k_cache.shape[2])
 
 
 def _contiguous_rows(t: Tensor) -> Tensor:

@@ -548,12 +548,15 @@ inline void weighted_sum(const T* values, const int64_t* slots, int64_t stride, 
 }
 
 // One sequence's query heads that share kv head `kv`, over its context: see moeray_decode_attention.
+// Key rows are D long; value rows Dv (<= D) long, `v_slot` elements apart from slot to slot and
+// `v_head` from head to head (MLA: the value is the first Dv numbers of the key row itself).
 template <typename T>
 void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t first, int64_t len,
-                int64_t nkv, int64_t kv, int64_t group, int64_t D, float scale, T* out, std::vector<float>& work) {
-  const int64_t span = len - first, ctx = (span + 7) / 8 * 8, whole = D / 8 * 8;
+                int64_t nkv, int64_t kv, int64_t group, int64_t D, int64_t Dv, int64_t v_slot, int64_t v_head,
+                float scale, T* out, std::vector<float>& work) {
+  const int64_t span = len - first, ctx = (span + 7) / 8 * 8, whole = D / 8 * 8, whole_v = Dv / 8 * 8;
   if (span <= 0) {  // an empty context (never asked for by the engine): nothing to attend to
-    for (int64_t i = 0; i < group * D; ++i) store_one(out + i, 0.0f);
+    for (int64_t i = 0; i < group * Dv; ++i) store_one(out + i, 0.0f);
     return;
   }
   work.resize(group * (D + ctx));
@@ -578,6 +581,7 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* s
       }
     }
   }
+  const T* values = v_cache + kv * v_head;
   for (int64_t g = 0; g < group; ++g) {  // softmax weights (unnormalised), then their weighted sum of values
     float* p = scores + g * ctx;
     float most = -INFINITY, total = 0;
@@ -588,19 +592,18 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* s
       std::memcpy(p + i, &e, sizeof e);
     }
     for (int64_t i = 0; i < span; ++i) total += p[i];
-    for (int64_t d0 = 0; d0 < whole; d0 += 32) {  // up to 4 vectors of the output at a time, in registers
-      const T* values = v_cache + kv * D + d0;
-      switch (std::min<int64_t>(4, (whole - d0) / 8)) {
-        case 4: weighted_sum<4>(values, slots + first, nkv * D, p, span, total, out + g * D + d0); break;
-        case 3: weighted_sum<3>(values, slots + first, nkv * D, p, span, total, out + g * D + d0); break;
-        case 2: weighted_sum<2>(values, slots + first, nkv * D, p, span, total, out + g * D + d0); break;
-        default: weighted_sum<1>(values, slots + first, nkv * D, p, span, total, out + g * D + d0);
+    for (int64_t d0 = 0; d0 < whole_v; d0 += 32) {  // up to 4 vectors of the output at a time, in registers
+      switch (std::min<int64_t>(4, (whole_v - d0) / 8)) {
+        case 4: weighted_sum<4>(values + d0, slots + first, v_slot, p, span, total, out + g * Dv + d0); break;
+        case 3: weighted_sum<3>(values + d0, slots + first, v_slot, p, span, total, out + g * Dv + d0); break;
+        case 2: weighted_sum<2>(values + d0, slots + first, v_slot, p, span, total, out + g * Dv + d0); break;
+        default: weighted_sum<1>(values + d0, slots + first, v_slot, p, span, total, out + g * Dv + d0);
       }
     }
-    for (int64_t d = whole; d < D; ++d) {
+    for (int64_t d = whole_v; d < Dv; ++d) {
       float acc = 0;
-      for (int64_t i = 0; i < span; ++i) acc = std::fma(p[i], load_one(at(v_cache, i) + d), acc);
-      store_one(out + g * D + d, acc / total);
+      for (int64_t i = 0; i < span; ++i) acc = std::fma(p[i], load_one(values + slots[first + i] * v_slot + d), acc);
+      store_one(out + g * Dv + d, acc / total);
     }
   }
 }
@@ -788,8 +791,10 @@ int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float*
 }
 
 
-// Decode attention over a paged KV cache: one query row per sequence. q, out [B, nh, D]; k_cache,
-// v_cache [num_slots, nkv, D]; slots [B, L] (the slot of each context position, padded); lens [B];
+// Decode attention over a paged KV cache: one query row per sequence. q [B, nh, D], out [B, nh, Dv];
+// k_cache [num_slots, nkv, D]; v_cache [num_slots, nkv, Dv] with element strides v_slot, v_head (a
+// contiguous cache: nkv * Dv, Dv; MLA's values are the first Dv numbers of its key rows: v_cache ==
+// k_cache, v_slot = nkv * D, v_head = D); slots [B, L] (the slot of each context position, padded); lens [B];
 // a query sees positions max(0, len - window) .. len - 1 (window 0: all). Query heads h of kv head
 // h / (nh / nkv) are taken together, so each key and value row is read once for all of them. Scores,
 // softmax and the weighted sum in float32 (exp(score - max), divided by the sum at the end, as SDPA
@@ -797,10 +802,12 @@ int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float*
 // not a multiple of nkv; 4 for a length outside 0 .. L.
 //
 // The step's own keys and values can be written first (new_k non-null): row b of new_k / new_v, [nkv, D]
-// each, goes to slot new_slots[b] of the caches (which hold num_slots). q, new_k and new_v rows are
-// q_stride, k_stride and v_stride elements apart (the q and k heads of a fused projection, no copy).
-// Returns 5 for a slot (new or of the context) outside 0 .. num_slots - 1 (nothing is written).
-int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, int64_t D, const void* q,
+// each, goes to slot new_slots[b] of the caches (which hold num_slots); new_v is not written where the
+// values live in the keys (v_cache == k_cache). q, new_k and new_v rows are q_stride, k_stride and
+// v_stride elements apart (the q and k heads of a fused projection, no copy). Returns 5 for a slot
+// (new or of the context) outside 0 .. num_slots - 1 (nothing is written).
+int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, int64_t D, int64_t Dv, int64_t v_slot,
+                            int64_t v_head, const void* q,
                             int64_t q_stride, void* k_cache, void* v_cache, int64_t num_slots, const void* new_k,
                             int64_t k_stride, const void* new_v, int64_t v_stride, const int64_t* new_slots,
                             const int64_t* slots, int64_t L, const int64_t* lens, double scale, int64_t window, void* out,
@@ -815,10 +822,11 @@ int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, i
   if (new_k) {
     for (int64_t b = 0; b < B; ++b)
       if (new_slots[b] < 0 || new_slots[b] >= num_slots) return 5;
-    const int64_t size = dtype == 0 ? 4 : 2, row = nkv * D * size;
+    const int64_t size = dtype == 0 ? 4 : 2, row = nkv * D * size, v_row = nkv * Dv * size;
     for (int64_t b = 0; b < B; ++b) {
       std::memcpy(static_cast<char*>(k_cache) + new_slots[b] * row, static_cast<const char*>(new_k) + b * k_stride * size, row);
-      std::memcpy(static_cast<char*>(v_cache) + new_slots[b] * row, static_cast<const char*>(new_v) + b * v_stride * size, row);
+      if (v_cache != k_cache)  // (a separate cache is contiguous: v_slot == nkv * Dv)
+        std::memcpy(static_cast<char*>(v_cache) + new_slots[b] * v_row, static_cast<const char*>(new_v) + b * v_stride * size, v_row);
     }
   }
   const int64_t group = nh / nkv;
@@ -828,14 +836,16 @@ int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, i
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < B * nkv; ++item) {
       const int64_t b = item / nkv, kv = item % nkv, len = lens[b];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0, at = (b * nh + kv * group) * D;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0, at = (b * nh + kv * group) * Dv;
       const int64_t q_at = b * q_stride + kv * group * D;
       if (dtype == 0)
         attend_one(static_cast<const float*>(q) + q_at, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache),
-                   slots + b * L, first, len, nkv, kv, group, D, float(scale), static_cast<float*>(out) + at, work);
+                   slots + b * L, first, len, nkv, kv, group, D, Dv, v_slot, v_head, float(scale),
+                   static_cast<float*>(out) + at, work);
       else
         attend_one(static_cast<const bf16*>(q) + q_at, static_cast<const bf16*>(k_cache), static_cast<const bf16*>(v_cache),
-                   slots + b * L, first, len, nkv, kv, group, D, float(scale), static_cast<bf16*>(out) + at, work);
+                   slots + b * L, first, len, nkv, kv, group, D, Dv, v_slot, v_head, float(scale),
+                   static_cast<bf16*>(out) + at, work);
     }
   }
   return 0;

@@ -229,30 +229,39 @@ def test_fused_moe_rejects_an_expert_id_out_of_range():
 
 @pytest.mark.parametrize("window", [None, 3, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_matches_sdpa(window, dtype, monkeypatch):
+@pytest.mark.parametrize("layout", ["heads", "latent"])
+def test_decode_attention_matches_sdpa(window, dtype, layout, monkeypatch):
     """A pure decode step (contexts of 2..40 tokens in scattered blocks, 4 query heads per kv head):
-    the native kernel, which reads the cache through the slots, against the gathered SDPA path."""
+    the native kernel, which reads the cache through the slots, against the gathered SDPA path.
+    "latent" is MLA's cache: one kv head of 28 numbers whose first 20 are the value (a view)."""
     from moeray.kernels.attention import build_metadata, paged_attention
     gen = torch.Generator().manual_seed(11)
-    block, heads, kv_heads, dim = 4, 8, 2, 24
+    block, heads, kv_heads, dim, v_dim = (4, 8, 2, 24, 24) if layout == "heads" else (4, 8, 1, 28, 20)
     lengths = [2, 7, 40, 13, 4]
     free = torch.randperm(64, generator=gen).tolist()
     tables = [[free.pop() for _ in range(-(-n // block))] for n in lengths]
-    caches = [torch.randn(64 * block, kv_heads, dim, generator=gen).to(dtype) for _ in range(2)]
+    k_cache = torch.randn(64 * block, kv_heads, dim, generator=gen).to(dtype)
+    caches = [k_cache, torch.randn(64 * block, kv_heads, dim, generator=gen).to(dtype) if layout == "heads" else None]
     q = torch.randn(len(lengths), heads + kv_heads, dim, generator=gen).to(dtype)[:, :heads]  # a view, as the model's
-    k, v = (torch.randn(len(lengths), kv_heads, dim, generator=gen).to(dtype) for _ in range(2))
+    k = torch.randn(len(lengths), kv_heads, dim, generator=gen).to(dtype)
+    v = torch.randn(len(lengths), kv_heads, dim, generator=gen).to(dtype) if layout == "heads" else k[..., :v_dim]
     meta = build_metadata(tables, [n - 1 for n in lengths], [1] * len(lengths), block)
     assert meta.decode_rows is None  # every row a decode query
     calls = []
     real = native.decode_attention
     monkeypatch.setattr(native, "decode_attention", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
-    written = [c.clone() for c in caches]
+
+    def copies():  # fresh caches; a latent cache's values are a view of its keys
+        keys = caches[0].clone()
+        return [keys, caches[1].clone() if layout == "heads" else keys[..., :v_dim]]
+
+    written = copies()
     out = paged_attention(q, k, v, *written, meta, 0.3, window)  # the kernel writes this step's K/V itself
     assert calls == [1]
     monkeypatch.setattr(native, "ENABLED", False)  # as MOERAY_NATIVE_KERNELS=0 at start-up
-    expected_written = [c.clone() for c in caches]
+    expected_written = copies()
     expected = paged_attention(q, k, v, *expected_written, meta, 0.3, window)
-    assert calls == [1] and out.dtype == dtype
+    assert calls == [1] and out.dtype == dtype and out.shape == (len(lengths), heads, v_dim)
     assert all(torch.equal(a, b) for a, b in zip(written, expected_written))
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
     torch.testing.assert_close(out.float(), expected.float(), **tol)
