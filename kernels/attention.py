@@ -142,7 +142,7 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
 
 def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: PagedAttentionMetadata,
                    scale: float, window: int | None) -> Tensor:
-    """The decode sequences' queries q [Bd, nh, D] over their cached contexts -> [Bd, nh, D].
+    """The decode sequences' queries q [Bd, nh, D] over their cached contexts -> [Bd, nh, Dv].
 
     On CPU (float32, bf16) the native kernel reads keys and values in place through the slots;
     elsewhere they are gathered into [Bd, nkv, Lmax, D] for one padded SDPA call."""

@@ -182,8 +182,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
     _check_raw(k_cache, () if in_keys else (v_cache,), (slots, lens) if new is None else (slots, lens, new[2]))
     num_slots, kv_heads, v_dim = k_cache.shape[0], k_cache.shape[1], v_cache.shape[2]
     q = _contiguous_rows(q)
-    if new is not None:
-        new = (_contiguous_rows(new[0]), _contiguous_rows(new[1]), new[2])
+    if new is not None:  # (values that live in the keys are not written: no copy of them)
+        new = (_contiguous_rows(new[0]), new[1] if in_keys else _contiguous_rows(new[1]), new[2])
     if (v_cache.shape[:2] != k_cache.shape[:2] or k_cache.shape[2] != dim or len(lens) != batch or len(slots) != batch
             or q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype
             or (new is not None and not (new[0].shape == (batch, kv_heads, dim) and new[1].shape == (batch, kv_heads, v_dim)

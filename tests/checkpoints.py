@@ -50,13 +50,13 @@ CONFIGS = {
     "olmoe_clip": ("OlmoeForCausalLM", "OlmoeConfig", dict(
         num_hidden_layers=2, intermediate_size=40, num_experts=6, num_experts_per_tok=3,
         clip_qkv=0.75, attention_bias=True, norm_topk_prob=False)),
-    # MLA with a q LoRA and interleaved rope; 3 groups of 2 experts, 2 kept; a dense first layer;
-    # two shared experts.
+    # MLA with a q LoRA (and biases, q_a_proj's too) and interleaved rope; 3 groups of 2 experts,
+    # 2 kept; a dense first layer; two shared experts.
     "deepseek_v3_lora": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
         num_hidden_layers=3, num_key_value_heads=4, intermediate_size=56, moe_intermediate_size=24,
         n_routed_experts=6, num_experts_per_tok=3, n_group=3, topk_group=2, n_shared_experts=2,
         first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=20, qk_rope_head_dim=8, qk_nope_head_dim=12,
-        v_head_dim=10, routed_scaling_factor=2.5, norm_topk_prob=True)),
+        v_head_dim=10, routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True)),
     # MLA without a q LoRA, halves rope scaled by yarn (mscale_all_dim scales the softmax), biases,
     # unnormalised top-k weights, every layer MoE.
     "deepseek_v3_yarn": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(

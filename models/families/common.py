@@ -24,6 +24,11 @@ def field(raw: dict, key: str, kind: type, default=_MISSING, minimum=None):
 
 def common_fields(raw: dict) -> dict:
     """The fields every Llama-style family shares, as ModelConfig keyword arguments."""
+    quant = raw.get("quantization_config")
+    if quant is not None:  # (FP8 DeepSeek-V3, GPTQ, AWQ...: read as plain weights they would be garbage)
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ConfigError(f"config.json: quantization_config (quant_method={method!r}) is not supported; "
+                          "use a bf16 or float32 checkpoint")
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"config.json: hidden_act={act!r} is not supported (supported: 'silu')")

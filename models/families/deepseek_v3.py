@@ -61,12 +61,16 @@ class DeepseekV3(Family):
     routing_bias = True  # the gate's e_score_correction_bias
 
     def rope_interleave(self, raw: dict) -> bool:
-        return field(raw, "rope_interleave", bool)
+        return bool(field(raw, "rope_interleave", bool, None))  # null: halves, as transformers reads it
 
     def routing(self, raw: dict, num_experts: int, top_k: int) -> RoutingConfig:
         """Sigmoid scores; the best `topk_group` of `n_group` groups by their two best biased scores."""
         num_groups, topk_group = groups(raw, num_experts, top_k)
-        return RoutingConfig(kind="sigmoid_group_topk", top_k=top_k, renormalize=bool(raw.get("norm_topk_prob")),
+        if num_experts // num_groups < 2:
+            raise ConfigError(f"config.json: n_group={num_groups} leaves groups of {num_experts // num_groups} expert; "
+                              "DeepSeek-V3 scores a group by its two best experts")
+        return RoutingConfig(kind="sigmoid_group_topk", top_k=top_k,
+                             renormalize=bool(field(raw, "norm_topk_prob", bool, None)),
                              num_groups=num_groups, topk_group=topk_group,
                              scaling_factor=field(raw, "routed_scaling_factor", float))
 

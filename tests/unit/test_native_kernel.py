@@ -229,22 +229,25 @@ def test_fused_moe_rejects_an_expert_id_out_of_range():
 
 @pytest.mark.parametrize("window", [None, 3, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["heads", "latent"])
+@pytest.mark.parametrize("layout", ["heads", "narrow", "latent"])
 def test_decode_attention_matches_sdpa(window, dtype, layout, monkeypatch):
     """A pure decode step (contexts of 2..40 tokens in scattered blocks, 4 query heads per kv head):
     the native kernel, which reads the cache through the slots, against the gathered SDPA path.
-    "latent" is MLA's cache: one kv head of 28 numbers whose first 20 are the value (a view)."""
+    "narrow": values of 16 numbers in their own cache; "latent" is MLA's cache: one kv head of 28
+    numbers whose first 20 are the value (a view)."""
     from moeray.kernels.attention import build_metadata, paged_attention
     gen = torch.Generator().manual_seed(11)
-    block, heads, kv_heads, dim, v_dim = (4, 8, 2, 24, 24) if layout == "heads" else (4, 8, 1, 28, 20)
+    block, heads, kv_heads, dim, v_dim = {"heads": (4, 8, 2, 24, 24), "narrow": (4, 8, 2, 24, 16),
+                                          "latent": (4, 8, 1, 28, 20)}[layout]
+    separate = layout != "latent"
     lengths = [2, 7, 40, 13, 4]
     free = torch.randperm(64, generator=gen).tolist()
     tables = [[free.pop() for _ in range(-(-n // block))] for n in lengths]
     k_cache = torch.randn(64 * block, kv_heads, dim, generator=gen).to(dtype)
-    caches = [k_cache, torch.randn(64 * block, kv_heads, dim, generator=gen).to(dtype) if layout == "heads" else None]
+    caches = [k_cache, torch.randn(64 * block, kv_heads, v_dim, generator=gen).to(dtype) if separate else None]
     q = torch.randn(len(lengths), heads + kv_heads, dim, generator=gen).to(dtype)[:, :heads]  # a view, as the model's
     k = torch.randn(len(lengths), kv_heads, dim, generator=gen).to(dtype)
-    v = torch.randn(len(lengths), kv_heads, dim, generator=gen).to(dtype) if layout == "heads" else k[..., :v_dim]
+    v = torch.randn(len(lengths), kv_heads, v_dim, generator=gen).to(dtype) if separate else k[..., :v_dim]
     meta = build_metadata(tables, [n - 1 for n in lengths], [1] * len(lengths), block)
     assert meta.decode_rows is None  # every row a decode query
     calls = []
@@ -253,7 +256,7 @@ def test_decode_attention_matches_sdpa(window, dtype, layout, monkeypatch):
 
     def copies():  # fresh caches; a latent cache's values are a view of its keys
         keys = caches[0].clone()
-        return [keys, caches[1].clone() if layout == "heads" else keys[..., :v_dim]]
+        return [keys, caches[1].clone() if separate else keys[..., :v_dim]]
 
     written = copies()
     out = paged_attention(q, k, v, *written, meta, 0.3, window)  # the kernel writes this step's K/V itself
