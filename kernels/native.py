@@ -194,6 +194,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
                                                    f"slots {tuple(new[2].shape)}"))
     out = q.new_empty(batch, heads, v_dim)
     new_k, new_v, new_slots = (None, None, None) if new is None else (t.data_ptr() for t in new)
+    if in_keys:
+        new_v = None  # written with the keys
     status = library().moeray_decode_attention(
         DTYPES[q.dtype], batch, heads, kv_heads, dim, v_dim, v_cache.stride(0), v_cache.stride(1), q.data_ptr(),
         q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), num_slots, new_k, new[0].stride(0) if new else 0, new_v,

@@ -33,7 +33,6 @@ class MLAttention(nn.Module):
         super().__init__()
         c, m = config, config.mla
         self.layer, self.mla, self.num_heads = layer, m, c.num_heads
-        self.window = None
         qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim
         self.scale = c.attention_scale or qk_dim**-0.5
         bias = m.attention_bias

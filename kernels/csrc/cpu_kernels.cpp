@@ -802,8 +802,8 @@ int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float*
 // not a multiple of nkv; 4 for a length outside 0 .. L.
 //
 // The step's own keys and values can be written first (new_k non-null): row b of new_k / new_v, [nkv, D]
-// each, goes to slot new_slots[b] of the caches (which hold num_slots); new_v is not written where the
-// values live in the keys (v_cache == k_cache). q, new_k and new_v rows are q_stride, k_stride and
+// each, goes to slot new_slots[b] of the caches (which hold num_slots); new_v is null where the values
+// live in the keys (MLA), and only the keys are written. q, new_k and new_v rows are q_stride, k_stride and
 // v_stride elements apart (the q and k heads of a fused projection, no copy). Returns 5 for a slot
 // (new or of the context) outside 0 .. num_slots - 1 (nothing is written).
 int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, int64_t D, int64_t Dv, int64_t v_slot,
@@ -825,7 +825,7 @@ int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, i
     const int64_t size = dtype == 0 ? 4 : 2, row = nkv * D * size, v_row = nkv * Dv * size;
     for (int64_t b = 0; b < B; ++b) {
       std::memcpy(static_cast<char*>(k_cache) + new_slots[b] * row, static_cast<const char*>(new_k) + b * k_stride * size, row);
-      if (v_cache != k_cache)  // (a separate cache is contiguous: v_slot == nkv * Dv)
+      if (new_v)  // (null where the values live in the keys; a separate cache is contiguous: v_slot == nkv * Dv)
         std::memcpy(static_cast<char*>(v_cache) + new_slots[b] * v_row, static_cast<const char*>(new_v) + b * v_stride * size, v_row);
     }
   }

@@ -3,10 +3,8 @@ softmax routing, `greedy` over all experts or `group_limited_greedy` (the best `
 `n_group` groups by their best expert), no correction bias, and rope always on interleaved pairs,
 rotated in float32 whatever the model dtype."""
 
-import dataclasses
-
 from moeray.kernels.routing import RoutingConfig
-from moeray.models.config import ConfigError, ModelConfig
+from moeray.models.config import ConfigError
 from moeray.models.families.common import field
 from moeray.models.families.deepseek_v3 import DeepseekV3, groups
 from moeray.models.family import register
@@ -24,11 +22,7 @@ class DeepseekV2(DeepseekV3):
                     attention_bias=False, mlp_bias=False)
     num_experts_keys = ("n_routed_experts", "num_experts")
     routing_bias = False
-
-    def read(self, raw: dict) -> ModelConfig:
-        if field(raw, "mlp_bias", bool):
-            raise ConfigError("config.json: mlp_bias=True is not supported (expert and MLP biases)")
-        return dataclasses.replace(super().read(raw), rope_in_float32=True)
+    rope_in_float32 = True
 
     def rope_interleave(self, raw: dict) -> bool:
         return True  # transformers rotates (x0, x1), (x2, x3)... as complex numbers

@@ -22,6 +22,8 @@ class DeepseekV3(Family):
                     norm_topk_prob=True, rope_interleave=True, attention_bias=False)
 
     def read(self, raw: dict) -> ModelConfig:
+        if field(raw, "mlp_bias", bool, False):
+            raise ConfigError("config.json: mlp_bias=True is not supported (expert and MLP biases)")
         mla = MLAConfig(
             q_lora_rank=field(raw, "q_lora_rank", int, None, minimum=1),
             kv_lora_rank=field(raw, "kv_lora_rank", int, minimum=1),
@@ -45,6 +47,7 @@ class DeepseekV3(Family):
             family=self.name,
             **base,
             mla=mla,
+            rope_in_float32=self.rope_in_float32,
             attention_scale=_attention_scale(base["rope"], mla),
             num_experts=num_experts,
             moe_intermediate_size=inter,
@@ -59,6 +62,7 @@ class DeepseekV3(Family):
     # What DeepSeek-V2 (a subclass) reads differently.
     num_experts_keys = ("n_routed_experts", "num_local_experts")
     routing_bias = True  # the gate's e_score_correction_bias
+    rope_in_float32 = False  # V2 rotates as float32 complex numbers
 
     def rope_interleave(self, raw: dict) -> bool:
         return bool(field(raw, "rope_interleave", bool, None))  # null: halves, as transformers reads it
