@@ -26,7 +26,7 @@ class ExpertGroup:
                  progress: Callable[[int, int], None] | None = None):
         self.config, family = load_config(model_path)
         self.group, self.dtype = group, dtype
-        self.reader = CheckpointReader(model_path)
+        self.reader = CheckpointReader(model_path, self.config.fp8)
         self.prefixes = [moe_prefix(family, self.reader, layer) for layer in self.config.moe_layer_ids]
         check_plan(plan, self.config.num_experts, len(self.prefixes))
         c, slots = self.config, plan.slots_per_group

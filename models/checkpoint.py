@@ -36,11 +36,15 @@ prefix, e.g. `model.layers.3.block_sparse_moe` or `model.layers.3.mlp`; `E` expe
 
 `load_experts` returns all three as the fused pair `w13 [n, 2I, H]`, `w2 [n, H, I]`, the
 layout the expert FFN kernels take.
+
+Block-wise FP8 checkpoints (`models.quant`) are read through the same calls: a float8 tensor
+`X` comes back widened with its scales `X_scale_inv` (only the rows asked for of both).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import operator
 import struct
 import threading
@@ -51,6 +55,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
+
+from moeray.models.quant import FLOAT8, SCALE_DTYPES, Fp8Weights, dequantize, scale_shape
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -78,11 +84,13 @@ class CheckpointReader:
     The constructor reads only the safetensors headers, so a corrupt or truncated shard is
     reported before any weights are loaded (an expert group should fail at start, not at its
     first migration). Shards are memory-mapped on first use; `close` releases them.
-    Safe to share between threads (staging loads run beside the serve loop).
+    Safe to share between threads (staging loads run beside the serve loop). `fp8`: how the
+    checkpoint's float8 weights are scaled (its config's `quantization_config`); without it a
+    float8 tensor is an error.
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, fp8: Fp8Weights | None = None):
+        self.path, self.fp8 = Path(path), fp8
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: checkpoint folder does not exist")
         single, index = self.path / SINGLE_FILE, self.path / INDEX_FILE
@@ -116,6 +124,8 @@ class CheckpointReader:
         if shape is not None:
             self._check_shape(name, tuple(shape))
         tensor = self._read(entry, name, lambda handle: handle.get_tensor(name))
+        if tensor.dtype in FLOAT8:
+            tensor = self._dequantize(name, tensor, lambda scale: self.get(scale))
         return tensor if dtype is None else tensor.to(dtype)
 
     def get_rows(self, name: str, rows: Sequence[int], dtype: torch.dtype | None = None) -> Tensor:
@@ -140,6 +150,10 @@ class CheckpointReader:
             return torch.cat([view[start:stop] for start, stop in runs])
 
         block = self._read(entry, name, read)  # [len(unique), ...]
+        if block.dtype in FLOAT8:  # (rows of a stack, experts: their scales are the same rows of the scales')
+            if len(entry.shape) < 3:
+                raise ValueError(f"{entry.file}: rows of float8 tensor {name!r} {list(entry.shape)} share scales; read it whole")
+            block = self._dequantize(name, block, lambda scale: self.get_rows(scale, unique))
         position = {row: i for i, row in enumerate(unique)}
         out = block[[position[r] for r in rows]] if rows != unique else block
         out = out if dtype is None else out.to(dtype)
@@ -161,6 +175,30 @@ class CheckpointReader:
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self.path)!r}, {len(self._names)} tensors)"
+
+    def _dequantize(self, name: str, weight: Tensor, read_scale) -> Tensor:
+        """A float8 tensor (or rows of one) -> float32, with its `_scale_inv` (`read_scale(scale_name)`)."""
+        where = self._entry(name).file
+        if self.fp8 is None:
+            raise CheckpointError(f"{where}: tensor {name!r} is {str(weight.dtype).removeprefix('torch.')}, but "
+                                  "config.json has no quantization_config with quant_method 'fp8'")
+        scale_name = f"{name}_scale_inv"
+        if not self.has(scale_name):
+            raise CheckpointError(f"{where}: tensor {name!r} is float8 but its scales {scale_name!r} are missing")
+        if weight.dim() < 2:
+            raise CheckpointError(f"{where}: float8 tensor {name!r} has shape {list(weight.shape)}; weights have 2 dims or more")
+        full = self.shape(name)
+        expected, found = scale_shape(full, self.fp8.block), self.shape(scale_name)
+        fits = found == expected if self.fp8.block is not None else math.prod(found) == 1  # (per tensor: one scale)
+        if not fits:
+            raise CheckpointError(f"{self._entry(scale_name).file}: tensor {scale_name!r} has shape {list(found)}, "
+                                  f"expected {list(expected) if expected else 'one scale'} for {name!r} {list(full)} "
+                                  f"in blocks of {self.fp8.block}")
+        scale = read_scale(scale_name)
+        if scale.dtype not in SCALE_DTYPES:
+            raise CheckpointError(f"{self._entry(scale_name).file}: tensor {scale_name!r} is {scale.dtype}; "
+                                  f"scales are one of {', '.join(str(d).removeprefix('torch.') for d in SCALE_DTYPES)}")
+        return dequantize(weight, scale, self.fp8.block)
 
     def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from moeray.kernels.rope import RopeConfig
 from moeray.kernels.routing import RoutingConfig
+from moeray.models.quant import Fp8Weights
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # checkpoint
+    fp8: Fp8Weights | None = None  # float8 weights with block scales, widened on load (models.quant)
 
     @property
     def top_k(self) -> int:

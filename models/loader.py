@@ -38,7 +38,7 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
     config, family = load_config(path)
     with default_dtype(dtype):
         model = MoEModel(config, make_experts)
-    with CheckpointReader(path) as reader:
+    with CheckpointReader(path, config.fp8) as reader:
         load_dense_weights(model, family, reader)
         for block in moe_blocks(model) if make_experts is None else []:
             prefix = moe_prefix(family, reader, block.layer)

@@ -7,9 +7,11 @@ a missing bias or a swapped projection moves the logits by whole units, not by 1
     folder = build_checkpoint(tmp_path, "mixtral_swa")           # float32 safetensors + config.json
     folder = build_checkpoint(tmp_path, "olmoe_clip", torch.bfloat16)
     fused = write_fused_mixtral(folder, tmp_path / "fused")      # same weights, fused expert names
+    folder = build_checkpoint(tmp_path, "deepseek_v3_fp8")       # linear weights as block-wise float8
 """
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -74,7 +76,19 @@ CONFIGS = {
         n_routed_experts=6, num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=3, topk_group=2,
         n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=20, qk_rope_head_dim=8,
         qk_nope_head_dim=12, v_head_dim=10, routed_scaling_factor=2.0)),
+    # DeepSeek-V3 as Hub checkpoints ship it: every linear weight float8 with block scales (FP8_BLOCKS),
+    # the router, embeddings and norms not. Sizes are multiples of the blocks (see FP8_BLOCKS).
+    "deepseek_v3_fp8": ("DeepseekV3ForCausalLM", "DeepseekV3Config", dict(
+        hidden_size=64, num_hidden_layers=3, num_key_value_heads=4, intermediate_size=64, moe_intermediate_size=32,
+        n_routed_experts=6, num_experts_per_tok=3, n_group=3, topk_group=2, n_shared_experts=1,
+        first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
+        v_head_dim=16, routed_scaling_factor=2.5, norm_topk_prob=True)),
 }
+
+# Checkpoints written with FP8 weights (`write_fp8`): name -> (rows, cols) of a scale block. Not square,
+# so that swapped axes show. transformers' dequantization derives the block from the scale grid
+# (rows // grid rows), which is only right when every size is a multiple of the block: these are.
+FP8_BLOCKS = {"deepseek_v3_fp8": (16, 32)}
 
 
 def hf_config(name: str):
@@ -111,7 +125,40 @@ def build_checkpoint(root: Path, name: str, dtype: torch.dtype = torch.float32, 
     folder = Path(root) / f"{name}-{str(dtype).removeprefix('torch.')}"
     if not (folder / "config.json").is_file():
         build_hf_model(name, seed).to(dtype).save_pretrained(folder)
+        if name in FP8_BLOCKS:
+            write_fp8(folder, FP8_BLOCKS[name])
     return folder
+
+
+def quantize_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [R, C] -> (float8_e4m3fn [R, C], float32 scale_inv [ceil(R / br), ceil(C / bc)]), the way
+    DeepSeek's tools quantize: each block divided by max |block| / 448 (e4m3's largest), last blocks cut short."""
+    (rows, cols), (br, bc) = weight.shape, block
+    grid = (math.ceil(rows / br), math.ceil(cols / bc))
+    padded = torch.zeros(grid[0] * br, grid[1] * bc)
+    padded[:rows, :cols] = weight.float()
+    blocks = padded.view(grid[0], br, grid[1], bc)
+    largest = blocks.abs().amax(dim=(1, 3))
+    scale_inv = torch.where(largest > 0, largest / 448.0, torch.ones_like(largest))
+    quantized = (blocks / scale_inv[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return quantized.view(grid[0] * br, grid[1] * bc)[:rows, :cols].contiguous(), scale_inv
+
+
+def write_fp8(folder: Path, block: tuple[int, int]) -> None:
+    """Rewrite a saved checkpoint as a block-wise FP8 one, in place: every linear weight (`*_proj.weight`,
+    `kv_a_proj_with_mqa.weight`) becomes float8 plus `<name>_scale_inv`; config.json says so."""
+    tensors = load_file(folder / "model.safetensors")
+    out = {}
+    for name, tensor in tensors.items():
+        if tensor.dim() == 2 and name.endswith(("_proj.weight", "_proj_with_mqa.weight")):
+            out[name], out[f"{name}_scale_inv"] = quantize_fp8(tensor, block)
+        else:
+            out[name] = tensor
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def write_fused_mixtral(src: Path, dst: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from moeray.kernels.rope import RopeConfig
 from moeray.models.config import ConfigError
+from moeray.models.quant import Fp8Weights
 
 _MISSING = object()
 
@@ -24,11 +25,7 @@ def field(raw: dict, key: str, kind: type, default=_MISSING, minimum=None):
 
 def common_fields(raw: dict) -> dict:
     """The fields every Llama-style family shares, as ModelConfig keyword arguments."""
-    quant = raw.get("quantization_config")
-    if quant is not None:  # (FP8 DeepSeek-V3, GPTQ, AWQ...: read as plain weights they would be garbage)
-        method = quant.get("quant_method") if isinstance(quant, dict) else quant
-        raise ConfigError(f"config.json: quantization_config (quant_method={method!r}) is not supported; "
-                          "use a bf16 or float32 checkpoint")
+    fp8 = quantization(raw)
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"config.json: hidden_act={act!r} is not supported (supported: 'silu')")
@@ -55,7 +52,32 @@ def common_fields(raw: dict) -> dict:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
         sliding_windows=(None,) * num_layers,
+        fp8=fp8,
     )
+
+
+def quantization(raw: dict) -> Fp8Weights | None:
+    """config.json's `quantization_config` -> what the loader dequantizes (None: not quantized).
+    Anything but block-wise FP8 weights is refused by name: read as plain weights it would be garbage."""
+    quant = raw.get("quantization_config")
+    if quant is None:
+        return None
+    if not isinstance(quant, dict):
+        raise ConfigError(f"config.json: quantization_config={quant!r} must be an object with a quant_method")
+    method = quant.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(f"config.json: quantization_config (quant_method={method!r}) is not supported; "
+                          "supported: 'fp8' (block-wise float8 weights), or a bf16 or float32 checkpoint")
+    experts = quant.get("expert_dtype", "fp8")
+    if experts != "fp8":
+        raise ConfigError(f"config.json: quantization_config.expert_dtype={experts!r} is not supported (supported: 'fp8')")
+    block = quant.get("weight_block_size", [128, 128])  # transformers' FineGrainedFP8Config default
+    if block is None:
+        return Fp8Weights(None)
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ConfigError(f"config.json: quantization_config.weight_block_size={block!r} must be two positive integers")
+    return Fp8Weights((block[0], block[1]))
 
 
 def _rope(raw: dict, head_dim: int) -> RopeConfig:

@@ -1,0 +1,47 @@
+"""Block-wise FP8 checkpoints (`quantization_config.quant_method: "fp8"`), dequantized on load.
+
+DeepSeek-V3/R1, Kimi-K2 and Qwen3's `-FP8` releases store each linear weight as float8 (e4m3)
+numbers `X.weight [R, C]` and one float32 scale per block of `weight_block_size` (rows, cols),
+`X.weight_scale_inv [ceil(R / br), ceil(C / bc)]` (the last blocks of a row or column are
+cut short); element (r, c) is `weight[r, c] * scale_inv[r // br, c // bc]`. Fused expert tensors
+carry the expert as a leading dim on both. Tensors that are not float8 (embeddings, norms, the
+router's gate) are read as they are.
+
+moeray multiplies in the model's dtype, so weights are widened here, once, exactly as
+transformers does with `dequantize=True` (its CPU default): float32 product, then the model's
+dtype. That costs 2x the checkpoint's memory in bf16; activations are never quantized (the FP8
+GEMMs of a GPU deployment would quantize them per token group, and round differently).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)  # "float" and "ue8m0" scales
+
+
+@dataclass(frozen=True)
+class Fp8Weights:
+    """How a checkpoint's float8 weights are scaled (read by `families.common.common_fields`)."""
+
+    block: tuple[int, int] | None  # (rows, cols) a scale covers; None: one scale per tensor
+
+
+def scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int] | None) -> tuple[int, ...]:
+    """The `_scale_inv` shape that goes with a float8 weight of `weight_shape` (leading dims: experts)."""
+    if block is None:
+        return ()
+    *lead, rows, cols = weight_shape
+    return (*lead, -(-rows // block[0]), -(-cols // block[1]))
+
+
+def dequantize(weight: Tensor, scale_inv: Tensor, block: tuple[int, int] | None) -> Tensor:
+    """float8 weight [..., R, C] times its block scales (see `scale_shape`) -> float32 [..., R, C]."""
+    values, scales = weight.float(), scale_inv.float()
+    if block is None:
+        return values * scales.reshape(())
+    rows, cols = weight.shape[-2:]
+    expanded = scales.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
+    return values * expanded

@@ -1,0 +1,75 @@
+"""Block-wise FP8 checkpoints (models.quant): dequantization against a per-element reference, reads of
+stacked experts, and the errors a broken FP8 checkpoint gives. Whole models against transformers: the
+`deepseek_v3_fp8` checkpoint in test_models.py and test_cluster.py."""
+
+import pytest
+import torch
+from checkpoints import quantize_fp8
+from safetensors.torch import save_file
+
+from moeray.models.checkpoint import CheckpointError, CheckpointReader, load_experts
+from moeray.models.quant import Fp8Weights, dequantize
+
+
+def test_dequantize_cut_short_blocks_match_each_element():
+    """40 x 26 in blocks of 16 x 10: the last block row is 8 tall, the last block column 6 wide."""
+    weight = torch.randn(40, 26, generator=torch.Generator().manual_seed(0)) * 3
+    q, scale_inv = quantize_fp8(weight, (16, 10))
+    assert q.dtype == torch.float8_e4m3fn and scale_inv.shape == (3, 3)
+    got = dequantize(q, scale_inv, (16, 10))
+    expected = torch.tensor([[q[r, c].item() * scale_inv[r // 16, c // 10].item() for c in range(26)] for r in range(40)])
+    assert torch.equal(got, expected)
+    assert (got - weight).abs().max() <= weight.abs().max() / 8  # e4m3: 3 mantissa bits, a real quantization
+    assert not torch.equal(dequantize(q, scale_inv.t().contiguous()[:3, :3], (16, 10)), got)  # the scales matter
+
+
+def test_one_scale_per_tensor():
+    q = torch.tensor([[1.0, -2.0], [0.5, 448.0]]).to(torch.float8_e4m3fn)
+    assert torch.equal(dequantize(q, torch.tensor([0.25]), None), torch.tensor([[0.25, -0.5], [0.125, 112.0]]))
+
+
+def fp8_experts(tmp_path, block=(8, 16), E=4, H=32, I=24):
+    """A fused-layout MoE layer in FP8 -> (folder, float32 gate_up [E, 2I, H], down [E, H, I] as dequantized)."""
+    gen = torch.Generator().manual_seed(1)
+    tensors, full = {}, {}
+    for name, shape in (("gate_up_proj", (2 * I, H)), ("down_proj", (H, I))):
+        parts = [quantize_fp8(torch.randn(shape, generator=gen), block) for _ in range(E)]
+        tensors[f"m.experts.{name}"] = torch.stack([q for q, _ in parts])
+        tensors[f"m.experts.{name}_scale_inv"] = torch.stack([s for _, s in parts])
+        full[name] = torch.stack([dequantize(q, s, block) for q, s in parts])
+    save_file(tensors, tmp_path / "model.safetensors")
+    return tmp_path, full["gate_up_proj"], full["down_proj"]
+
+
+def test_fp8_fused_experts_subset_reads_their_scales(tmp_path):
+    folder, gate_up, down = fp8_experts(tmp_path)
+    with CheckpointReader(folder, Fp8Weights((8, 16))) as reader:
+        w13, w2 = load_experts(reader, "m", [3, 1, 3], 32, 24, 4, torch.bfloat16)
+    assert torch.equal(w13, gate_up[[3, 1, 3]].to(torch.bfloat16)) and torch.equal(w2, down[[3, 1, 3]].to(torch.bfloat16))
+
+
+def test_float8_without_fp8_config_is_named(tmp_path):
+    folder, _, _ = fp8_experts(tmp_path)
+    with CheckpointReader(folder) as reader, pytest.raises(
+            CheckpointError, match=r"'m.experts.down_proj' is float8_e4m3fn, but config.json has no quantization_config"):
+        reader.get("m.experts.down_proj")
+
+
+def test_missing_or_misshapen_scales_are_named(tmp_path):
+    q, s = quantize_fp8(torch.randn(20, 12), (8, 8))  # scales [3, 2]
+    save_file({"a.weight": q, "b.weight": q.clone(), "b.weight_scale_inv": s.t().contiguous()}, tmp_path / "model.safetensors")
+    with CheckpointReader(tmp_path, Fp8Weights((8, 8))) as reader:
+        with pytest.raises(CheckpointError, match=r"'a.weight' is float8 but its scales 'a.weight_scale_inv' are missing"):
+            reader.get("a.weight")
+        with pytest.raises(CheckpointError, match=r"'b.weight_scale_inv' has shape \[2, 3\], expected \[3, 2\] for "
+                                                  r"'b.weight' \[20, 12\] in blocks of \(8, 8\)"):
+            reader.get("b.weight")
+        with pytest.raises(ValueError, match="rows of float8 tensor 'b.weight' .* share scales"):
+            reader.get_rows("b.weight", [0])
+
+
+def test_power_of_two_scales_stored_as_e8m0():
+    """`scale_fmt: ue8m0` checkpoints store each scale as a bare exponent (float8_e8m0fnu)."""
+    q, _ = quantize_fp8(torch.randn(16, 16), (8, 8))
+    scales = torch.tensor([[0.25, 4.0], [1.0, 2.0**-20]])
+    assert torch.equal(dequantize(q, scales.to(torch.float8_e8m0fnu), (8, 8)), dequantize(q, scales, (8, 8)))
