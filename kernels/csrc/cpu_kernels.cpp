@@ -796,7 +796,8 @@ int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float*
 // contiguous cache: nkv * Dv, Dv; MLA's values are the first Dv numbers of its key rows: v_cache ==
 // k_cache, v_slot = nkv * D, v_head = D); slots [B, L] (the slot of each context position, padded); lens [B];
 // a query sees positions max(0, len - window) .. len - 1 (window 0: all). Query heads h of kv head
-// h / (nh / nkv) are taken together, so each key and value row is read once for all of them. Scores,
+// h / (nh / nkv) are taken together, so each key and value row is read once for all of them (once per
+// part of them where a batch has fewer kv heads than threads). Scores,
 // softmax and the weighted sum in float32 (exp(score - max), divided by the sum at the end, as SDPA
 // does); dtype 0 float32, 1 bf16 (the output rounded once). Returns 0; 1 for an unknown dtype; 3 if nh is
 // not a multiple of nkv; 4 for a length outside 0 .. L.
@@ -829,22 +830,28 @@ int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, i
         std::memcpy(static_cast<char*>(v_cache) + new_slots[b] * v_row, static_cast<const char*>(new_v) + b * v_stride * size, v_row);
     }
   }
-  const int64_t group = nh / nkv;
+  // Work items: (sequence, kv head, part of its query heads). Fewer sequences x kv heads than threads
+  // (one sequence of MLA, whose one kv head serves every query head) split the query heads into parts,
+  // each reading the context for its own heads: a head's result does not depend on its part.
+  const int64_t group = nh / nkv, parts = std::min(group, std::max<int64_t>(1, (num_threads + B * nkv - 1) / (B * nkv)));
+  const int64_t part_heads = (group + parts - 1) / parts;
 #pragma omp parallel num_threads(num_threads) if (B * nh * L * D >= (1 << 15))
   {
     std::vector<float> work;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < B * nkv; ++item) {
-      const int64_t b = item / nkv, kv = item % nkv, len = lens[b];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0, at = (b * nh + kv * group) * Dv;
-      const int64_t q_at = b * q_stride + kv * group * D;
+    for (int64_t item = 0; item < B * nkv * parts; ++item) {
+      const int64_t b = item / (nkv * parts), kv = item / parts % nkv, h0 = kv * group + item % parts * part_heads;
+      const int64_t heads = std::min(part_heads, (kv + 1) * group - h0), len = lens[b];
+      if (heads <= 0) continue;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0, at = (b * nh + h0) * Dv;
+      const int64_t q_at = b * q_stride + h0 * D;
       if (dtype == 0)
         attend_one(static_cast<const float*>(q) + q_at, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache),
-                   slots + b * L, first, len, nkv, kv, group, D, Dv, v_slot, v_head, float(scale),
+                   slots + b * L, first, len, nkv, kv, heads, D, Dv, v_slot, v_head, float(scale),
                    static_cast<float*>(out) + at, work);
       else
         attend_one(static_cast<const bf16*>(q) + q_at, static_cast<const bf16*>(k_cache), static_cast<const bf16*>(v_cache),
-                   slots + b * L, first, len, nkv, kv, group, D, Dv, v_slot, v_head, float(scale),
+                   slots + b * L, first, len, nkv, kv, heads, D, Dv, v_slot, v_head, float(scale),
                    static_cast<bf16*>(out) + at, work);
     }
   }

@@ -270,6 +270,31 @@ def test_decode_attention_matches_sdpa(window, dtype, layout, monkeypatch):
     torch.testing.assert_close(out.float(), expected.float(), **tol)
 
 
+@pytest.mark.parametrize("batch, kv_heads", [(1, 1), (2, 1), (1, 2)])
+def test_decode_attention_split_over_query_heads_keeps_the_bits(batch, kv_heads):
+    """Fewer sequences x kv heads than threads (MLA decoding one sequence) split each kv head's query
+    heads into parts, one per thread: any number of threads, even parts and uneven, gives the bits
+    of one thread doing all heads together."""
+    gen = torch.Generator().manual_seed(5)
+    heads, dim, v_dim, length = 8, 28, 20, 300
+    k_cache = torch.randn(512, kv_heads, dim, generator=gen)
+    v_cache = k_cache[..., :v_dim] if kv_heads == 1 else torch.randn(512, kv_heads, v_dim, generator=gen)
+    q = torch.randn(batch, heads, dim, generator=gen)
+    slots = torch.stack([torch.randperm(512, generator=gen)[:length] for _ in range(batch)])  # [B, L]
+    lens = torch.tensor([length, length - 77][:batch])
+    previous = torch.get_num_threads()
+    try:
+        outs = {}
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            outs[threads] = native.decode_attention(q, k_cache, v_cache, slots, lens, 0.2, None)
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(out, outs[1]) for out in outs.values())
+    reference = torch.softmax((q[0, 0] @ k_cache[slots[0], 0].T) * 0.2, dim=-1) @ v_cache[slots[0], 0]  # head 0 of sequence 0
+    torch.testing.assert_close(outs[3][0, 0], reference, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_moe_refuses_other_dtypes():
     """It reads raw float32 / int64 memory: anything else must be refused before the call, not misread."""
     w13, w2 = make(4, 32, 16, torch.float32)
