@@ -10,8 +10,8 @@ shares the one kv head. The kernel splits work by (sequence, kv head); with fewe
 threads it splits each kv head's query heads into parts, one per thread (same bits: each head is
 computed alone). At batch 1 "native 1 thread" is what the sequence got before that split; at batch
 8 (sequences >= threads, no split) it is plain thread scaling. Columns: milliseconds a call (median
-of interleaved repetitions), torch / native and 1 thread / native. The torch path is the fallback
-where the kernel cannot be built.
+of interleaved repetitions), torch / native and 1 thread / native. The torch path is what GPUs run,
+and CPUs where the kernel cannot be built.
 """
 
 from __future__ import annotations

@@ -145,15 +145,19 @@ def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: PagedAtten
     """The decode sequences' queries q [Bd, nh, D] over their cached contexts -> [Bd, nh, Dv].
 
     On CPU (float32, bf16) the native kernel reads keys and values in place through the slots;
-    elsewhere they are gathered into [Bd, nkv, Lmax, D] for one padded SDPA call."""
+    elsewhere they are gathered into [Bd, nkv, Lmax, D] for one padded SDPA call. There the query
+    heads of each kv head are that head's block of queries (one token each, all seeing the same keys),
+    so SDPA never copies the kv heads out to nh heads, as its math path does for `enable_gqa` (at MLA's
+    one 576-wide kv head: 41% of a CPU decode call; bench/decode_attention.py)."""
     slots = meta.decode_slots  # [Bd, Lmax]
     if _native_decode(q, k_cache, v_cache):
         return native.decode_attention(q, k_cache, v_cache, slots, meta.decode_lens, scale, window)
     keys = k_cache.index_select(0, slots.view(-1)).view(*slots.shape, *k_cache.shape[1:]).transpose(1, 2)  # [Bd, nkv, Lmax, Dk]
     values = v_cache.index_select(0, slots.view(-1)).view(*slots.shape, *v_cache.shape[1:]).transpose(1, 2)  # [.., Dv]
-    att = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask(window),
-                                         scale=scale, enable_gqa=True)  # [Bd, nh, 1, D]
-    return att.squeeze(2)
+    kv_heads = keys.shape[1]
+    queries = q.unflatten(1, (kv_heads, q.shape[1] // kv_heads))  # [Bd, nkv, nh / nkv, Dk]
+    att = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask(window), scale=scale)
+    return att.flatten(1, 2)  # [Bd, nh, Dv]
 
 
 def _native_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
