@@ -7,10 +7,10 @@ context, then SDPA), and the native kernel on 1 thread vs all of them, at DeepSe
 MLA caches one kv head per token (the latent, 512 numbers, then the rotated key, 64) and reads the
 value as the latent's first 512 numbers, so every query head (16 in DeepSeek-V2-Lite, 128 in V3)
 shares the one kv head. The kernel splits work by (sequence, kv head); with fewer of those than
-threads it splits each kv head's query heads into parts, one per thread (same bits: each head is
-computed alone). At batch 1 "native 1 thread" is what the sequence got before that split; at batch
+threads it splits each kv head's query heads into parts, one per thread (same bits: a head's result
+does not depend on which heads share its part). At batch 1 "native 1 thread" is what the sequence got before that split; at batch
 8 (sequences >= threads, no split) it is plain thread scaling. Columns: milliseconds a call (median
-of interleaved repetitions), torch / native and 1 thread / native. The torch path is what GPUs run,
+of interleaved repetitions; each call sets its thread count), torch / native and 1 thread / native. The torch path is what GPUs run,
 and CPUs where the kernel cannot be built.
 """
 

@@ -147,8 +147,8 @@ def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: PagedAtten
     On CPU (float32, bf16) the native kernel reads keys and values in place through the slots;
     elsewhere they are gathered into [Bd, nkv, Lmax, D] for one padded SDPA call. There the query
     heads of each kv head are that head's block of queries (one token each, all seeing the same keys),
-    so SDPA never copies the kv heads out to nh heads, as its math path does for `enable_gqa` (at MLA's
-    one 576-wide kv head: 41% of a CPU decode call; bench/decode_attention.py)."""
+    so SDPA never copies the kv heads out to nh heads, as its math path does for `enable_gqa` (41% of
+    the call in a profile at MLA's one 576-wide kv head and 16 query heads; bench/decode_attention.py)."""
     slots = meta.decode_slots  # [Bd, Lmax]
     if _native_decode(q, k_cache, v_cache):
         return native.decode_attention(q, k_cache, v_cache, slots, meta.decode_lens, scale, window)

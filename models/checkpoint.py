@@ -152,7 +152,8 @@ class CheckpointReader:
         block = self._read(entry, name, read)  # [len(unique), ...]
         if block.dtype in FLOAT8:  # (rows of a stack, experts: their scales are the same rows of the scales')
             if len(entry.shape) < 3:
-                raise ValueError(f"{entry.file}: rows of float8 tensor {name!r} {list(entry.shape)} share scales; read it whole")
+                raise CheckpointError(f"{entry.file}: rows of float8 tensor {name!r} {list(entry.shape)} share scales; "
+                                      "read it whole")
             block = self._dequantize(name, block, lambda scale: self.get_rows(scale, unique))
         position = {row: i for i, row in enumerate(unique)}
         out = block[[position[r] for r in rows]] if rows != unique else block
@@ -184,6 +185,9 @@ class CheckpointReader:
                                   "config.json has no quantization_config with quant_method 'fp8'")
         scale_name = f"{name}_scale_inv"
         if not self.has(scale_name):
+            if self.has(f"{name}_scale") or self.has(f"{name.removesuffix('weight')}weight_scale"):
+                raise CheckpointError(f"{where}: tensor {name!r} has a per-tensor scale (weight_scale, as AutoFP8 writes); "
+                                      "only block-wise FP8 (weight_scale_inv, as DeepSeek-V3 and Qwen3-FP8) is supported")
             raise CheckpointError(f"{where}: tensor {name!r} is float8 but its scales {scale_name!r} are missing")
         if weight.dim() < 2:
             raise CheckpointError(f"{where}: float8 tensor {name!r} has shape {list(weight.shape)}; weights have 2 dims or more")
@@ -193,7 +197,8 @@ class CheckpointReader:
         if not fits:
             raise CheckpointError(f"{self._entry(scale_name).file}: tensor {scale_name!r} has shape {list(found)}, "
                                   f"expected {list(expected) if expected else 'one scale'} for {name!r} {list(full)} "
-                                  f"in blocks of {self.fp8.block}")
+                                  f"in blocks of {self.fp8.block} (config.json: quantization_config.weight_block_size, "
+                                  "[128, 128] where absent)")
         scale = read_scale(scale_name)
         if scale.dtype not in SCALE_DTYPES:
             raise CheckpointError(f"{self._entry(scale_name).file}: tensor {scale_name!r} is {scale.dtype}; "
@@ -257,6 +262,10 @@ def load_experts(
         gate_up, down = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
         reader._check_shape(gate_up, (num_experts, 2 * I, H))
         reader._check_shape(down, (num_experts, H, I))
+        block = reader.fp8.block if reader.fp8 is not None and reader.has(f"{gate_up}_scale_inv") else None
+        if block is not None and I % block[0]:  # (gate and up would share a block of scales at the seam)
+            raise CheckpointError(f"{reader._entry(gate_up).file}: float8 {gate_up!r} with I={I} not a multiple of the "
+                                  f"{block[0]}-row scale blocks: gate and up rows would share scales; not supported")
         return reader.get_rows(gate_up, ids, dtype), reader.get_rows(down, ids, dtype)
 
     gate, up, down = scheme

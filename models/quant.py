@@ -7,10 +7,13 @@ cut short); element (r, c) is `weight[r, c] * scale_inv[r // br, c // bc]`. Fuse
 carry the expert as a leading dim on both. Tensors that are not float8 (embeddings, norms, the
 router's gate) are read as they are.
 
-moeray multiplies in the model's dtype, so weights are widened here, once, exactly as
-transformers does with `dequantize=True` (its CPU default): float32 product, then the model's
-dtype. That costs 2x the checkpoint's memory in bf16; activations are never quantized (the FP8
-GEMMs of a GPU deployment would quantize them per token group, and round differently).
+moeray multiplies in the model's dtype, so weights are widened here, once, as transformers does
+with `dequantize=True` (its CPU default): float32 product, then the model's dtype; the same
+numbers where every size is a multiple of the block (transformers works the block out from the
+scale grid and refuses cut-short blocks, such as DeepSeek-V3's kv_a_proj_with_mqa [576, 7168]
+with scales [5, 56]). That costs 2x the checkpoint's memory in bf16; activations are never
+quantized (the FP8 GEMMs of a GPU deployment quantize them per token group, and round otherwise).
+Per-tensor FP8 exports (AutoFP8: `X.weight_scale`, `input_scale`) are refused by name.
 """
 
 from dataclasses import dataclass
@@ -38,10 +41,15 @@ def scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int] | None) ->
 
 
 def dequantize(weight: Tensor, scale_inv: Tensor, block: tuple[int, int] | None) -> Tensor:
-    """float8 weight [..., R, C] times its block scales (see `scale_shape`) -> float32 [..., R, C]."""
+    """float8 weight [..., R, C] times its block scales (see `scale_shape`) -> float32 [..., R, C].
+    Multiplied in place, scales spread over rows only ([..., R, C / bc]): no second full-size tensor."""
     values, scales = weight.float(), scale_inv.float()
     if block is None:
-        return values * scales.reshape(())
+        return values.mul_(scales.reshape(()))
     rows, cols = weight.shape[-2:]
-    expanded = scales.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
-    return values * expanded
+    per_row = scales.repeat_interleave(block[0], dim=-2)[..., :rows, :]  # [..., R, ceil(C / bc)]
+    whole = cols // block[1]
+    values[..., :whole * block[1]].unflatten(-1, (whole, block[1])).mul_(per_row[..., :whole, None])
+    if whole * block[1] < cols:
+        values[..., whole * block[1]:].mul_(per_row[..., whole:])
+    return values

@@ -87,7 +87,8 @@ CONFIGS = {
 
 # Checkpoints written with FP8 weights (`write_fp8`): name -> (rows, cols) of a scale block. Not square,
 # so that swapped axes show. transformers' dequantization derives the block from the scale grid
-# (rows // grid rows), which is only right when every size is a multiple of the block: these are.
+# (rows // grid rows) and refuses sizes that are not a multiple of it: these sizes are (cut-short
+# blocks are checked element by element in test_quant.py).
 FP8_BLOCKS = {"deepseek_v3_fp8": (16, 32)}
 
 

@@ -533,18 +533,58 @@ inline v8 load8_any(const T* p) {  // 8 consecutive values as float32, in order
   }
 }
 
-// out[0 .. 8V) = sum over i of p[i] * row i (values + slots[i] * stride), divided by total.
-template <int V, typename T>
-inline void weighted_sum(const T* values, const int64_t* slots, int64_t stride, const float* p, int64_t count,
-                         float total, T* out) {
-  v8 acc[V] = {};
+// For each of G heads h: acc_h[0 .. 8V) += sum over i, in order, of p_h[i] * row i (values + slots[i] *
+// stride), p_h = p + h * ld: float32 partial sums acc_h = acc + h * acc_ld, carried between blocks of rows
+// exactly; the first block starts from zeros instead, and the last writes out_h = out + h * out_ld =
+// acc_h / total[h] instead. The G heads share each row's load.
+template <int G, int V, typename T>
+inline void weighted_sum(const T* values, const int64_t* slots, int64_t stride, const float* p, int64_t ld,
+                         int64_t count, float* acc, int64_t acc_ld, bool first, bool last, const float* total, T* out,
+                         int64_t out_ld) {
+  v8 sums[G][V] = {};
+  if (!first)
+    for (int h = 0; h < G; ++h)
+      for (int u = 0; u < V; ++u) sums[h][u] = load8(acc + h * acc_ld + 8 * u);
   for (int64_t i = 0; i < count; ++i) {
     const T* row = values + slots[i] * stride;
-    const v8 weight = v8{} + p[i];
-    for (int u = 0; u < V; ++u) acc[u] = fma8(weight, load8_any(row + 8 * u), acc[u]);
+    v8 x[V];
+    for (int u = 0; u < V; ++u) x[u] = load8_any(row + 8 * u);
+    for (int h = 0; h < G; ++h) {
+      const v8 weight = v8{} + p[h * ld + i];
+      for (int u = 0; u < V; ++u) sums[h][u] = fma8(weight, x[u], sums[h][u]);
+    }
   }
-  for (int u = 0; u < V; ++u)
-    for (int e = 0; e < 8; ++e) store_one(out + 8 * u + e, acc[u][e] / total);
+  for (int h = 0; h < G; ++h)
+    for (int u = 0; u < V; ++u)
+      if (last)
+        for (int e = 0; e < 8; ++e) store_one(out + h * out_ld + 8 * u + e, sums[h][u][e] / total[h]);
+      else
+        std::memcpy(acc + h * acc_ld + 8 * u, &sums[h][u], sizeof(v8));
+}
+
+// scores[h * ld + i] = dot(query h, key i) * scale for G query heads (rows of D floats) and 4 keys; the
+// heads share each key vector's load and the keys each query vector's. Every score is the one dot
+// product of `attend_one` (8 lanes in order over whole, lane sums, then the tail in order).
+template <int G, typename T>
+inline void score_tile(const float* queries, int64_t D, int64_t whole, const T* const* keys, int64_t n, float scale,
+                       float* scores, int64_t ld) {
+  v8 sums[G][4] = {};
+  for (int64_t d = 0; d < whole; d += 8) {
+    v8 k[4];
+    for (int i = 0; i < 4; ++i) k[i] = load8_any(keys[i] + d);
+    for (int h = 0; h < G; ++h) {
+      const v8 x = load8(queries + h * D + d);
+      for (int i = 0; i < 4; ++i) sums[h][i] = fma8(x, k[i], sums[h][i]);
+    }
+  }
+  for (int h = 0; h < G; ++h) {
+    float dots[4];
+    lane_sums<4>(sums[h], dots);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t d = whole; d < D; ++d) dots[i] = std::fma(queries[h * D + d], load_one(keys[i] + d), dots[i]);
+      scores[h * ld + i] = dots[i] * scale;
+    }
+  }
 }
 
 // One sequence's query heads that share kv head `kv`, over its context: see moeray_decode_attention.
@@ -559,30 +599,25 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* s
     for (int64_t i = 0; i < group * Dv; ++i) store_one(out + i, 0.0f);
     return;
   }
-  work.resize(group * (D + ctx));
+  work.resize(group * (D + ctx + 1 + whole_v));
   float* queries = work.data();         // [group, D]
-  float* scores = queries + group * D;  // [group, ctx]
+  float* scores = queries + group * D;  // [group, ctx], then the [group] softmax sums and [group, whole_v] outputs
   for (int64_t i = 0; i < group * D; ++i) queries[i] = load_one(q + i);
   auto at = [&](const T* cache, int64_t i) { return cache + (slots[first + std::min(i, span - 1)] * nkv + kv) * D; };
-  for (int64_t j = 0; j < span; j += 4) {  // scores, 4 positions at a time (past the end: the last again, unused)
-    const T* keys[4] = {at(k_cache, j), at(k_cache, j + 1), at(k_cache, j + 2), at(k_cache, j + 3)};
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = queries + g * D;
-      v8 sums[4] = {};
-      for (int64_t d = 0; d < whole; d += 8) {
-        const v8 x = load8(qg + d);
-        for (int i = 0; i < 4; ++i) sums[i] = fma8(x, load8_any(keys[i] + d), sums[i]);
+  // Scores, keys in blocks of KEY_BLOCK (kept in L1 while every head passes), 4 at a time (past the end:
+  // the last again, unused), heads in pairs: many heads (MLA: every query head on one kv head) would
+  // otherwise stream all queries from L2 for each 4 keys.
+  constexpr int64_t KEY_BLOCK = 8;
+  for (int64_t j0 = 0; j0 < span; j0 += KEY_BLOCK)
+    for (int64_t g = 0; g < group; g += 2)
+      for (int64_t j = j0; j < std::min(span, j0 + KEY_BLOCK); j += 4) {
+        const T* keys[4] = {at(k_cache, j), at(k_cache, j + 1), at(k_cache, j + 2), at(k_cache, j + 3)};
+        const int64_t n = std::min<int64_t>(4, span - j);
+        if (g + 1 < group) score_tile<2>(queries + g * D, D, whole, keys, n, scale, scores + g * ctx + j, ctx);
+        else score_tile<1>(queries + g * D, D, whole, keys, n, scale, scores + g * ctx + j, ctx);
       }
-      float dots[4];
-      lane_sums<4>(sums, dots);
-      for (int64_t i = 0; i < std::min<int64_t>(4, span - j); ++i) {
-        for (int64_t d = whole; d < D; ++d) dots[i] = std::fma(qg[d], load_one(keys[i] + d), dots[i]);
-        scores[g * ctx + j + i] = dots[i] * scale;
-      }
-    }
-  }
-  const T* values = v_cache + kv * v_head;
-  for (int64_t g = 0; g < group; ++g) {  // softmax weights (unnormalised), then their weighted sum of values
+  float* totals = scores + group * ctx;  // [group]
+  for (int64_t g = 0; g < group; ++g) {  // softmax weights (unnormalised) and their sums
     float* p = scores + g * ctx;
     float most = -INFINITY, total = 0;
     for (int64_t i = 0; i < span; ++i) most = std::max(most, p[i]);
@@ -592,20 +627,41 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* s
       std::memcpy(p + i, &e, sizeof e);
     }
     for (int64_t i = 0; i < span; ++i) total += p[i];
-    for (int64_t d0 = 0; d0 < whole_v; d0 += 32) {  // up to 4 vectors of the output at a time, in registers
-      switch (std::min<int64_t>(4, (whole_v - d0) / 8)) {
-        case 4: weighted_sum<4>(values + d0, slots + first, v_slot, p, span, total, out + g * Dv + d0); break;
-        case 3: weighted_sum<3>(values + d0, slots + first, v_slot, p, span, total, out + g * Dv + d0); break;
-        case 2: weighted_sum<2>(values + d0, slots + first, v_slot, p, span, total, out + g * Dv + d0); break;
-        default: weighted_sum<1>(values + d0, slots + first, v_slot, p, span, total, out + g * Dv + d0);
-      }
-    }
-    for (int64_t d = whole_v; d < Dv; ++d) {
-      float acc = 0;
-      for (int64_t i = 0; i < span; ++i) acc = std::fma(p[i], load_one(values + slots[first + i] * v_slot + d), acc);
-      store_one(out + g * Dv + d, acc / total);
-    }
+    totals[g] = total;
   }
+  // The weighted sums of values: rows in blocks of 64 KiB (kept in L2 while every head passes, so that
+  // the values are read once, not once per head), heads in pairs; sums carried in float32 between blocks.
+  const int64_t VALUE_BLOCK = std::max<int64_t>(64, (64 << 10) / (Dv * int64_t(sizeof(T))));
+  const T* values = v_cache + kv * v_head;
+  float* sums = totals + group;  // [group, whole_v]
+  for (int64_t i0 = 0; i0 < span; i0 += VALUE_BLOCK) {
+    const int64_t count = std::min(VALUE_BLOCK, span - i0);
+    for (int64_t g = 0; g < group; g += 2)
+      for (int64_t d0 = 0; d0 < whole_v; d0 += 32) {  // up to 4 vectors of the output at a time, in registers
+        auto sum = [&](auto heads, auto vectors) {
+          weighted_sum<decltype(heads)::value, decltype(vectors)::value>(
+              values + d0, slots + first + i0, v_slot, scores + g * ctx + i0, ctx, count, sums + g * whole_v + d0, whole_v,
+              i0 == 0, i0 + count == span, totals + g, out + g * Dv + d0, Dv);
+        };
+        auto by_width = [&](auto heads) {
+          switch (std::min<int64_t>(4, (whole_v - d0) / 8)) {
+            case 4: return sum(heads, std::integral_constant<int, 4>{});
+            case 3: return sum(heads, std::integral_constant<int, 3>{});
+            case 2: return sum(heads, std::integral_constant<int, 2>{});
+            default: return sum(heads, std::integral_constant<int, 1>{});
+          }
+        };
+        if (g + 1 < group) by_width(std::integral_constant<int, 2>{});
+        else by_width(std::integral_constant<int, 1>{});
+      }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = whole_v; d < Dv; ++d) {  // the tail, one number at a time
+      float acc = 0;
+      for (int64_t i = 0; i < span; ++i)
+        acc = std::fma(scores[g * ctx + i], load_one(values + slots[first + i] * v_slot + d), acc);
+      store_one(out + g * Dv + d, acc / totals[g]);
+    }
 }
 
 template <typename W>
@@ -833,16 +889,18 @@ int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, i
   // Work items: (sequence, kv head, part of its query heads). Fewer sequences x kv heads than threads
   // (one sequence of MLA, whose one kv head serves every query head) split the query heads into parts,
   // each reading the context for its own heads: a head's result does not depend on its part.
-  const int64_t group = nh / nkv, parts = std::min(group, std::max<int64_t>(1, (num_threads + B * nkv - 1) / (B * nkv)));
-  const int64_t part_heads = (group + parts - 1) / parts;
-#pragma omp parallel num_threads(num_threads) if (B * nh * L * D >= (1 << 15))
+  if (B == 0 || nh == 0) return 0;  // (nothing to attend; the keys and values above are written)
+  const bool parallel = B * nh * L * D >= (1 << 15);
+  const int64_t group = nh / nkv, wanted = parallel ? (num_threads + B * nkv - 1) / (B * nkv) : 1;
+  const int64_t part_heads = (group + std::min(group, wanted) - 1) / std::min(group, wanted);
+  const int64_t parts = (group + part_heads - 1) / part_heads;  // (none left empty)
+#pragma omp parallel num_threads(num_threads) if (parallel)
   {
     std::vector<float> work;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < B * nkv * parts; ++item) {
       const int64_t b = item / (nkv * parts), kv = item / parts % nkv, h0 = kv * group + item % parts * part_heads;
       const int64_t heads = std::min(part_heads, (kv + 1) * group - h0), len = lens[b];
-      if (heads <= 0) continue;
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0, at = (b * nh + h0) * Dv;
       const int64_t q_at = b * q_stride + h0 * D;
       if (dtype == 0)

@@ -68,9 +68,12 @@ def quantization(raw: dict) -> Fp8Weights | None:
     if method != "fp8":
         raise ConfigError(f"config.json: quantization_config (quant_method={method!r}) is not supported; "
                           "supported: 'fp8' (block-wise float8 weights), or a bf16 or float32 checkpoint")
-    experts = quant.get("expert_dtype", "fp8")
-    if experts != "fp8":
-        raise ConfigError(f"config.json: quantization_config.expert_dtype={experts!r} is not supported (supported: 'fp8')")
+    for key, allowed in (("expert_dtype", ("fp8",)), ("scale_fmt", ("float", "ue8m0")),
+                         ("activation_scheme", ("dynamic", "static"))):  # (transformers' defaults first)
+        value = quant.get(key, allowed[0])
+        if value not in allowed:
+            raise ConfigError(f"config.json: quantization_config.{key}={value!r} is not supported "
+                              f"(supported: {', '.join(map(repr, allowed))})")
     block = quant.get("weight_block_size", [128, 128])  # transformers' FineGrainedFP8Config default
     if block is None:
         return Fp8Weights(None)

@@ -390,6 +390,10 @@ BAD_DEEPSEEK = [  # (checkpoint, edit of its config.json, what the error names);
      "weight_block_size=[0, 128] must be two positive integers"),
     ("deepseek_v3_fp8", dict(quantization_config={"quant_method": "fp8", "expert_dtype": "fp4"}),
      "expert_dtype='fp4' is not supported"),
+    ("deepseek_v3_fp8", dict(quantization_config={"quant_method": "fp8", "scale_fmt": "e4m3"}),
+     "scale_fmt='e4m3' is not supported (supported: 'float', 'ue8m0')"),
+    ("deepseek_v3_fp8", dict(quantization_config={"quant_method": "fp8", "activation_scheme": "tensor"}),
+     "activation_scheme='tensor' is not supported"),
 ]
 
 

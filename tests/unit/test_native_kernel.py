@@ -291,6 +291,8 @@ def test_decode_attention_split_over_query_heads_keeps_the_bits(batch, kv_heads)
     finally:
         torch.set_num_threads(previous)
     assert all(torch.equal(out, outs[1]) for out in outs.values())
+    empty = native.decode_attention(q[:0], k_cache, v_cache, slots[:0], lens[:0], 0.2, None)  # (no batch: no work items)
+    assert empty.shape == (0, heads, v_dim)
     reference = torch.softmax((q[0, 0] @ k_cache[slots[0], 0].T) * 0.2, dim=-1) @ v_cache[slots[0], 0]  # head 0 of sequence 0
     torch.testing.assert_close(outs[3][0, 0], reference, rtol=1e-5, atol=1e-6)
 

@@ -28,24 +28,44 @@ def test_one_scale_per_tensor():
     assert torch.equal(dequantize(q, torch.tensor([0.25]), None), torch.tensor([[0.25, -0.5], [0.125, 112.0]]))
 
 
-def fp8_experts(tmp_path, block=(8, 16), E=4, H=32, I=24):
-    """A fused-layout MoE layer in FP8 -> (folder, float32 gate_up [E, 2I, H], down [E, H, I] as dequantized)."""
+def fp8_experts(tmp_path, block=(8, 16), E=4, H=32, I=24, scale_dtype=torch.float32):
+    """A fused-layout MoE layer in FP8 -> (folder, float32 gate_up [E, 2I, H], down [E, H, I] as dequantized).
+    Scales rounded up to powers of two where stored as float8_e8m0fnu (`scale_fmt: ue8m0`)."""
     gen = torch.Generator().manual_seed(1)
     tensors, full = {}, {}
     for name, shape in (("gate_up_proj", (2 * I, H)), ("down_proj", (H, I))):
         parts = [quantize_fp8(torch.randn(shape, generator=gen), block) for _ in range(E)]
+        if scale_dtype == torch.float8_e8m0fnu:
+            parts = [(q, torch.exp2(torch.ceil(torch.log2(s)))) for q, s in parts]
         tensors[f"m.experts.{name}"] = torch.stack([q for q, _ in parts])
-        tensors[f"m.experts.{name}_scale_inv"] = torch.stack([s for _, s in parts])
+        tensors[f"m.experts.{name}_scale_inv"] = torch.stack([s for _, s in parts]).to(scale_dtype)
         full[name] = torch.stack([dequantize(q, s, block) for q, s in parts])
     save_file(tensors, tmp_path / "model.safetensors")
     return tmp_path, full["gate_up_proj"], full["down_proj"]
 
 
-def test_fp8_fused_experts_subset_reads_their_scales(tmp_path):
-    folder, gate_up, down = fp8_experts(tmp_path)
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float8_e8m0fnu])
+def test_fp8_fused_experts_subset_reads_their_scales(tmp_path, scale_dtype):
+    folder, gate_up, down = fp8_experts(tmp_path, scale_dtype=scale_dtype)
     with CheckpointReader(folder, Fp8Weights((8, 16))) as reader:
         w13, w2 = load_experts(reader, "m", [3, 1, 3], 32, 24, 4, torch.bfloat16)
     assert torch.equal(w13, gate_up[[3, 1, 3]].to(torch.bfloat16)) and torch.equal(w2, down[[3, 1, 3]].to(torch.bfloat16))
+
+
+def test_fused_gate_up_whose_halves_share_a_scale_block_is_refused(tmp_path):
+    """I = 20 in blocks of 8 rows: rows 16..23 of gate_up hold gate and up rows under one scale."""
+    folder, _, _ = fp8_experts(tmp_path, I=20)
+    with CheckpointReader(folder, Fp8Weights((8, 16))) as reader, pytest.raises(
+            CheckpointError, match="I=20 not a multiple of the 8-row scale blocks"):
+        load_experts(reader, "m", [0], 32, 20, 4, torch.float32)
+
+
+def test_one_scale_per_tensor_in_a_checkpoint(tmp_path):
+    """`weight_block_size: null`: each float8 weight has one scale."""
+    q = (torch.randn(6, 10) * 50).to(torch.float8_e4m3fn)
+    save_file({"w.weight": q, "w.weight_scale_inv": torch.tensor([0.125])}, tmp_path / "model.safetensors")
+    with CheckpointReader(tmp_path, Fp8Weights(None)) as reader:
+        assert torch.equal(reader.get("w.weight"), q.float() * 0.125)
 
 
 def test_float8_without_fp8_config_is_named(tmp_path):
@@ -62,10 +82,20 @@ def test_missing_or_misshapen_scales_are_named(tmp_path):
         with pytest.raises(CheckpointError, match=r"'a.weight' is float8 but its scales 'a.weight_scale_inv' are missing"):
             reader.get("a.weight")
         with pytest.raises(CheckpointError, match=r"'b.weight_scale_inv' has shape \[2, 3\], expected \[3, 2\] for "
-                                                  r"'b.weight' \[20, 12\] in blocks of \(8, 8\)"):
+                                                  r"'b.weight' \[20, 12\] in blocks of \(8, 8\) \(config.json: "
+                                                  r"quantization_config.weight_block_size"):
             reader.get("b.weight")
-        with pytest.raises(ValueError, match="rows of float8 tensor 'b.weight' .* share scales"):
+        with pytest.raises(CheckpointError, match="rows of float8 tensor 'b.weight' .* share scales"):
             reader.get_rows("b.weight", [0])
+
+
+def test_per_tensor_fp8_export_is_named(tmp_path):
+    """AutoFP8-style checkpoints also say quant_method 'fp8', but scale each tensor once (weight_scale)."""
+    q = torch.randn(8, 8).to(torch.float8_e4m3fn)
+    save_file({"a.weight": q, "a.weight_scale": torch.tensor(0.5)}, tmp_path / "model.safetensors")
+    with CheckpointReader(tmp_path, Fp8Weights((128, 128))) as reader, pytest.raises(
+            CheckpointError, match=r"'a.weight' has a per-tensor scale \(weight_scale, as AutoFP8 writes\)"):
+        reader.get("a.weight")
 
 
 def test_power_of_two_scales_stored_as_e8m0():
