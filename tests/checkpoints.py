@@ -83,13 +83,17 @@ CONFIGS = {
         n_routed_experts=6, num_experts_per_tok=3, n_group=3, topk_group=2, n_shared_experts=1,
         first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
         v_head_dim=16, routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # Qwen3-MoE as its -FP8 releases ship: q/k norms, a dense layer, linear weights float8 in square blocks.
+    "qwen3_moe_fp8": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
+        num_hidden_layers=3, intermediate_size=64, moe_intermediate_size=32, head_dim=16,
+        num_experts=6, num_experts_per_tok=3, norm_topk_prob=True, mlp_only_layers=[1])),
 }
 
 # Checkpoints written with FP8 weights (`write_fp8`): name -> (rows, cols) of a scale block. Not square,
 # so that swapped axes show. transformers' dequantization derives the block from the scale grid
 # (rows // grid rows) and refuses sizes that are not a multiple of it: these sizes are (cut-short
 # blocks are checked element by element in test_quant.py).
-FP8_BLOCKS = {"deepseek_v3_fp8": (16, 32)}
+FP8_BLOCKS = {"deepseek_v3_fp8": (16, 32), "qwen3_moe_fp8": (16, 16)}
 
 
 def hf_config(name: str):

@@ -187,11 +187,14 @@ def test_configs_exercise_their_features(make_checkpoint):
     v2 = c["deepseek_v2_groups"]
     assert v2.routing.kind == "softmax_group_limited_greedy" and (v2.routing.num_groups, v2.routing.topk_group) == (3, 2)
     assert not v2.routing_bias and v2.rope_in_float32 and v2.mla.rope_interleave and v2.mla.q_lora_rank is None
-    assert c["deepseek_v3_fp8"].fp8 == Fp8Weights((16, 32))
+    assert c["deepseek_v3_fp8"].fp8 == Fp8Weights((16, 32)) and c["qwen3_moe_fp8"].fp8 == Fp8Weights((16, 16))
     with safe_open(make_checkpoint("deepseek_v3_fp8") / "model.safetensors", "pt") as f:
         stored = {name: f.get_slice(name).get_dtype() for name in f.keys()}
     assert stored["model.layers.1.mlp.experts.4.down_proj.weight"] == stored["model.layers.0.self_attn.kv_b_proj.weight"] == "F8_E4M3"
     assert stored["model.layers.1.mlp.gate.weight"] == stored["model.embed_tokens.weight"] == "F32"
+    with safe_open(make_checkpoint("qwen3_moe_fp8") / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.layers.2.mlp.experts.5.up_proj.weight").get_dtype() == "F8_E4M3"
+        assert f.get_slice("model.layers.0.self_attn.q_proj.weight").get_dtype() == "F8_E4M3"
     for name in NAMES:
         assert c[name].num_experts == 6 and c[name].top_k == 3 and c[name].vocab_size == VOCAB
         assert (c[name].fp8 is None) == (name not in FP8_BLOCKS)
