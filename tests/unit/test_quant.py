@@ -2,11 +2,15 @@
 stacked experts, and the errors a broken FP8 checkpoint gives. Whole models against transformers: the
 `deepseek_v3_fp8` checkpoint in test_models.py and test_cluster.py."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from checkpoints import quantize_fp8
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from moeray.models import load_model
 from moeray.models.checkpoint import CheckpointError, CheckpointReader, load_experts
 from moeray.models.quant import Fp8Weights, dequantize
 
@@ -103,3 +107,24 @@ def test_power_of_two_scales_stored_as_e8m0():
     q, _ = quantize_fp8(torch.randn(16, 16), (8, 8))
     scales = torch.tensor([[0.25, 4.0], [1.0, 2.0**-20]])
     assert torch.equal(dequantize(q, scales.to(torch.float8_e8m0fnu), (8, 8)), dequantize(q, scales, (8, 8)))
+
+
+def test_sharded_fp8_checkpoint_with_scales_in_other_shards(make_checkpoint, tmp_path):
+    """Hub FP8 checkpoints come in many shards; a weight's scales may sit in another shard than the weight.
+    The model loads to the same bits as from the single file."""
+    single = make_checkpoint("deepseek_v3_fp8")
+    tensors = load_file(single / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    first, second = shards.values()
+    for name in names:  # scales in the second shard, their weights and everything else in the first
+        (second if name.endswith("_scale_inv") else first)[name] = tensors[name]
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    for file, part in shards.items():
+        save_file(part, folder / file, metadata={"format": "pt"})
+    weight_map = {name: file for file, part in shards.items() for name in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(single / "config.json", folder / "config.json")
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(load_model(folder)(ids), load_model(single)(ids))
