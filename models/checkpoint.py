@@ -185,25 +185,25 @@ class CheckpointReader:
                                   "config.json has no quantization_config with quant_method 'fp8'")
         scale_name = f"{name}_scale_inv"
         if not self.has(scale_name):
-            if self.has(f"{name}_scale") or self.has(f"{name.removesuffix('weight')}weight_scale"):
+            if self.has(f"{name}_scale"):
                 raise CheckpointError(f"{where}: tensor {name!r} has a per-tensor scale (weight_scale, as AutoFP8 writes); "
                                       "only block-wise FP8 (weight_scale_inv, as DeepSeek-V3 and Qwen3-FP8) is supported")
             raise CheckpointError(f"{where}: tensor {name!r} is float8 but its scales {scale_name!r} are missing")
         if weight.dim() < 2:
             raise CheckpointError(f"{where}: float8 tensor {name!r} has shape {list(weight.shape)}; weights have 2 dims or more")
-        full = self.shape(name)
-        expected, found = scale_shape(full, self.fp8.block), self.shape(scale_name)
-        fits = found == expected if self.fp8.block is not None else math.prod(found) == 1  # (per tensor: one scale)
+        full, found, block = self.shape(name), self.shape(scale_name), self.fp8.block
+        expected = "one scale" if block is None else list(scale_shape(full, block))
+        fits = math.prod(found) == 1 if block is None else list(found) == expected
         if not fits:
             raise CheckpointError(f"{self._entry(scale_name).file}: tensor {scale_name!r} has shape {list(found)}, "
-                                  f"expected {list(expected) if expected else 'one scale'} for {name!r} {list(full)} "
-                                  f"in blocks of {self.fp8.block} (config.json: quantization_config.weight_block_size, "
+                                  f"expected {expected} for {name!r} {list(full)} "
+                                  f"in blocks of {block} (config.json: quantization_config.weight_block_size, "
                                   "[128, 128] where absent)")
         scale = read_scale(scale_name)
         if scale.dtype not in SCALE_DTYPES:
             raise CheckpointError(f"{self._entry(scale_name).file}: tensor {scale_name!r} is {scale.dtype}; "
                                   f"scales are one of {', '.join(str(d).removeprefix('torch.') for d in SCALE_DTYPES)}")
-        return dequantize(weight, scale, self.fp8.block)
+        return dequantize(weight, scale, block)
 
     def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name)

@@ -32,10 +32,8 @@ class Fp8Weights:
     block: tuple[int, int] | None  # (rows, cols) a scale covers; None: one scale per tensor
 
 
-def scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int] | None) -> tuple[int, ...]:
+def scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
     """The `_scale_inv` shape that goes with a float8 weight of `weight_shape` (leading dims: experts)."""
-    if block is None:
-        return ()
     *lead, rows, cols = weight_shape
     return (*lead, -(-rows // block[0]), -(-cols // block[1]))
 
