@@ -99,7 +99,7 @@ class ExpertGroup:
     def serve(self, world: World) -> Command:
         """Follow step headers until REFORM or STOP; returns that command."""
         while True:
-            command, _step, version, num_tokens = world.broadcast_header().tolist()
+            command, _step, version, num_tokens = world.recv_header().tolist()
             command = Command(command)
             if command in (Command.REFORM, Command.STOP):
                 return command

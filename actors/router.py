@@ -1,7 +1,7 @@
 """`Router`: the dense half of the model plus the batcher, dispatching every MoE layer to expert groups.
 
 It is the in-process `Engine` (batcher, paged KV cache, runner, sampler: reused, not copied)
-whose MoE blocks hold `RemoteExperts` instead of local weights. Each step it first broadcasts
+whose MoE blocks hold `RemoteExperts` instead of local weights. Each step it first sends
 the step header, so that every expert group runs the same step under the same plan version;
 then, per MoE layer, `RemoteExperts` sends each group its rows (sorted by slot) and brings the
 results back. A new plan, once every group has staged it, becomes active on the next step's
@@ -38,6 +38,7 @@ class ExpertLink:
         self.tracker = LoadTracker(plan.num_layers, plan.num_experts)
         self.client_load = ClientLoad(plan.num_layers, plan.num_experts)
         self._buffers: dict = {}  # see buffer
+        self.header: Tensor | None = None  # the running step's header until its first layer sends it
 
     def send(self, x: Tensor, handle: PermuteHandle, counts: Tensor) -> tuple:
         """Post the receive of every group's results, then send group g (rank g + 1) its message
@@ -49,12 +50,15 @@ class ExpertLink:
             f"a group's rows {rows_per_group} overflow the buffer sized for {self.num_tokens} tokens"
         results = self.buffer("results", sum(rows_per_group) * x.shape[1], x.dtype, world.device).view(
             -1, x.shape[1])  # [T*K, H]
-        works, row = [], 0
+        works, messages, row = [], [], 0  # messages: kept referenced until their sends are done
+        if self.header is not None:  # the step's first layer: its header goes first
+            works += world.send_header(self.header)
+            messages.append(self.header)
+            self.header = None
         for group, n in enumerate(rows_per_group):
             if n:
                 works.append(world.recv(results[row:row + n], group + 1))
             row += n
-        messages = []  # kept referenced until their sends are done
         alloc = lambda group, nbytes: self.buffer(("message", group), nbytes, torch.uint8, world.device)  # noqa: E731
         for group, message in enumerate(pack(x, handle, counts, alloc)):
             works += world.send_message(message, group + 1, head_bytes(slots))
@@ -178,4 +182,14 @@ class Router:
         self._header(Command.STOP)
 
     def _header(self, command: Command, num_tokens: int = 0) -> None:
-        self.link.world.broadcast_header(torch.tensor([command, self.step_id, self.plan.version, num_tokens]))
+        """The step header for every group. A RUN header goes with the step's first MoE layer, in the
+        same round of sends as its messages (`ExpertLink.send`): the groups can do nothing before that
+        message anyway, and the router no longer stops ~1 ms a step for it. A step that fails before
+        its first layer sent nothing; its replay sends its own header. Any other header (ACTIVATE
+        switches plans: it must reach the groups even if its step then fails) is sent and waited for at once."""
+        header = torch.tensor([command, self.step_id, self.plan.version, num_tokens])
+        self.link.header = header if command == Command.RUN else None
+        if command == Command.RUN:
+            return
+        for work in self.link.world.send_header(header):
+            work.wait()
