@@ -41,8 +41,10 @@ class ExpertLink:
         self.header: Tensor | None = None  # the running step's header until its first layer sends it
 
     def send(self, x: Tensor, handle: PermuteHandle, counts: Tensor) -> tuple:
-        """Post the receive of every group's results, then send group g (rank g + 1) its message
-        (counts [S] + x's rows of its pairs), each as soon as it is gathered; returns at once.
+        """Send group g (rank g + 1) its message (counts [S] + x's rows of its pairs) as soon as it is
+        gathered, then post the receive of its results; returns at once. In that order because NCCL
+        runs a pair's sends and receives in order on one stream: a receive posted before the pair's
+        send would wait for results that need the send first (gloo would not mind either way).
         x [T, H]; counts [G, S]. -> pending, for `receive`."""
         world, slots = self.world, counts.shape[1]
         rows_per_group = counts.sum(1).tolist()  # [G]
@@ -55,14 +57,13 @@ class ExpertLink:
             works += world.send_header(self.header)
             messages.append(self.header)
             self.header = None
-        for group, n in enumerate(rows_per_group):
-            if n:
-                works.append(world.recv(results[row:row + n], group + 1))
-            row += n
         alloc = lambda group, nbytes: self.buffer(("message", group), nbytes, torch.uint8, world.device)  # noqa: E731
         for group, message in enumerate(pack(x, handle, counts, alloc)):
             works += world.send_message(message, group + 1, head_bytes(slots))
             messages.append(message)
+            if n := rows_per_group[group]:
+                works.append(world.recv(results[row:row + n], group + 1))
+            row += n
         return works, messages, results
 
     def buffer(self, key, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
