@@ -1,6 +1,8 @@
 """`ExpertGroup`: one rank of the expert world, holding the weights of its S slots per MoE layer.
 
 It never acts on its own between steps: `serve` reads the router's step header and follows it.
+Its slots' weights live on its `device` (the actor's GPU when it has one) and so does its expert
+FFN; the checkpoint is read and staged on the host, and copied in when a slot takes an expert.
 Per MoE layer of a step it receives one message from the router (per-slot counts, then the
 rows sorted by slot), runs the grouped SwiGLU over its slots, and sends the results back in the
 same order. Placement changes come in two halves: `stage(plan)` loads the weights of the slots
@@ -23,15 +25,17 @@ from moeray.models.loader import load_config, moe_prefix
 
 class ExpertGroup:
     def __init__(self, model_path: str | Path, group: int, plan: PlacementPlan, dtype: torch.dtype = torch.float32,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, device: torch.device | str = "cpu"):
         self.config, family = load_config(model_path)
-        self.group, self.dtype = group, dtype
+        self.group, self.dtype, self.device = group, dtype, torch.device(device)  # where the slots' weights live
         self.reader = CheckpointReader(model_path, self.config.fp8)
         self.prefixes = [moe_prefix(family, self.reader, layer) for layer in self.config.moe_layer_ids]
         check_plan(plan, self.config.num_experts, len(self.prefixes))
         c, slots = self.config, plan.slots_per_group
-        self.w13 = [torch.zeros(slots, 2 * c.moe_intermediate_size, c.hidden_size, dtype=dtype) for _ in self.prefixes]  # L x [S, 2I, H]
-        self.w2 = [torch.zeros(slots, c.hidden_size, c.moe_intermediate_size, dtype=dtype) for _ in self.prefixes]  # L x [S, H, I]
+        self.w13 = [torch.zeros(slots, 2 * c.moe_intermediate_size, c.hidden_size, dtype=dtype, device=self.device)
+                    for _ in self.prefixes]  # L x [S, 2I, H]
+        self.w2 = [torch.zeros(slots, c.hidden_size, c.moe_intermediate_size, dtype=dtype, device=self.device)
+                   for _ in self.prefixes]  # L x [S, H, I]
         slots_here = [(l, s, int(e)) for l in range(plan.num_layers)
                       for s, e in enumerate(plan.physical_to_logical[l, group]) if e >= 0]
         for done, (layer, slot, w13, w2) in enumerate(self._load(slots_here), 1):
@@ -134,7 +138,12 @@ class ExpertGroup:
         counts = counts.cpu()
         self.tokens_per_slot[layer] += counts
         if rows.shape[0]:
-            world.send(expert_ffn(rows.cpu(), counts.tolist(), self.w13[layer], self.w2[layer]), 0).wait()
+            world.send(self.compute(layer, rows, counts.tolist()), 0).wait()
+
+    def compute(self, layer: int, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The grouped SwiGLU of MoE layer `layer` on this group's device: rows [n, H] sorted by slot,
+        counts[s] of them for slot s -> [n, H] on that device (World.send moves it if the world's differs)."""
+        return expert_ffn(rows.to(self.device), counts, self.w13[layer], self.w2[layer])
 
     def _load(self, slots: list[tuple[int, int, int]]):
         """(layer, slot, logical expert) -> yields (layer, slot, w13 [2I, H], w2 [H, I]) from the checkpoint."""

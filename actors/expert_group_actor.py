@@ -1,4 +1,5 @@
-"""`ExpertGroupActor`: the Ray shell around `ExpertGroup` (one GPU each in production, CPU here).
+"""`ExpertGroupActor`: the Ray shell around `ExpertGroup` (one GPU each in production, CPU here),
+on the GPU Ray assigned it, if any.
 
 Threaded: `serve` runs the step loop on its own thread so that control calls (stage, stats)
 are answered while steps go on. Per-layer traffic never goes through Ray calls.
@@ -15,6 +16,11 @@ from moeray.actors.expert_group import ExpertGroup
 from moeray.actors.placement import PlacementPlan
 
 
+def group_device() -> torch.device:
+    """The GPU Ray gave this actor (`num_gpus=1` makes it the only visible one), else the CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
 @ray.remote(max_concurrency=4)
 class ExpertGroupActor:
     def __init__(self, model_path: str, group: int, plan_json: str, dtype: str, num_threads: int):
@@ -28,7 +34,8 @@ class ExpertGroupActor:
 
     def load(self) -> int:
         """Read this group's experts from the checkpoint (slow: the deployer polls `progress` meanwhile)."""
-        self.group = ExpertGroup(*self._args, progress=lambda done, total: setattr(self, "loaded", (done, total)))
+        self.group = ExpertGroup(*self._args, progress=lambda done, total: setattr(self, "loaded", (done, total)),
+                                 device=group_device())
         return self.group.group
 
     def progress(self) -> tuple[int, int]:

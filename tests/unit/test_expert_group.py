@@ -37,3 +37,22 @@ def test_the_receive_buffer_fits_any_step_of_that_many_tokens_and_is_reused(make
     assert big.numel() == message_bytes(slots, 5 * min(c.top_k, slots), c.hidden_size, group.dtype)
     assert group.inbox(2) is big  # a smaller step reuses it
     assert group.inbox(6).numel() > big.numel()
+
+
+def test_a_groups_compute_runs_each_slot_with_its_experts_weights(make_checkpoint):
+    """The rows of slot s go through the expert that slot holds, the model's own weights for it."""
+    from moeray.kernels.moe import expert_ffn
+    from moeray.models import load_model
+    from moeray.models.model import MoEBlock
+
+    path = make_checkpoint("mixtral_swa")  # 2 MoE layers, 6 experts
+    plan = PlacementPlan.default(2, 6, 2, redundant_slots=1)  # group 1: [3, 4, 5, 0]
+    group = ExpertGroup(path, 1, plan)
+    assert group.w13[0].device.type == "cpu"
+    blocks = [m for m in load_model(path).modules() if isinstance(m, MoEBlock)]
+    counts = [3, 0, 2, 4]  # rows per slot, sorted by slot
+    rows = torch.randn(sum(counts), group.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for layer, block in enumerate(blocks):
+        experts = plan.physical_to_logical[layer, 1].tolist()
+        expected = expert_ffn(rows, counts, block.experts.w13.data[experts], block.experts.w2.data[experts])
+        assert torch.equal(group.compute(layer, rows, counts), expected)
