@@ -1,8 +1,8 @@
 """Deploy a router and G expert groups onto a Ray cluster and form their world.
 
-Resources: with GPUs in the cluster every expert group asks for one (`num_gpus=1`) and the world
-uses NCCL when the router has one too; otherwise every actor asks for `num_cpus=0` plus the
-memory its weights need, and sets its own torch thread count so actors on one machine do not
+Resources: with GPUs in the cluster every expert group asks for one (`num_gpus=1`) and computes
+its experts there; the world is gloo (see `_resources`); otherwise every actor asks for `num_cpus=0`
+plus the memory its weights need, and sets its own torch thread count so actors on one machine do not
 fight over cores. What the cluster cannot place is reported by name before anything starts,
 and an actor that fails to start (say, a checkpoint its node cannot read) fails the deployment
 with its own error instead of hanging.
@@ -438,9 +438,11 @@ def _resources(num_groups: int, group_bytes: int, use_gpus: bool) -> tuple[dict,
         if available.get("GPU", 0) < num_groups:
             raise DeploymentError(f"{num_groups} expert groups need {num_groups} GPUs (resource 'GPU'); "
                                   f"the cluster has {available.get('GPU', 0):g}")
-        router_gpu = available.get("GPU", 0) >= num_groups + 1
-        return ({"num_gpus": 1, "num_cpus": 0}, {"num_gpus": int(router_gpu), "num_cpus": 0},
-                "nccl" if router_gpu else "gloo")
+        # The router's dense part runs on the CPU, so every message starts and ends in host memory:
+        # gloo carries it, and each group moves its rows to its GPU and the results back. (NCCL
+        # would need the router on a GPU: with its model on the CPU its messages could not even be
+        # gathered into GPU buffers, so it is not offered until the router runs there.)
+        return {"num_gpus": 1, "num_cpus": 0}, {"num_cpus": 0}, "gloo"
     need = group_bytes * num_groups
     if available.get("memory", 0) < need:
         raise DeploymentError(f"{num_groups} expert groups need {need / 2**30:.2f} GiB of resource 'memory' for "
