@@ -189,8 +189,9 @@ class Router:
         its first layer sent nothing; its replay sends its own header. Any other header (ACTIVATE
         switches plans: it must reach the groups even if its step then fails) is sent and waited for at once."""
         header = torch.tensor([command, self.step_id, self.plan.version, num_tokens])
-        self.link.header = header if command == Command.RUN else None
         if command == Command.RUN:
+            self.link.header = header
             return
+        self.link.header = None  # (a RUN header that a failed step never sent)
         for work in self.link.world.send_header(header):
             work.wait()
