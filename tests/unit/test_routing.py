@@ -31,7 +31,8 @@ def assert_same_routing(actual, expected, *, ordered: bool) -> None:
     if not ordered:
         (w, ids), (w_ref, ids_ref) = by_id(w, ids), by_id(w_ref, ids_ref)
     assert torch.equal(ids, ids_ref)
-    torch.testing.assert_close(w, w_ref, rtol=0, atol=1e-6)
+    # (a few ulps: torch's vectorised softmax sums in another order than one token's, more so on AVX-512)
+    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-6)
 
 
 def differs_for_some_token(a: torch.Tensor, b: torch.Tensor) -> bool:
