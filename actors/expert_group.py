@@ -5,7 +5,8 @@ Its slots' weights live on its `device` (the actor's GPU when it has one) and so
 FFN; the checkpoint is read and staged on the host, and copied in when a slot takes an expert.
 Per MoE layer of a step it receives one message from the router (per-slot counts, then the
 rows sorted by slot), runs the grouped SwiGLU over its slots, and sends the results back in the
-same order. Placement changes come in two halves: `stage(plan)` loads the weights of the slots
+same order. GPT-OSS's experts also hold biases per slot (`ExpertBiases`), loaded and moved with
+their weights. Placement changes come in two halves: `stage(plan)` loads the weights of the slots
 that change into staging memory (on another thread) while steps go on; the header
 `ACTIVATE v` copies them into place at a step boundary, on every rank at once.
 """
@@ -18,8 +19,8 @@ import torch
 from moeray.actors.comm import Command, World
 from moeray.actors.dispatch import head_bytes, max_rows_per_group, message_bytes, unpack
 from moeray.actors.placement import PlacementPlan, check_plan
-from moeray.kernels.moe import expert_ffn
-from moeray.models.checkpoint import CheckpointReader, load_experts
+from moeray.kernels.moe import ExpertBiases, expert_ffn
+from moeray.models.checkpoint import CheckpointReader, load_expert_biases, load_experts
 from moeray.models.loader import load_config, moe_prefix
 
 
@@ -36,14 +37,17 @@ class ExpertGroup:
                     for _ in self.prefixes]  # L x [S, 2I, H]
         self.w2 = [torch.zeros(slots, c.hidden_size, c.moe_intermediate_size, dtype=dtype, device=self.device)
                    for _ in self.prefixes]  # L x [S, H, I]
+        self.biases = [ExpertBiases(torch.zeros(slots, 2 * c.moe_intermediate_size, dtype=dtype, device=self.device),
+                                    torch.zeros(slots, c.hidden_size, dtype=dtype, device=self.device))
+                       if c.expert_bias else None for _ in self.prefixes]  # L x ([S, 2I], [S, H]) or None
         slots_here = [(l, s, int(e)) for l in range(plan.num_layers)
                       for s, e in enumerate(plan.physical_to_logical[l, group]) if e >= 0]
-        for done, (layer, slot, w13, w2) in enumerate(self._load(slots_here), 1):
-            self.w13[layer][slot], self.w2[layer][slot] = w13, w2
+        for done, (layer, slot, weights) in enumerate(self._load(slots_here), 1):
+            self._put(layer, slot, weights)
             if progress:
                 progress(done, len(slots_here))
         self.plan = plan
-        self._staged: tuple[PlacementPlan, list] | None = None  # (plan, [(layer, slot, w13, w2)])
+        self._staged: tuple[PlacementPlan, list] | None = None  # (plan, [(layer, slot, weights)])
         self.tokens_per_slot = torch.zeros(plan.num_layers, slots, dtype=torch.long)  # [L, S] since start
         self._inbox = torch.empty(0, dtype=torch.uint8)  # see `inbox`
 
@@ -84,9 +88,8 @@ class ExpertGroup:
         mine, theirs = self.plan.physical_to_logical[:, self.group], plan.physical_to_logical[:, group]
         changed = [(layer, slot, int(theirs[layer, slot]))
                    for layer, slot in ((theirs != mine) & (theirs >= 0)).nonzero().tolist()]
-        for layer, slot, w13, w2 in self._load(changed):
-            self.w13[layer][slot].copy_(w13)
-            self.w2[layer][slot].copy_(w2)
+        for layer, slot, weights in self._load(changed):
+            self._put(layer, slot, weights)
         self.plan, self.group, self._staged = plan, group, None
         return changed
 
@@ -94,10 +97,9 @@ class ExpertGroup:
         """Copy staged weights into their slots (between steps) and switch to plan `version`."""
         if self._staged is None or self._staged[0].version != version:
             raise RuntimeError(f"group {self.group}: asked to activate v{version}, staged v{self.staged_version}")
-        plan, weights = self._staged
-        for layer, slot, w13, w2 in weights:
-            self.w13[layer][slot].copy_(w13)
-            self.w2[layer][slot].copy_(w2)
+        plan, staged = self._staged
+        for layer, slot, weights in staged:
+            self._put(layer, slot, weights)
         self.plan, self._staged = plan, None
 
     def serve(self, world: World) -> Command:
@@ -143,12 +145,23 @@ class ExpertGroup:
     def compute(self, layer: int, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The grouped SwiGLU of MoE layer `layer` on this group's device: rows [n, H] sorted by slot,
         counts[s] of them for slot s -> [n, H] on that device (World.send moves it if the world's differs)."""
-        return expert_ffn(rows.to(self.device), counts, self.w13[layer], self.w2[layer])
+        return expert_ffn(rows.to(self.device), counts, self.w13[layer], self.w2[layer], self.biases[layer],
+                          self.config.expert_activation)
+
+    def _put(self, layer: int, slot: int, weights: tuple[torch.Tensor, ...]) -> None:
+        """Copy one expert's tensors (see `_load`) into slot `slot` of MoE layer `layer`."""
+        biases = self.biases[layer]
+        stacks = (self.w13[layer], self.w2[layer], *((biases.b13, biases.b2) if biases is not None else ()))
+        for stack, tensor in zip(stacks, weights, strict=True):
+            stack[slot].copy_(tensor)
 
     def _load(self, slots: list[tuple[int, int, int]]):
-        """(layer, slot, logical expert) -> yields (layer, slot, w13 [2I, H], w2 [H, I]) from the checkpoint."""
+        """(layer, slot, logical expert) -> yields (layer, slot, weights) from the checkpoint, weights being
+        (w13 [2I, H], w2 [H, I]) and, with expert biases, (b13 [2I], b2 [H]) after them."""
         c = self.config
         for layer, slot, expert in slots:
-            w13, w2 = load_experts(self.reader, self.prefixes[layer], [expert], c.hidden_size,
-                                   c.moe_intermediate_size, c.num_experts, self.dtype)
-            yield layer, slot, w13[0], w2[0]
+            sizes = (c.hidden_size, c.moe_intermediate_size, c.num_experts, self.dtype)
+            weights = load_experts(self.reader, self.prefixes[layer], [expert], *sizes, c.expert_layout)
+            if c.expert_bias:
+                weights += load_expert_biases(self.reader, self.prefixes[layer], [expert], *sizes)
+            yield layer, slot, tuple(t[0] for t in weights)

@@ -73,5 +73,7 @@ class PagedContext:
     def __init__(self, cache: KVCache, meta: PagedAttentionMetadata):
         self.cache, self.meta = cache, meta
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
-        return paged_attention(q, k, v, self.cache.keys[layer], self.cache.values[layer], self.meta, scale, window)
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None,
+               sinks: Tensor | None = None) -> Tensor:
+        return paged_attention(q, k, v, self.cache.keys[layer], self.cache.values[layer], self.meta, scale, window,
+                               sinks)

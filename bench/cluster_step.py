@@ -293,7 +293,7 @@ def routing(shape: ExchangeShape, tokens: int, dtype: torch.dtype):
     return x, topk_weights, topk_ids
 
 
-def passthrough_ffn(rows, counts, w13, w2):
+def passthrough_ffn(rows, counts, w13, w2, biases=None, activation=None):
     """The no-op expert: results are the rows as received."""
     return rows
 
@@ -305,8 +305,9 @@ def bare_group(plan, group: int, hidden: int, top_k: int, dtype: torch.dtype):
     from moeray.actors.expert_group import ExpertGroup
 
     g = ExpertGroup.__new__(ExpertGroup)
-    g.config, g.group, g.dtype, g.plan = SimpleNamespace(hidden_size=hidden, top_k=top_k), group, dtype, plan
-    g.w13 = g.w2 = [None] * plan.num_layers
+    g.config = SimpleNamespace(hidden_size=hidden, top_k=top_k, expert_activation=None)
+    g.group, g.dtype, g.plan = group, dtype, plan
+    g.w13 = g.w2 = g.biases = [None] * plan.num_layers
     g.tokens_per_slot = torch.zeros(plan.num_layers, plan.slots_per_group, dtype=torch.long)
     g._inbox = torch.empty(0, dtype=torch.uint8)
     return g

@@ -8,6 +8,10 @@ slots hold its whole context. Decode sequences (one new token) are attended toge
 padded SDPA call; prefill chunks one by one (they are compute bound anyway).
 
 Sliding windows follow transformers: query at position p sees keys j with p - window < j <= p.
+
+Attention sinks (GPT-OSS): one learnt logit per query head joins each softmax as a key with no
+value, so a head can attend to nothing. They take `attend_with_sinks`, transformers' eager op order
+(scores, sink column, max-subtracted softmax in the scores' dtype, sink dropped), on every path.
 """
 
 import itertools
@@ -111,37 +115,37 @@ def _context_slots(block_tables: list[list[int]], block_size: int) -> Tensor:
 
 
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                    meta: PagedAttentionMetadata, scale: float, window: int | None) -> Tensor:
+                    meta: PagedAttentionMetadata, scale: float, window: int | None, sinks: Tensor | None = None) -> Tensor:
     """Write the step's K/V into the cache, then attend each sequence over its whole context.
 
     q [N, nh, Dk]; k [N, nkv, Dk], v [N, nkv, Dv]; k_cache [num_slots, nkv, Dk], v_cache
-    [num_slots, nkv, Dv] -> [N, nh, Dv]. A v_cache that is a view of k_cache's first Dv numbers
-    (MLA, whose value is the first numbers of its key) is written with the keys.
+    [num_slots, nkv, Dv]; sinks [nh] or None -> [N, nh, Dv]. A v_cache that is a view of k_cache's
+    first Dv numbers (MLA, whose value is the first Dv numbers of its key) is written with the keys.
     """
-    if meta.decode_rows is None and _native_decode(q, k_cache, v_cache):  # every row a decode query, in order:
+    if meta.decode_rows is None and sinks is None and _native_decode(q, k_cache, v_cache):  # every row a decode query, in order:
         return native.decode_attention(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale, window,
                                        new=(k, v, meta.slot_mapping))  # writes the K/V too, one call a layer
     k_cache.index_copy_(0, meta.slot_mapping, k)  # index_copy_ / index_select: a third of the cost of
     if not native.shares_keys(v_cache, k_cache):  # `cache[slots] = k` / `cache[slots]` at these sizes
         v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.decode_rows is None:  # a pure decode step: every row is a decode query, in order
-        return _attend_decode(q, k_cache, v_cache, meta, scale, window)
+        return _attend_decode(q, k_cache, v_cache, meta, scale, window, sinks)
     out = q.new_empty(*q.shape[:2], v.shape[-1])  # [N, nh, Dv]
     if meta.decode_seqs:
-        out[meta.decode_rows] = _attend_decode(q[meta.decode_rows], k_cache, v_cache, meta, scale, window)
+        out[meta.decode_rows] = _attend_decode(q[meta.decode_rows], k_cache, v_cache, meta, scale, window, sinks)
     for i in meta.prefill_seqs:
         rows = slice(meta.query_starts[i], meta.query_starts[i + 1])
         if meta.positions[i] == 0:  # the whole context is this step's: no need to read it back
-            out[rows] = _attend_chunk(q[rows], k[rows], v[rows], 0, scale, window)
+            out[rows] = _attend_chunk(q[rows], k[rows], v[rows], 0, scale, window, sinks)
         else:
             slots = meta.context_slots[i]
             out[rows] = _attend_chunk(q[rows], k_cache.index_select(0, slots), v_cache.index_select(0, slots),
-                                      meta.positions[i], scale, window)
+                                      meta.positions[i], scale, window, sinks)
     return out
 
 
 def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: PagedAttentionMetadata,
-                   scale: float, window: int | None) -> Tensor:
+                   scale: float, window: int | None, sinks: Tensor | None = None) -> Tensor:
     """The decode sequences' queries q [Bd, nh, D] over their cached contexts -> [Bd, nh, Dv].
 
     On CPU (float32, bf16) the native kernel reads keys and values in place through the slots;
@@ -150,10 +154,13 @@ def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: PagedAtten
     so SDPA never copies the kv heads out to nh heads, as its math path does for `enable_gqa` (41% of
     the call in a profile at MLA's one 576-wide kv head and 16 query heads; bench/decode_attention.py)."""
     slots = meta.decode_slots  # [Bd, Lmax]
-    if _native_decode(q, k_cache, v_cache):
+    if sinks is None and _native_decode(q, k_cache, v_cache):
         return native.decode_attention(q, k_cache, v_cache, slots, meta.decode_lens, scale, window)
     keys = k_cache.index_select(0, slots.view(-1)).view(*slots.shape, *k_cache.shape[1:]).transpose(1, 2)  # [Bd, nkv, Lmax, Dk]
     values = v_cache.index_select(0, slots.view(-1)).view(*slots.shape, *v_cache.shape[1:]).transpose(1, 2)  # [.., Dv]
+    if sinks is not None:
+        mask = meta.decode_mask(window)  # [Bd, 1, 1, Lmax] or None
+        return attend_with_sinks(q[:, :, None], keys, values, mask, scale, sinks)[:, :, 0]  # [Bd, nh, Dv]
     kv_heads = keys.shape[1]
     queries = q.unflatten(1, (kv_heads, q.shape[1] // kv_heads))  # [Bd, nkv, nh / nkv, Dk]
     att = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.decode_mask(window), scale=scale)
@@ -166,44 +173,77 @@ def _native_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
     return native.supports(k_cache) if native.shares_keys(v_cache, k_cache) else native.supports(k_cache, v_cache)
 
 
-def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float, window: int | None) -> Tensor:
+def _attend_chunk(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float, window: int | None,
+                  sinks: Tensor | None = None) -> Tensor:
     """One sequence: q [n, nh, D] at positions start..start+n-1; k, v [start+n, nkv, D] -> [n, nh, D]."""
-    n, ctx = q.shape[0], k.shape[0]
     # 4-D [1, heads, len, D] like causal_attention: torch picks its SDPA kernel by rank, and in bf16
     # the 3-D and 4-D kernels round differently, which would make paged and unpaged logits disagree.
     query, keys, values = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-    if start == 0 and not window:
+    if sinks is not None:
+        mask = causal_mask(start, q.shape[0], k.shape[0], window, q.device)
+        att = attend_with_sinks(query, keys, values, mask, scale, sinks)
+    elif start == 0 and not window:
         att = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        q_pos = torch.arange(start, start + n, device=q.device)[:, None]  # [n, 1]
-        k_pos = torch.arange(ctx, device=q.device)[None, :]  # [1, ctx]
-        mask = k_pos <= q_pos
-        if window:
-            mask &= k_pos > q_pos - window
+        mask = causal_mask(start, q.shape[0], k.shape[0], window, q.device)
         att = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     return att[0].transpose(0, 1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
-    """No cache, B equal-length sequences: q [B, T, nh, D]; k, v [B, T, nkv, D] -> [B, T, nh, D]."""
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None,
+                     sinks: Tensor | None = None) -> Tensor:
+    """No cache, B equal-length sequences: q [B, T, nh, D]; k, v [B, T, nkv, D]; sinks [nh] -> [B, T, nh, D]."""
     query, keys, values = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-    if window:
-        pos = torch.arange(q.shape[1], device=q.device)
-        mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)  # [T, T]
+    seq_len = q.shape[1]
+    if sinks is not None:
+        att = attend_with_sinks(query, keys, values, causal_mask(0, seq_len, seq_len, window, q.device), scale, sinks)
+    elif window:
+        mask = causal_mask(0, seq_len, seq_len, window, q.device)
         att = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
     else:
         att = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     return att.transpose(1, 2)
 
 
-def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
-    """Plain matmul-softmax reference for one sequence: q [T, nh, D], k, v [T, nkv, D] -> [T, nh, D]."""
+def causal_mask(start: int, num_queries: int, num_keys: int, window: int | None, device=None) -> Tensor:
+    """[n, ctx] bool, True where query start+i may see key j: j <= start+i, and within the window."""
+    q_pos = torch.arange(start, start + num_queries, device=device)[:, None]  # [n, 1]
+    k_pos = torch.arange(num_keys, device=device)[None, :]  # [1, ctx]
+    mask = k_pos <= q_pos
+    if window:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def attend_with_sinks(query: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, scale: float,
+                      sinks: Tensor) -> Tensor:
+    """query [B, nh, Tq, D], keys [B, nkv, Tk, D], values [B, nkv, Tk, Dv], mask broadcast to
+    [B, nh, Tq, Tk] (True: may attend; None: all), sinks [nh] -> [B, nh, Tq, Dv].
+
+    Each head's sink logit joins its softmax as one more column, dropped after: the weights of the
+    real keys sum to less than 1. Transformers' eager GPT-OSS attention, op for op."""
+    reps = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(reps, dim=1), values.repeat_interleave(reps, dim=1)  # [B, nh, Tk, D]
+    scores = torch.matmul(query, keys.transpose(2, 3)) * scale  # [B, nh, Tq, Tk]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)  # [B, nh, Tq, 1]
+    logits = torch.cat([scores, sink], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = logits.softmax(dim=-1, dtype=logits.dtype)[..., :-1]  # [B, nh, Tq, Tk]
+    return torch.matmul(probs.to(values.dtype), values)
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None,
+                        sinks: Tensor | None = None) -> Tensor:
+    """Plain matmul-softmax reference for one sequence: q [T, nh, D], k, v [T, nkv, D] -> [T, nh, D].
+    With sinks [nh]: each head's softmax denominator also counts exp(sink)."""
     reps = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(reps, dim=1).float(), v.repeat_interleave(reps, dim=1).float()
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale  # [nh, T, T]
-    pos = torch.arange(q.shape[0])
-    allowed = pos[None, :] <= pos[:, None]
-    if window:
-        allowed &= pos[None, :] > pos[:, None] - window
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    scores = scores.masked_fill(~causal_mask(0, q.shape[0], q.shape[0], window), float("-inf"))
+    if sinks is None:
+        return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    sink = sinks.float()[:, None, None].expand(*scores.shape[:-1], 1)  # [nh, T, 1]
+    weights = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]  # [nh, T, T]
+    return torch.einsum("hqk,khd->qhd", weights, v).to(q.dtype)

@@ -14,7 +14,9 @@ Worked example: T=2, K=2, topk_ids = [[3, 0], [0, 1]]
     inverse    = [3, 0, 1, 2]          (sorted row of each pair: inverse[order[i]] = i)
 
 Weights are fused the way transformers 5 keeps them in memory: `w13 [E, 2I, H]` (gate rows,
-then up rows) and `w2 [E, H, I]`.
+then up rows) and `w2 [E, H, I]`. GPT-OSS's experts add biases (`ExpertBiases`: b13 [E, 2I] and
+b2 [E, H]) and a clamped gated activation (`Activation`); they take the torch paths below (the
+native kernel is plain SwiGLU without biases).
 
 Numerics (what tests hold us to): every matmul accumulates in float32 and its output is rounded
 to the model dtype, the activation runs in the model dtype, and the K expert outputs of a token
@@ -74,6 +76,39 @@ NATIVE_MAX_ROWS = 64
 FLOAT32_BLOCK_BYTES = 2 << 20
 # Rows of consecutive experts that `fused_moe` takes at a time: intermediates of about this size.
 CHUNK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class Activation:
+    """The experts' gated activation of (gate, up) -> [n, I].
+
+    limit None: silu(gate) * up (every family but GPT-OSS). Otherwise GPT-OSS's clamped form, in
+    transformers' op order: gate clamped above at `limit`, up to [-limit, limit], then
+    gate * sigmoid(alpha * gate) * (up + 1)."""
+
+    limit: float | None = None
+    alpha: float = 1.0
+
+    def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
+        if self.limit is None:
+            return F.silu(gate).mul_(up)
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+SWIGLU = Activation()
+
+
+@dataclass(frozen=True)
+class ExpertBiases:
+    """Per-expert biases of the two projections (GPT-OSS): b13 [E, 2I] (gate, then up), b2 [E, H]."""
+
+    b13: Tensor
+    b2: Tensor
+
+    def __getitem__(self, experts) -> "ExpertBiases":
+        """The biases of some experts (an index or slice of dim 0), as `w13[experts]` takes their weights."""
+        return ExpertBiases(self.b13[experts], self.b2[experts])
 
 
 @dataclass(frozen=True)
@@ -143,15 +178,19 @@ def combine(rows: Tensor, index: Tensor, topk_weights: Tensor, scratch: Callable
     return out if out.dtype == rows.dtype else out.to(rows.dtype)
 
 
-def expert_ffn(x_sorted: Tensor, counts: list[int], w13: Tensor, w2: Tensor) -> Tensor:
+def expert_ffn(x_sorted: Tensor, counts: list[int], w13: Tensor, w2: Tensor,
+               biases: ExpertBiases | None = None, activation: Activation = SWIGLU) -> Tensor:
     """Grouped SwiGLU: rows of expert e are x_sorted[start_e : start_e + counts[e]].
 
     x_sorted [N, H]; counts: E ints summing to N; w13 [E, 2I, H]; w2 [E, H, I] -> [N, H].
     Experts with at most `_native_max_rows` rows go to the native CPU kernel (one call for all of
     them), the others to one pair of matmuls each; experts without rows cost nothing, so the same
     code is fast for decode (a few rows, a few experts) and prefill (thousands of rows).
+    Experts with biases or another activation (GPT-OSS) are one pair of matmuls each, biases added.
     """
     starts = [0, *itertools.accumulate(counts)][:-1]
+    if biases is not None or activation != SWIGLU:
+        return _expert_ffn_general(x_sorted, starts, counts, w13, w2, biases, activation)
     most_native = _native_max_rows(w13) if native.supports(x_sorted, w13, w2) else 0
     small = [(e, start, count) for e, (start, count) in enumerate(zip(starts, counts)) if 0 < count <= most_native]
     upcast = _needs_float32_matmul(w13.dtype, w13.device.type)
@@ -174,6 +213,23 @@ def expert_ffn(x_sorted: Tensor, counts: list[int], w13: Tensor, w2: Tensor) -> 
         else:
             gate, up = torch.mm(x_sorted[rows], w13[expert].t()).chunk(2, dim=-1)  # [n, I] each
             torch.mm(F.silu(gate).mul_(up), w2[expert].t(), out=out[rows])  # [n, H]
+    return out
+
+
+def _expert_ffn_general(x_sorted: Tensor, starts: list[int], counts: list[int], w13: Tensor, w2: Tensor,
+                        biases: ExpertBiases | None, activation: Activation) -> Tensor:
+    """`expert_ffn` by torch matmuls, an expert at a time: as transformers' experts compute, each
+    projection's bias added to its matmul's rounded output."""
+    out = torch.empty_like(x_sorted)  # [N, H]
+    for expert, (start, count) in enumerate(zip(starts, counts)):
+        if not count:
+            continue
+        rows = slice(start, start + count)
+        gate_up = F.linear(x_sorted[rows], w13[expert])  # [n, 2I]
+        if biases is not None:
+            gate_up += biases.b13[expert]
+        y = F.linear(activation(*gate_up.chunk(2, dim=-1)), w2[expert])  # [n, H]
+        out[rows] = y if biases is None else y + biases.b2[expert]
     return out
 
 
@@ -201,7 +257,8 @@ def _mm_float32(weight: Tensor, rhs: Tensor, buffer: Tensor) -> Tensor:
     return result
 
 
-def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2: Tensor,
+              biases: ExpertBiases | None = None, activation: Activation = SWIGLU) -> Tensor:
     """All experts local: x [T, H], topk [T, K], w13 [E, 2I, H], w2 [E, H, I] -> [T, H].
 
     permute -> expert_ffn -> unpermute, with the same results to the bit, taken a chunk of
@@ -213,20 +270,22 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     its own chunking of the GEMMs' panels.
     """
     num_tokens, top_k = topk_ids.shape
-    if x.dtype == topk_weights.dtype == torch.float32 and native.supports(x, w13, w2):  # float32: one native call
+    plain = biases is None and activation == SWIGLU  # what the native kernel computes
+    if plain and x.dtype == topk_weights.dtype == torch.float32 and native.supports(x, w13, w2):  # one native call
         return native.fused_moe(x, topk_weights.contiguous(), topk_ids.contiguous(), w13, w2)
-    if num_tokens == 1:
+    if plain and num_tokens == 1:
         return _fused_moe_one_token(x, topk_weights, topk_ids, w13, w2)
     handle = sort_pairs(topk_ids, w13.shape[0])
     counts, tokens = handle.counts.tolist(), handle.tokens  # E; [T*K] token of each sorted row
     row_bytes = 4 * (w13.shape[1] + 2 * x.shape[1])  # float32 gate_up + input + output of one row
     chunks = list(_expert_chunks(counts, max(1, CHUNK_BYTES // row_bytes)))
     if len(chunks) == 1:  # a small batch: its rows are the sorted rows
-        y_sorted = expert_ffn(x.index_select(0, tokens), counts, w13, w2)  # [T*K, H]
+        y_sorted = expert_ffn(x.index_select(0, tokens), counts, w13, w2, biases, activation)  # [T*K, H]
     else:
         y_sorted = torch.empty(num_tokens * top_k, x.shape[1], dtype=x.dtype, device=x.device)  # [T*K, H]
         for experts, rows in chunks:
-            y_sorted[rows] = expert_ffn(x.index_select(0, tokens[rows]), counts[experts], w13[experts], w2[experts])
+            y_sorted[rows] = expert_ffn(x.index_select(0, tokens[rows]), counts[experts], w13[experts], w2[experts],
+                                        biases[experts] if biases is not None else None, activation)
     return unpermute(y_sorted, handle, topk_weights)
 
 
@@ -242,7 +301,8 @@ def _expert_chunks(counts: list[int], max_rows: int):
         yield slice(first, len(counts)), slice(start, end)
 
 
-def fused_moe_reference(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2: Tensor) -> Tensor:
+def fused_moe_reference(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2: Tensor,
+                        biases: ExpertBiases | None = None, activation: Activation = SWIGLU) -> Tensor:
     """The einsum-free, loop-per-token reference the fast path is tested against."""
     inter = w2.shape[-1]
     out = torch.zeros(x.shape, dtype=torch.float32)
@@ -250,8 +310,12 @@ def fused_moe_reference(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: 
         for k in range(topk_ids.shape[1]):
             e = int(topk_ids[t, k])
             gate_up = w13[e].float() @ x[t].float()  # [2I]
-            act = F.silu(gate_up[:inter]) * gate_up[inter:]  # [I]
-            out[t] += float(topk_weights[t, k]) * (w2[e].float() @ act)  # [H]
+            if biases is not None:
+                gate_up = gate_up + biases.b13[e].float()
+            y = w2[e].float() @ activation(gate_up[:inter], gate_up[inter:])  # [H]
+            if biases is not None:
+                y = y + biases.b2[e].float()
+            out[t] += float(topk_weights[t, k]) * y
     return out.to(x.dtype)
 
 

@@ -3,7 +3,8 @@
 The statistics are taken in float32 whatever the activation dtype, the normalised value is
 cast back to the input dtype *before* the weight multiply. The order matters in bf16: doing
 the multiply in float32 and casting once at the end is more accurate but gives different
-bits, and correctness here is measured as equality with transformers.
+bits, and correctness here is measured as equality with transformers. GPT-OSS's norm is that
+other order (`round_once=True`); in float32 the two are the same.
 
 float32 on the CPU takes the native kernel (`native.rms_norm`): torch runs the formula as six
 small ops, ~20 us for a decode step's [16, 128] (~40 us inside a step, where the caches are cold:
@@ -29,11 +30,12 @@ logger = logging.getLogger(__name__)
 _same_bits: dict[int, bool] = {}  # hidden size -> the kernel gives F.rms_norm's bits
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, round_once: bool = False) -> Tensor:
     """x [..., H] (fp32 or bf16), weight [H] -> [..., H].
 
     The result dtype follows torch promotion of `weight * x.dtype`, exactly like
     transformers: bf16 activations with a bf16 weight stay bf16; an fp32 weight promotes.
+    round_once: multiply by the weight in float32 and round the product to x's dtype (GPT-OSS).
     """
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         # Both casts are no-ops and torch's rms_norm is this formula (pow, mean, + eps, rsqrt, two
@@ -45,16 +47,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     h = x.to(torch.float32)  # [..., H]
     variance = h.pow(2).mean(-1, keepdim=True)  # [..., 1]
     h = h * torch.rsqrt(variance + eps)
-    return weight * h.to(input_dtype)
+    return (weight * h).to(input_dtype) if round_once else weight * h.to(input_dtype)
 
 
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, round_once: bool = False) -> tuple[Tensor, Tensor]:
     """(x + residual, rms_norm(x + residual)): a residual connection and the norm after it, in one
     native pass for float32 on the CPU (the same bits: the sum is one rounding either way)."""
     if residual.shape == x.shape and _native(x, weight, residual):
         return native.rms_norm(x, weight, eps, lanes(), residual)
     total = x + residual
-    return total, rms_norm(total, weight, eps)
+    return total, rms_norm(total, weight, eps, round_once)
 
 
 def _native(x: Tensor, *alike: Tensor) -> bool:

@@ -7,6 +7,7 @@ per scoring rule, chosen by name through the `_KINDS` registry:
     softmax_topk                  Mixtral (renormalize=True), Qwen2-MoE, Qwen3-MoE, OLMoE
     sigmoid_group_topk            DeepSeek-V3 (e_score_correction_bias, n_group, topk_group)
     softmax_group_limited_greedy  DeepSeek-V2 group_limited_greedy; its "greedy" is num_groups=1
+    topk_softmax                  GPT-OSS: top-k of the logits, softmax over those k
 
 Parity with transformers 5.23 is bit for bit, K order included: HF's default `grouped_mm` experts
 sum the K outputs in this order, so each kind calls `torch.topk` with HF's `sorted` flag (True for
@@ -95,6 +96,13 @@ def softmax_topk(router_logits: Tensor, config: RoutingConfig, correction_bias: 
     return _scaled(weights, config), ids
 
 
+def topk_softmax(router_logits: Tensor, config: RoutingConfig, correction_bias: Bias = None):
+    """GPT-OSS: top-k of the raw logits, then a softmax over just those k, in the logits' dtype as
+    transformers takes it (the weights of a renormalised softmax over all E, rounded another way)."""
+    values, ids = torch.topk(router_logits, config.top_k, dim=-1)  # [T, K], best first
+    return _scaled(values.softmax(dim=-1).float(), config), ids
+
+
 def sigmoid_group_topk(router_logits: Tensor, config: RoutingConfig, correction_bias: Bias = None):
     """DeepSeek-V3: the bias steers *which* experts (load balancing); weights stay unbiased sigmoids.
 
@@ -175,6 +183,15 @@ def softmax_topk_reference(router_logits: Tensor, config: RoutingConfig, correct
     return _finish(rows, config, eps=0.0)
 
 
+def topk_softmax_reference(router_logits: Tensor, config: RoutingConfig, correction_bias: Bias = None):
+    weights, ids = [], []
+    for logits in router_logits:  # [E]
+        chosen = _best(logits.tolist(), config.top_k, range(len(logits)))
+        weights.append(torch.softmax(logits[chosen], dim=-1).float() * config.scaling_factor)
+        ids.append(chosen)
+    return torch.stack(weights), torch.tensor(ids, dtype=torch.int64)
+
+
 def sigmoid_group_topk_reference(router_logits: Tensor, config: RoutingConfig, correction_bias: Bias = None):
     rows = []
     for logits in router_logits:  # [E]
@@ -215,6 +232,7 @@ class _Kind:
 
 _KINDS: dict[str, _Kind] = {
     "softmax_topk": _Kind(softmax_topk, softmax_topk_reference, False, False),
+    "topk_softmax": _Kind(topk_softmax, topk_softmax_reference, False, False),
     "sigmoid_group_topk": _Kind(sigmoid_group_topk, sigmoid_group_topk_reference, True, True, 2),
     "softmax_group_limited_greedy": _Kind(
         softmax_group_limited_greedy, softmax_group_limited_greedy_reference, True, False

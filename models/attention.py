@@ -30,6 +30,7 @@ class Attention(nn.Module):
         norm_dims = {"none": (0, 0), "head": (c.head_dim, c.head_dim), "full": (q_dim, kv_dim)}[c.qk_norm]
         self.q_norm = param(norm_dims[0]) if norm_dims[0] else None
         self.k_norm = param(norm_dims[1]) if norm_dims[1] else None
+        self.sinks = param(c.num_heads) if c.attention_sinks else None  # [nh] (GPT-OSS)
 
     def forward(self, x: Tensor, rope: RotaryTables, ctx: AttentionContext) -> Tensor:
         c = self.config
@@ -51,7 +52,7 @@ class Attention(nn.Module):
                 q, k = rms_norm(q, self.q_norm, c.rms_norm_eps), rms_norm(k, self.k_norm, c.rms_norm_eps)
             qk = torch.cat((q, k), dim=1)  # [N, nh + nkv, D]
         qk = rotate(qk, rope)  # [N, nh + nkv, D]
-        out = ctx.attend(self.layer, qk[:, :heads], qk[:, heads:], v, self.scale, self.window)  # [N, nh, D]
+        out = ctx.attend(self.layer, qk[:, :heads], qk[:, heads:], v, self.scale, self.window, self.sinks)  # [N, nh, D]
         return linear(out.reshape(n, -1), self.o_proj, self.o_bias)
 
     def weight_names(self, prefix: str) -> WeightNames:
@@ -62,6 +63,8 @@ class Attention(nn.Module):
             names[self.qkv_bias] = [(f"{prefix}.{p}_proj.bias", rows) for p, rows in zip("qkv", self.sizes)]
         if self.o_bias is not None:
             names[self.o_bias] = whole(self.o_bias, f"{prefix}.o_proj.bias")
+        if self.sinks is not None:
+            names[self.sinks] = whole(self.sinks, f"{prefix}.sinks")
         if self.q_norm is not None:
             names[self.q_norm] = whole(self.q_norm, f"{prefix}.q_norm.weight")
             names[self.k_norm] = whole(self.k_norm, f"{prefix}.k_norm.weight")

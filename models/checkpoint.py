@@ -34,8 +34,22 @@ prefix, e.g. `model.layers.3.block_sparse_moe` or `model.layers.3.mlp`; `E` expe
 
    (`gate, up = linear(x, gate_up_proj[e]).chunk(2, dim=-1)`.)
 
-`load_experts` returns all three as the fused pair `w13 [n, 2I, H]`, `w2 [n, H, I]`, the
-layout the expert FFN kernels take.
+4. GPT-OSS, fused and transposed, gate and up columns interleaved, with biases (the family says so:
+   `ModelConfig.expert_layout` "gpt_oss")::
+
+       P.experts.gate_up_proj        [E, H, 2I]   columns 0, 2, 4... gate, 1, 3, 5... up
+       P.experts.gate_up_proj_bias   [E, 2I]      interleaved the same way
+       P.experts.down_proj           [E, I, H]
+       P.experts.down_proj_bias      [E, H]
+
+   or, as the Hub's GPT-OSS releases ship it ("gpt_oss_mxfp4"), the two weights as MXFP4 blocks of 32
+   (`models.quant.dequantize_mxfp4`), not transposed: `P.experts.gate_up_proj_blocks [E, 2I, H/32, 16]`
+   (uint8, two values a byte) with `P.experts.gate_up_proj_scales [E, 2I, H/32]` (uint8 exponents),
+   gate and up rows interleaved, and `P.experts.down_proj_blocks [E, H, I/32, 16]`, `..._scales [E, H, I/32]`.
+
+`load_experts` returns all four as the fused pair `w13 [n, 2I, H]`, `w2 [n, H, I]`, the
+layout the expert FFN kernels take, and `load_expert_biases` GPT-OSS's biases as `b13 [n, 2I]`
+(gate, then up) and `b2 [n, H]`.
 
 Block-wise FP8 checkpoints (`models.quant`) are read through the same calls: a float8 tensor
 `X` comes back widened with its scales `X_scale_inv` (only the rows asked for of both).
@@ -56,7 +70,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from moeray.models.quant import FLOAT8, SCALE_DTYPES, Fp8Weights, dequantize, scale_shape
+from moeray.models.quant import FLOAT8, MXFP4_BLOCK, SCALE_DTYPES, Fp8Weights, dequantize, dequantize_mxfp4, scale_shape
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -244,18 +258,27 @@ def load_experts(
     intermediate_size: int,
     num_experts: int,
     dtype: torch.dtype,
+    layout: str = "by_name",
 ) -> tuple[Tensor, Tensor]:
     """Weights of some routed experts of one MoE layer, reading only those experts.
 
     prefix: the MoE block's name, e.g. 'model.layers.3.block_sparse_moe' or 'model.layers.3.mlp'.
-    expert_ids: logical expert ids, any order, repeats allowed.
+    expert_ids: logical expert ids, any order, repeats allowed. layout: `ModelConfig.expert_layout`.
     -> (w13 [n, 2I, H] = gate rows then up rows, w2 [n, H, I]) in expert_ids order, dtype `dtype`, contiguous.
     """
-    ids = [operator.index(e) for e in expert_ids]
-    for e in ids:
-        if not 0 <= e < num_experts:
-            raise ValueError(f"expert id {e} is out of range for num_experts={num_experts}")
+    ids = _expert_ids(expert_ids, num_experts)
     H, I = hidden_size, intermediate_size
+    gate_up, down = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
+    if layout == "gpt_oss":
+        reader._check_shape(gate_up, (num_experts, H, 2 * I))
+        reader._check_shape(down, (num_experts, I, H))
+        w13 = _deinterleave(reader.get_rows(gate_up, ids, dtype)).transpose(1, 2)  # [n, 2I, H]
+        return w13.contiguous(), reader.get_rows(down, ids, dtype).transpose(1, 2).contiguous()
+    if layout == "gpt_oss_mxfp4":
+        w13 = _read_mxfp4(reader, gate_up, ids, (num_experts, 2 * I, H), dtype)  # [n, 2I, H], rows interleaved
+        return _deinterleave(w13, dim=1).contiguous(), _read_mxfp4(reader, down, ids, (num_experts, H, I), dtype)
+    if layout != "by_name":
+        raise ValueError(f"expert layout {layout!r} is not one of 'by_name', 'gpt_oss', 'gpt_oss_mxfp4'")
     scheme = _detect_scheme(reader, prefix)
 
     if scheme is None:  # fused: [E, 2I, H] and [E, H, I], read by rows
@@ -277,6 +300,44 @@ def load_experts(
         w13[i, I:].copy_(reader.get(f"{base}.{up}.weight", shape=(I, H)))
         w2[i].copy_(reader.get(f"{base}.{down}.weight", shape=(H, I)))
     return w13, w2
+
+
+def load_expert_biases(reader: CheckpointReader, prefix: str, expert_ids: Sequence[int], hidden_size: int,
+                       intermediate_size: int, num_experts: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """GPT-OSS's expert biases (scheme 4), reading only those experts -> (b13 [n, 2I] gate then up, b2 [n, H])."""
+    ids = _expert_ids(expert_ids, num_experts)
+    gate_up, down = f"{prefix}.experts.gate_up_proj_bias", f"{prefix}.experts.down_proj_bias"
+    reader._check_shape(gate_up, (num_experts, 2 * intermediate_size))
+    reader._check_shape(down, (num_experts, hidden_size))
+    return _deinterleave(reader.get_rows(gate_up, ids, dtype)).contiguous(), reader.get_rows(down, ids, dtype)
+
+
+def _read_mxfp4(reader: CheckpointReader, name: str, ids: list[int], shape: tuple[int, int, int],
+                dtype: torch.dtype) -> Tensor:
+    """Rows `ids` of the MXFP4 weight `name` ([E, R, C] once unpacked, from `name_blocks` and `name_scales`)
+    -> [n, R, C] in `dtype`. C must be a multiple of the 32-value blocks."""
+    num, rows, cols = shape
+    if cols % MXFP4_BLOCK:
+        raise CheckpointError(f"{reader._listing}: MXFP4 {name!r} needs a multiple of {MXFP4_BLOCK} columns, got {cols}")
+    reader._check_shape(f"{name}_blocks", (num, rows, cols // MXFP4_BLOCK, MXFP4_BLOCK // 2))
+    reader._check_shape(f"{name}_scales", (num, rows, cols // MXFP4_BLOCK))
+    return dequantize_mxfp4(reader.get_rows(f"{name}_blocks", ids), reader.get_rows(f"{name}_scales", ids)).to(dtype)
+
+
+def _expert_ids(expert_ids: Sequence[int], num_experts: int) -> list[int]:
+    ids = [operator.index(e) for e in expert_ids]
+    for e in ids:
+        if not 0 <= e < num_experts:
+            raise ValueError(f"expert id {e} is out of range for num_experts={num_experts}")
+    return ids
+
+
+def _deinterleave(t: Tensor, dim: int = -1) -> Tensor:
+    """2I entries along `dim`, gate and up alternating (GPT-OSS) -> gate entries, then up entries."""
+    index = [slice(None)] * t.dim()
+    gate, up = index.copy(), index
+    gate[dim], up[dim] = slice(0, None, 2), slice(1, None, 2)
+    return torch.cat((t[tuple(gate)], t[tuple(up)]), dim=dim)
 
 
 # Per-expert schemes in detection order: (gate, up, down) projection names.

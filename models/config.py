@@ -5,6 +5,7 @@ A family (`models/families/*`) parses the raw JSON into this; the model code rea
 
 from dataclasses import dataclass
 
+from moeray.kernels.moe import SWIGLU, Activation
 from moeray.kernels.rope import RopeConfig
 from moeray.kernels.routing import RoutingConfig
 from moeray.models.quant import Fp8Weights
@@ -49,6 +50,8 @@ class ModelConfig:
     qk_norm: str = "none"  # "none" | "head" (RMSNorm over D, Qwen3) | "full" (over nh*D, OLMoE)
     clip_qkv: float | None = None
     sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full attention
+    attention_sinks: bool = False  # GPT-OSS: a learnt sink logit per query head (`sinks [nh]`)
+    norm_rounds_once: bool = False  # GPT-OSS's RMSNorm: weight * normalised in float32, then one rounding
     # MoE
     num_experts: int = 0  # E, routed experts per MoE layer
     moe_intermediate_size: int = 0  # I
@@ -56,6 +59,12 @@ class ModelConfig:
     routing_weights_in_model_dtype: bool = False  # Qwen-MoE, OLMoE round top-k weights to bf16 before scaling; Mixtral keeps f32
     routing_bias: bool = False  # DeepSeek-V3: the gate's e_score_correction_bias [E] (float32) steers selection
     router_in_float32: bool = False  # DeepSeek: the gate matmul in float32 whatever the model dtype
+    router_bias: bool = False  # GPT-OSS: the gate (its `router`) has a bias [E]
+    expert_bias: bool = False  # GPT-OSS: each expert's projections have biases (`kernels.moe.ExpertBiases`)
+    expert_activation: Activation = SWIGLU  # GPT-OSS: its clamped gated activation
+    # How the checkpoint stores routed experts (`models.checkpoint`): "by_name" (schemes 1-3, told apart by
+    # their names), "gpt_oss" (scheme 4) or "gpt_oss_mxfp4" (scheme 4 as MXFP4 blocks and scales, `models.quant`).
+    expert_layout: str = "by_name"
     moe_layers: tuple[bool, ...] = ()  # per layer: MoE block (True) or dense MLP (False)
     dense_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0  # 0 = no shared expert

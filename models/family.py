@@ -32,6 +32,8 @@ class Family(ABC):
         """`parse` of a config with the family's defaults filled in."""
 
     # Weight names (Llama-style defaults). `layer` is the decoder layer index.
+    gate_name = "gate"  # the MoE block's router linear, under its prefix (GPT-OSS: "router")
+
     def layer_prefix(self, layer: int) -> str:
         return f"model.layers.{layer}"
 

@@ -28,8 +28,10 @@ def whole(p: nn.Parameter, name: str) -> Parts:
 
 
 class AttentionContext(Protocol):
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
-        """q [N, nh, Dk], k [N, nkv, Dk], v [N, nkv, Dv] of this step's tokens -> [N, nh, Dv]."""
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None,
+               sinks: Tensor | None = None) -> Tensor:
+        """q [N, nh, Dk], k [N, nkv, Dk], v [N, nkv, Dv] of this step's tokens; sinks [nh] (GPT-OSS's
+        per-head sink logits, `kernels.attention`) or None -> [N, nh, Dv]."""
 
 
 class CausalContext:
@@ -38,8 +40,9 @@ class CausalContext:
     def __init__(self, batch: int, seq_len: int):
         self.batch, self.seq_len = batch, seq_len
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None) -> Tensor:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float, window: int | None,
+               sinks: Tensor | None = None) -> Tensor:
         shape = (self.batch, self.seq_len)
         out = causal_attention(q.view(*shape, *q.shape[1:]), k.view(*shape, *k.shape[1:]),
-                               v.view(*shape, *v.shape[1:]), scale, window)  # [B, T, nh, Dv]
+                               v.view(*shape, *v.shape[1:]), scale, window, sinks)  # [B, T, nh, Dv]
         return out.reshape(*q.shape[:2], v.shape[-1])

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from moeray.models.checkpoint import CheckpointError, CheckpointReader, load_experts, read_config
+from moeray.models.checkpoint import CheckpointError, CheckpointReader, load_expert_biases, load_experts, read_config
 from moeray.models.config import ModelConfig
 from moeray.models.family import Family, family_for
 from moeray.models.layers import WeightNames, whole
@@ -42,9 +42,12 @@ def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float3
         load_dense_weights(model, family, reader)
         for block in moe_blocks(model) if make_experts is None else []:
             prefix = moe_prefix(family, reader, block.layer)
-            w13, w2 = load_experts(reader, prefix, range(config.num_experts), config.hidden_size,
-                                   config.moe_intermediate_size, config.num_experts, dtype)
-            block.experts.w13.data, block.experts.w2.data = w13, w2
+            sizes = (config.hidden_size, config.moe_intermediate_size, config.num_experts, dtype)
+            experts = block.experts
+            experts.w13.data, experts.w2.data = load_experts(reader, prefix, range(config.num_experts), *sizes,
+                                                             config.expert_layout)
+            if config.expert_bias:
+                experts.b13.data, experts.b2.data = load_expert_biases(reader, prefix, range(config.num_experts), *sizes)
             if progress:
                 progress(block.layer + 1, config.num_layers)
     return model.eval()
@@ -69,10 +72,10 @@ def moe_prefix(family: Family, reader: CheckpointReader, layer: int) -> str:
     """The name under which this checkpoint keeps layer `layer`'s MoE block."""
     candidates = family.moe_prefixes(layer)
     for prefix in candidates:
-        if reader.has(f"{prefix}.gate.weight"):
+        if reader.has(f"{prefix}.{family.gate_name}.weight"):
             return prefix
     raise CheckpointError(f"{reader.path}: no MoE gate for layer {layer}; looked for "
-                          + ", ".join(f"'{p}.gate.weight'" for p in candidates))
+                          + ", ".join(f"'{p}.{family.gate_name}.weight'" for p in candidates))
 
 
 def load_dense_weights(model: MoEModel, family: Family, reader: CheckpointReader) -> None:
@@ -95,7 +98,9 @@ def dense_weight_names(model: MoEModel, family: Family, reader: CheckpointReader
         names.update(layer.attn.weight_names(f"{prefix}.self_attn"))
         if isinstance(layer.mlp, MoEBlock):
             moe = moe_prefix(family, reader, i)
-            names[layer.mlp.gate] = whole(layer.mlp.gate, f"{moe}.gate.weight")
+            names[layer.mlp.gate] = whole(layer.mlp.gate, f"{moe}.{family.gate_name}.weight")
+            if layer.mlp.gate_bias is not None:
+                names[layer.mlp.gate_bias] = whole(layer.mlp.gate_bias, f"{moe}.{family.gate_name}.bias")
             if layer.mlp.score_bias is not None:
                 names[layer.mlp.score_bias] = whole(layer.mlp.score_bias, f"{moe}.gate.e_score_correction_bias")
             if layer.mlp.shared is not None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from moeray.kernels import native
 from moeray.kernels.linear import linear
-from moeray.kernels.moe import fused_moe
+from moeray.kernels.moe import ExpertBiases, fused_moe
 from moeray.kernels.norm import add_rms_norm, rms_norm
 from moeray.kernels.rope import RotaryCache, RotaryTables, rope_cos_sin, rope_inv_freq, rotary_tables
 from moeray.kernels.routing import route
@@ -54,15 +54,24 @@ class DenseMLP(nn.Module):
 
 
 class LocalExperts(nn.Module):
-    """All E routed experts of one layer in this process. w13 [E, 2I, H], w2 [E, H, I]."""
+    """All E routed experts of one layer in this process. w13 [E, 2I, H], w2 [E, H, I]; with
+    `config.expert_bias` (GPT-OSS) also b13 [E, 2I], b2 [E, H]."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
+        num_experts, hidden, inter = config.num_experts, config.hidden_size, config.moe_intermediate_size
         self.w13, self.w2 = param(num_experts, 2 * inter, hidden), param(num_experts, hidden, inter)
+        self.b13 = param(num_experts, 2 * inter) if config.expert_bias else None
+        self.b2 = param(num_experts, hidden) if config.expert_bias else None
+        self.activation = config.expert_activation
+
+    @property
+    def biases(self) -> ExpertBiases | None:
+        return ExpertBiases(self.b13, self.b2) if self.b13 is not None else None
 
     def dispatch(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
         """Local experts compute at once; `combine` just hands the result back."""
-        return fused_moe(x, topk_weights, topk_ids, self.w13, self.w2)
+        return fused_moe(x, topk_weights, topk_ids, self.w13, self.w2, self.biases, self.activation)
 
     def combine(self, pending: Tensor) -> Tensor:
         return pending
@@ -72,7 +81,8 @@ class MoEBlock(nn.Module):
     """Gate -> route -> experts (local or dispatched) [+ shared expert, gated for Qwen2-MoE].
 
     DeepSeek-V3's gate has a correction bias [E] that steers which experts are chosen (kept in
-    float32, as transformers keeps it), and DeepSeek takes the gate matmul in float32."""
+    float32, as transformers keeps it), and DeepSeek takes the gate matmul in float32. GPT-OSS's
+    gate has a plain bias, added to its logits."""
 
     def __init__(self, config: ModelConfig, layer: int, experts: nn.Module | None = None):
         super().__init__()
@@ -80,10 +90,11 @@ class MoEBlock(nn.Module):
         self.layer, self.routing = layer, c.routing
         self.weights_in_model_dtype = c.routing_weights_in_model_dtype
         self.gate = param(c.num_experts, c.hidden_size)  # [E, H]
+        self.gate_bias = param(c.num_experts) if c.router_bias else None  # [E]
         self.score_bias = param(c.num_experts, dtype=torch.float32) if c.routing_bias else None  # [E]
         self.router_in_float32 = c.router_in_float32
         # Anything with dispatch(x, topk_weights, topk_ids) -> pending and combine(pending) -> [N, H].
-        self.experts = experts if experts is not None else LocalExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size)
+        self.experts = experts if experts is not None else LocalExperts(c)
         self.shared = DenseMLP(c.hidden_size, c.shared_expert_intermediate_size) if c.shared_expert_intermediate_size else None
         self.shared_gate = param(1, c.hidden_size) if c.shared_expert_gate and self.shared else None
 
@@ -91,7 +102,7 @@ class MoEBlock(nn.Module):
         if self.router_in_float32 and x.dtype != torch.float32:
             logits = F.linear(x.float(), self.gate.float())  # [N, E]
         else:
-            logits = linear(x, self.gate)  # [N, E]
+            logits = linear(x, self.gate, self.gate_bias)  # [N, E]
         topk_weights, topk_ids = route(logits, self.routing, self.score_bias)  # [N, K] float32, [N, K] int64
         if self.weights_in_model_dtype:
             topk_weights = topk_weights.to(x.dtype)  # as transformers' Qwen-MoE / OLMoE routers do
@@ -108,7 +119,7 @@ class MoEBlock(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, make_experts: "MakeExperts | None" = None):
         super().__init__()
-        self.eps = config.rms_norm_eps
+        self.eps, self.round_once = config.rms_norm_eps, config.norm_rounds_once
         self.input_norm, self.post_attention_norm = param(config.hidden_size), param(config.hidden_size)
         self.attn = make_attention(config, layer)
         if config.moe_layers[layer]:
@@ -117,8 +128,8 @@ class DecoderLayer(nn.Module):
             self.mlp = DenseMLP(config.hidden_size, config.dense_intermediate_size)
 
     def forward(self, x: Tensor, rope: RotaryTables, ctx: AttentionContext) -> Tensor:
-        attn = self.attn(rms_norm(x, self.input_norm, self.eps), rope, ctx)
-        x, h = add_rms_norm(x, attn, self.post_attention_norm, self.eps)  # x + attn, and its norm
+        attn = self.attn(rms_norm(x, self.input_norm, self.eps, self.round_once), rope, ctx)
+        x, h = add_rms_norm(x, attn, self.post_attention_norm, self.eps, self.round_once)  # x + attn, and its norm
         return x + self.mlp(h)
 
 
@@ -181,7 +192,7 @@ class MoEModel(nn.Module):
         x = F.embedding(input_ids, self.embed)  # [N, H]
         for layer in self.layers:
             x = layer(x, rope, ctx)
-        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+        return rms_norm(x, self.norm, self.config.rms_norm_eps, self.config.norm_rounds_once)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [n, H] -> float32 logits [n, V]. float32 on the CPU: the native kernel up to

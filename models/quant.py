@@ -1,4 +1,5 @@
-"""Block-wise FP8 checkpoints (`quantization_config.quant_method: "fp8"`), dequantized on load.
+"""Block-wise FP8 checkpoints (`quantization_config.quant_method: "fp8"`), and GPT-OSS's MXFP4
+experts (`"mxfp4"`, at the end), dequantized on load.
 
 DeepSeek-V3/R1, Kimi-K2 and Qwen3's `-FP8` releases store each linear weight as float8 (e4m3)
 numbers `X.weight [R, C]` and one float32 scale per block of `weight_block_size` (rows, cols),
@@ -51,3 +52,22 @@ def dequantize(weight: Tensor, scale_inv: Tensor, block: tuple[int, int] | None)
     if whole * block[1] < cols:
         values[..., whole * block[1]:].mul_(per_row[..., whole:])
     return values
+
+
+# MXFP4 (OCP microscaling FP4), GPT-OSS's expert weights: blocks of 32 values share one power-of-two
+# scale, a uint8 exponent biased by 127 (E8M0); each value is 4 bits, E2M1, two to a byte, the low
+# nibble first. Every such value times its scale is exact in float32 and bf16, so widening loses nothing.
+MXFP4_BLOCK = 32
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: Tensor, scales: Tensor) -> Tensor:
+    """blocks [..., G, 16] uint8, scales [..., G] uint8 -> float32 [..., G * 32]: element 2j of block g
+    is FP4_VALUES[blocks[g, j] & 15] * 2**(scales[g] - 127), element 2j + 1 the high nibble's."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 takes uint8 blocks [..., G, 16] and scales [..., G], got {blocks.dtype} "
+                         f"{tuple(blocks.shape)} and {scales.dtype} {tuple(scales.shape)}")
+    table = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    values = torch.stack((table[(blocks & 15).long()], table[(blocks >> 4).long()]), dim=-1)  # [..., G, 16, 2]
+    values = values.flatten(-2)  # [..., G, 32]
+    return torch.ldexp(values, scales.to(torch.int32).sub_(127).unsqueeze(-1)).flatten(-2)

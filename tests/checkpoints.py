@@ -83,6 +83,16 @@ CONFIGS = {
         n_routed_experts=6, num_experts_per_tok=3, n_group=3, topk_group=2, n_shared_experts=1,
         first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16,
         v_head_dim=16, routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # GPT-OSS: sinks, attention and expert biases, sliding windows on layers 0 and 2, yarn rope without
+    # truncation, a biased router, clamped experts stored interleaved.
+    "gpt_oss_swa": ("GptOssForCausalLM", "GptOssConfig", dict(
+        num_hidden_layers=3, intermediate_size=40, num_local_experts=6, num_experts_per_tok=3, head_dim=16,
+        sliding_window=5, rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0,
+                                               beta_slow=1.0, truncate=False, original_max_position_embeddings=64))),
+    # GPT-OSS as the Hub's releases ship: experts as MXFP4 blocks (`write_mxfp4`; sizes multiples of 32).
+    "gpt_oss_mxfp4": ("GptOssForCausalLM", "GptOssConfig", dict(
+        hidden_size=64, num_hidden_layers=2, intermediate_size=32, num_local_experts=6, num_experts_per_tok=3,
+        head_dim=16, sliding_window=6)),
     # Qwen3-MoE as its -FP8 releases ship: q/k norms, a dense layer, linear weights float8 in square blocks.
     "qwen3_moe_fp8": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
         num_hidden_layers=3, intermediate_size=64, moe_intermediate_size=32, head_dim=16,
@@ -94,6 +104,10 @@ CONFIGS = {
 # (rows // grid rows) and refuses sizes that are not a multiple of it: these sizes are (cut-short
 # blocks are checked element by element in test_quant.py).
 FP8_BLOCKS = {"deepseek_v3_fp8": (16, 32), "qwen3_moe_fp8": (16, 16)}
+
+
+# Checkpoints whose experts are written as MXFP4 (`write_mxfp4`).
+MXFP4 = {"gpt_oss_mxfp4"}
 
 
 def hf_config(name: str):
@@ -112,13 +126,16 @@ def build_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
 
 @torch.no_grad()
 def scale_up(model: torch.nn.Module, seed: int) -> None:
-    """Re-draw every parameter: matrices N(0, 0.5), vectors (norm weights, biases) around 1 / 0;
-    and DeepSeek's routing correction bias (a buffer), N(0, 0.5) too, so that it moves choices."""
+    """Re-draw every parameter: matrices N(0, 0.5), vectors (norm weights, biases) around 1 / 0,
+    GPT-OSS's attention sinks N(0, 4); and DeepSeek's routing correction bias (a buffer), N(0, 0.5)
+    too, so that it moves choices."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in [*model.named_parameters(), *((n, b) for n, b in model.named_buffers()
                                                       if n.endswith("e_score_correction_bias"))]:
         if param.dim() >= 2:
             param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+        elif name.endswith("sinks"):  # GPT-OSS: as large as the attention scores, so that they matter
+            param.copy_(torch.randn(param.shape, generator=gen) * 4)
         elif name.endswith("bias"):
             param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
         else:  # RMSNorm weights
@@ -132,6 +149,8 @@ def build_checkpoint(root: Path, name: str, dtype: torch.dtype = torch.float32, 
         build_hf_model(name, seed).to(dtype).save_pretrained(folder)
         if name in FP8_BLOCKS:
             write_fp8(folder, FP8_BLOCKS[name])
+        if name in MXFP4:
+            write_mxfp4(folder)
     return folder
 
 
@@ -163,6 +182,41 @@ def write_fp8(folder: Path, block: tuple[int, int]) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                      "weight_block_size": list(block)}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [..., C] (C a multiple of 32) -> (uint8 blocks [..., C/32, 16], uint8 scales [..., C/32]): each
+    block of 32 scaled by the power of two that brings its largest value to at most 6 (FP4's largest),
+    each value rounded to the nearest FP4 number (E2M1, sign in bit 3), two a byte, low nibble first."""
+    from moeray.models.quant import FP4_VALUES
+
+    blocks = weight.float().unflatten(-1, (-1, 32))  # [..., G, 32]
+    largest = blocks.abs().amax(dim=-1, keepdim=True).clamp_min(2.0**-100)
+    exponent = torch.ceil(torch.log2(largest / 6.0))  # [..., G, 1]
+    scaled = blocks / torch.exp2(exponent)
+    magnitudes = torch.tensor(FP4_VALUES[:8])
+    codes = (scaled.abs().unsqueeze(-1) - magnitudes).abs().argmin(dim=-1)  # [..., G, 32] in 0..7
+    codes = codes | ((scaled < 0).long() << 3)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)  # [..., G, 16]
+    return packed, (exponent.squeeze(-1) + 127).to(torch.uint8)
+
+
+def write_mxfp4(folder: Path) -> None:
+    """Rewrite a saved GPT-OSS checkpoint's experts as the Hub ships them, in place: `gate_up_proj [E, H, 2I]`
+    becomes `gate_up_proj_blocks`/`_scales` over [E, 2I, H] (rows still interleaved), `down_proj [E, I, H]`
+    `down_proj_blocks`/`_scales` over [E, H, I]; config.json says quant_method "mxfp4"."""
+    tensors = load_file(folder / "model.safetensors")
+    out = {}
+    for name, tensor in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            out[f"{name}_blocks"], out[f"{name}_scales"] = quantize_mxfp4(tensor.transpose(1, 2))
+        else:
+            out[name] = tensor
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import moeray.models.checkpoint as checkpoint
-from moeray.models.checkpoint import CheckpointError, CheckpointReader, load_experts, read_config
+from moeray.models.checkpoint import CheckpointError, CheckpointReader, load_expert_biases, load_experts, read_config
 
 H, I, E = 32, 48, 6  # the tiny Mixtral below
 
@@ -165,6 +165,50 @@ def test_qwen2_moe_sharded_subset_matches_model_in_memory(qwen_sharded):
         assert torch.equal(reader.get("model.norm.weight"), model.model.norm.weight.detach())
         index = json.loads((folder / "model.safetensors.index.json").read_text())
         assert reader.names == frozenset(index["weight_map"])
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    """A tiny random GPT-OSS saved with save_pretrained (fused, transposed, interleaved experts) -> (folder, model)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    config = transformers.GptOssConfig(
+        vocab_size=101, hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=E, num_experts_per_tok=2)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # transformers initialises the biases to 0
+            layer.mlp.experts.gate_up_proj_bias.normal_()
+            layer.mlp.experts.down_proj_bias.normal_()
+    folder = tmp_path_factory.mktemp("gpt_oss")
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def test_gpt_oss_subset_is_deinterleaved_and_transposed(gpt_oss, reads):
+    """Experts 4 and 1 of each layer: w13's gate rows are transformers' even gate_up columns and its up
+    rows the odd ones (`_apply_gate`'s [..., ::2] and [..., 1::2]), biases the same way; only those
+    experts' rows are read."""
+    folder, model = gpt_oss
+    ids = [4, 1]
+    with CheckpointReader(folder) as reader:
+        for layer in (0, 1):
+            experts = model.model.layers[layer].mlp.experts
+            prefix = f"model.layers.{layer}.mlp"
+            w13, w2 = load_experts(reader, prefix, ids, H, I, E, torch.float32, "gpt_oss")
+            b13, b2 = load_expert_biases(reader, prefix, ids, H, I, E, torch.float32)
+            gate_up, bias = experts.gate_up_proj.detach()[ids], experts.gate_up_proj_bias.detach()[ids]  # [2, H, 2I]
+            assert w13.shape == (2, 2 * I, H) and w13.is_contiguous() and w2.is_contiguous()
+            assert torch.equal(w13[:, :I], gate_up[..., ::2].transpose(1, 2))
+            assert torch.equal(w13[:, I:], gate_up[..., 1::2].transpose(1, 2))
+            assert torch.equal(w2, experts.down_proj.detach()[ids].transpose(1, 2))
+            assert torch.equal(b13, torch.cat([bias[:, ::2], bias[:, 1::2]], dim=1))
+            assert torch.equal(b2, experts.down_proj_bias.detach()[ids])
+        with raises_naming("model.safetensors: tensor 'model.layers.0.mlp.experts.gate_up_proj'",
+                           f"has shape [6, {H}, {2 * I}], expected [6, {2 * I}, {H}]"):
+            load_experts(reader, "model.layers.0.mlp", [0], 2 * I, H // 2, E, torch.float32, "gpt_oss")
+    rows = {row for kind, n, start, stop in reads if n.endswith("experts.gate_up_proj") for row in range(start, stop)}
+    assert rows == {1, 4}
 
 
 def test_read_config(mixtral):

@@ -39,20 +39,24 @@ def test_the_receive_buffer_fits_any_step_of_that_many_tokens_and_is_reused(make
     assert group.inbox(6).numel() > big.numel()
 
 
-def test_a_groups_compute_runs_each_slot_with_its_experts_weights(make_checkpoint):
-    """The rows of slot s go through the expert that slot holds, the model's own weights for it."""
+@pytest.mark.parametrize("name", ["mixtral_swa", "gpt_oss_swa"])
+def test_a_groups_compute_runs_each_slot_with_its_experts_weights(make_checkpoint, name):
+    """The rows of slot s go through the expert that slot holds, the model's own weights for it
+    (GPT-OSS: and its biases and activation)."""
     from moeray.kernels.moe import expert_ffn
     from moeray.models import load_model
     from moeray.models.model import MoEBlock
 
-    path = make_checkpoint("mixtral_swa")  # 2 MoE layers, 6 experts
-    plan = PlacementPlan.default(2, 6, 2, redundant_slots=1)  # group 1: [3, 4, 5, 0]
+    path = make_checkpoint(name)  # 2 or 3 MoE layers, 6 experts
+    blocks = [m for m in load_model(path).modules() if isinstance(m, MoEBlock)]
+    plan = PlacementPlan.default(len(blocks), 6, 2, redundant_slots=1)  # group 1: [3, 4, 5, 0]
     group = ExpertGroup(path, 1, plan)
     assert group.w13[0].device.type == "cpu"
-    blocks = [m for m in load_model(path).modules() if isinstance(m, MoEBlock)]
     counts = [3, 0, 2, 4]  # rows per slot, sorted by slot
     rows = torch.randn(sum(counts), group.config.hidden_size, generator=torch.Generator().manual_seed(0))
     for layer, block in enumerate(blocks):
         experts = plan.physical_to_logical[layer, 1].tolist()
-        expected = expert_ffn(rows, counts, block.experts.w13.data[experts], block.experts.w2.data[experts])
+        local = block.experts
+        biases = local.biases[experts] if local.biases is not None else None
+        expected = expert_ffn(rows, counts, local.w13.data[experts], local.w2.data[experts], biases, local.activation)
         assert torch.equal(group.compute(layer, rows, counts), expected)

@@ -5,7 +5,7 @@ import torch
 
 from moeray.kernels import moe, native
 from moeray.kernels.attention import attention_reference, build_metadata, causal_attention, paged_attention
-from moeray.kernels.moe import fused_moe, fused_moe_reference, permute, unpermute
+from moeray.kernels.moe import Activation, ExpertBiases, fused_moe, fused_moe_reference, permute, unpermute
 
 H, I = 48, 40
 
@@ -57,6 +57,28 @@ def test_fused_moe_float32_on_torch_ops(monkeypatch, num_tokens, num_experts, to
     x, weights, ids, w13, w2 = moe_inputs(num_tokens, num_experts, top_k)
     torch.testing.assert_close(fused_moe(x, weights, ids, w13, w2), fused_moe_reference(x, weights, ids, w13, w2),
                                rtol=1e-5, atol=1e-5)
+
+
+GPT_OSS_ACTIVATION = Activation(limit=1.5, alpha=1.702)  # a limit the test's gate/up values cross
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_with_biases_and_clamped_activation(num_tokens, dtype):
+    """GPT-OSS's experts (biases, clamped activation) take the torch path, chunked or not, against the reference."""
+    x, weights, ids, w13, w2 = moe_inputs(num_tokens, 6, 3, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    biases = ExpertBiases(torch.randn(6, 2 * I, generator=gen), torch.randn(6, H, generator=gen))
+    gate_up = torch.einsum("eih,th->tei", w13, x)
+    assert (gate_up.abs() > GPT_OSS_ACTIVATION.limit).float().mean() > 0.2  # the clamp is live
+    x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+    biases = ExpertBiases(biases.b13.to(dtype), biases.b2.to(dtype))
+    out = fused_moe(x, weights, ids, w13, w2, biases, GPT_OSS_ACTIVATION)
+    ref = fused_moe_reference(x, weights, ids, w13, w2, biases, GPT_OSS_ACTIVATION)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    plain = fused_moe_reference(x, weights, ids, w13, w2)
+    assert (ref.float() - plain.float()).abs().max() > 0.5  # biases and activation matter
 
 
 @pytest.mark.parametrize("dtype,native_kernels", [(torch.bfloat16, True), (torch.bfloat16, False),
@@ -155,9 +177,16 @@ def qkv(length, seed, dtype=torch.float32):
 SEQS = [(20, 1), (0, 13), (9, 6), (0, 1), (33, 1), (5, 11)]
 
 
+def sink_logits(seed=11):
+    """[NH] GPT-OSS-like sinks, as large as the test's attention scores."""
+    return torch.randn(NH, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+@pytest.mark.parametrize("sinks", [None, "sinks"])
 @pytest.mark.parametrize("window", [None, 5, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_matches_reference(window, dtype):
+def test_paged_attention_matches_reference(window, dtype, sinks):
+    sinks = sink_logits() if sinks else None
     gen = torch.Generator().manual_seed(7)
     num_blocks = 64
     free = torch.randperm(num_blocks, generator=gen).tolist()  # scattered, non-contiguous blocks
@@ -177,11 +206,12 @@ def test_paged_attention_matches_reference(window, dtype):
     meta = build_metadata(tables, [s for s, _ in SEQS], [n for _, n in SEQS], BLOCK)
     assert meta.decode_seqs == [0, 4] and meta.prefill_seqs == [1, 2, 3, 5]
     scale = D**-0.5
-    out = paged_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), k_cache, v_cache, meta, scale, window)
+    out = paged_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), k_cache, v_cache, meta, scale, window,
+                          None if sinks is None else sinks.to(dtype))
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for i, ((start, n), (q, k, v)) in enumerate(zip(SEQS, full)):
         rows = slice(meta.query_starts[i], meta.query_starts[i + 1])
-        ref = attention_reference(q.float(), k.float(), v.float(), scale, window)[start:]
+        ref = attention_reference(q.float(), k.float(), v.float(), scale, window, sinks)[start:]
         torch.testing.assert_close(out[rows].float(), ref, **tol, msg=f"sequence {i}")
         for pos in range(start + n):  # the step's K/V landed in the cache
             slot = tables[i][pos // BLOCK] * BLOCK + pos % BLOCK
@@ -201,17 +231,34 @@ def test_sliding_window_changes_paged_attention():
         torch.testing.assert_close(out[4], attention_reference(q, k, v, 0.3, 4)[start:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sinks", [None, "sinks"])
 @pytest.mark.parametrize("window", [None, 1, 4, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_causal_attention_matches_reference(window, dtype):
+def test_causal_attention_matches_reference(window, dtype, sinks):
+    sinks = sink_logits() if sinks else None
     batch = [qkv(13, seed=s, dtype=dtype) for s in range(3)]
     q, k, v = (torch.stack(t) for t in zip(*batch))  # [B, T, heads, D]
-    out = causal_attention(q, k, v, 0.4, window)
+    out = causal_attention(q, k, v, 0.4, window, None if sinks is None else sinks.to(dtype))
     assert out.shape == q.shape and out.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    if sinks is not None and dtype == torch.bfloat16:  # transformers' order: probabilities rounded to bf16
+        tol = dict(rtol=2e-2, atol=5e-2)
     for b, (qb, kb, vb) in enumerate(batch):
-        ref = attention_reference(qb.float(), kb.float(), vb.float(), 0.4, window)
+        ref = attention_reference(qb.float(), kb.float(), vb.float(), 0.4, window, sinks)
         torch.testing.assert_close(out[b].float(), ref, **tol)
+
+
+def test_sinks_take_weight_from_every_key():
+    """With sinks each head's weights over the keys sum to less than 1: the output shrinks towards 0,
+    the more the larger the sink (so the tests above, run with and without, can tell)."""
+    q, k, v = qkv(13, seed=3)
+    v = torch.ones_like(v)  # the output is then the weights' sum
+    plain = causal_attention(q[None], k[None], v[None], 0.4, None)[0]
+    torch.testing.assert_close(plain, torch.ones_like(plain))
+    sunk = causal_attention(q[None], k[None], v[None], 0.4, None, torch.full((NH,), 3.0))[0]
+    assert (sunk < 1).all() and (sunk > 0).all()
+    deeper = causal_attention(q[None], k[None], v[None], 0.4, None, torch.full((NH,), 6.0))[0]
+    assert (deeper < sunk).all()
 
 
 def test_window_of_one_attends_to_itself_only():

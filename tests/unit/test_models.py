@@ -187,6 +187,15 @@ def test_configs_exercise_their_features(make_checkpoint):
     v2 = c["deepseek_v2_groups"]
     assert v2.routing.kind == "softmax_group_limited_greedy" and (v2.routing.num_groups, v2.routing.topk_group) == (3, 2)
     assert not v2.routing_bias and v2.rope_in_float32 and v2.mla.rope_interleave and v2.mla.q_lora_rank is None
+    oss = c["gpt_oss_swa"]
+    assert oss.sliding_windows == (5, None, 5) and oss.attention_sinks and oss.qkv_bias and oss.o_bias
+    assert oss.router_bias and oss.expert_bias and oss.expert_layout == "gpt_oss" and oss.routing.kind == "topk_softmax"
+    assert (oss.expert_activation.limit, oss.expert_activation.alpha) == (7.0, 1.702)
+    assert oss.rope.rope_type == "yarn" and dict(oss.rope.scaling)["truncate"] is False
+    assert c["gpt_oss_mxfp4"].expert_layout == "gpt_oss_mxfp4"
+    with safe_open(make_checkpoint("gpt_oss_mxfp4") / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.layers.1.mlp.experts.gate_up_proj_blocks").get_dtype() == "U8"
+        assert "model.layers.1.mlp.experts.gate_up_proj" not in f.keys()
     assert c["deepseek_v3_fp8"].fp8 == Fp8Weights((16, 32)) and c["qwen3_moe_fp8"].fp8 == Fp8Weights((16, 16))
     with safe_open(make_checkpoint("deepseek_v3_fp8") / "model.safetensors", "pt") as f:
         stored = {name: f.get_slice(name).get_dtype() for name in f.keys()}
@@ -254,7 +263,29 @@ def test_mla_caches_one_latent_per_token(make_checkpoint):
     assert cache.values[0].data_ptr() == cache.keys[0].data_ptr()
 
 
-@pytest.mark.parametrize("name", ["mixtral_swa", "qwen2_moe_swa", "qwen3_moe_swa_tied"])
+@pytest.mark.parametrize("feature", ["sinks", "expert clamp", "expert biases", "router bias", "norm rounding"])
+def test_gpt_oss_features_matter_at_test_scale(make_checkpoint, feature):
+    """Without each of these the logits move (float32, or bf16 for the norm's one rounding): the parity
+    tests above see them."""
+    dtype = torch.bfloat16 if feature == "norm rounding" else torch.float32
+    model = load_model(make_checkpoint("gpt_oss_swa", dtype), dtype)
+    ids = random_ids()
+    before = model(ids)
+    for layer in model.layers:
+        if feature == "sinks":
+            layer.attn.sinks = None
+        elif feature == "expert clamp":
+            layer.mlp.experts.activation = dataclasses.replace(layer.mlp.experts.activation, limit=1e9)
+        elif feature == "expert biases":
+            layer.mlp.experts.b13 = layer.mlp.experts.b2 = None
+        elif feature == "router bias":
+            layer.mlp.gate_bias = None
+        else:
+            layer.round_once = False
+    assert (model(ids) - before).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["mixtral_swa", "qwen2_moe_swa", "qwen3_moe_swa_tied", "gpt_oss_swa"])
 def test_sliding_window_matters_at_test_length(make_checkpoint, name):
     """Without the window the logits of the 24-token test batch change: the parity test sees windows."""
     model = load_model(make_checkpoint(name))
@@ -356,7 +387,8 @@ MINIMAL_MOE = {"MixtralForCausalLM": dict(num_local_experts=4, intermediate_size
                "DeepseekV2ForCausalLM": dict(n_routed_experts=8, moe_intermediate_size=32, intermediate_size=64),
                "OlmoeForCausalLM": dict(num_experts=4, intermediate_size=32),
                "Qwen2MoeForCausalLM": dict(num_experts=4, moe_intermediate_size=32),
-               "Qwen3MoeForCausalLM": dict(num_experts=4, moe_intermediate_size=32)}
+               "Qwen3MoeForCausalLM": dict(num_experts=4, moe_intermediate_size=32),
+               "GptOssForCausalLM": dict(num_local_experts=4, intermediate_size=32)}
 
 
 @pytest.mark.parametrize("arch", list(MINIMAL_MOE))

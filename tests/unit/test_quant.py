@@ -1,18 +1,19 @@
 """Block-wise FP8 checkpoints (models.quant): dequantization against a per-element reference, reads of
-stacked experts, and the errors a broken FP8 checkpoint gives. Whole models against transformers: the
-`deepseek_v3_fp8` checkpoint in test_models.py and test_cluster.py."""
+stacked experts, and the errors a broken FP8 checkpoint gives; MXFP4 (GPT-OSS) against transformers'
+own dequantization. Whole models against transformers: the `deepseek_v3_fp8` and `gpt_oss_mxfp4`
+checkpoints in test_models.py and test_cluster.py."""
 
 import json
 import shutil
 
 import pytest
 import torch
-from checkpoints import quantize_fp8
+from checkpoints import quantize_fp8, quantize_mxfp4
 from safetensors.torch import load_file, save_file
 
 from moeray.models import load_model
 from moeray.models.checkpoint import CheckpointError, CheckpointReader, load_experts
-from moeray.models.quant import Fp8Weights, dequantize
+from moeray.models.quant import Fp8Weights, dequantize, dequantize_mxfp4
 
 
 def test_dequantize_cut_short_blocks_match_each_element():
@@ -128,3 +129,41 @@ def test_sharded_fp8_checkpoint_with_scales_in_other_shards(make_checkpoint, tmp
     shutil.copy(single / "config.json", folder / "config.json")
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     assert torch.equal(load_model(folder)(ids), load_model(single)(ids))
+
+
+def test_mxfp4_matches_transformers_dequantization():
+    """Random bytes and exponents (both nibbles, both signs, scales from 2^-20 to 2^8) widen to
+    transformers' values exactly (its `convert_moe_packed_tensors`, which also transposes the last two dims)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 4, 16), generator=gen, dtype=torch.uint8)  # [E, R, G, 16]
+    scales = torch.randint(107, 136, (3, 10, 4), generator=gen, dtype=torch.uint8)
+    expected = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)  # [E, R, 128]
+    assert torch.equal(dequantize_mxfp4(blocks, scales), expected)
+
+
+def test_mxfp4_test_quantizer_round_trips_fp4_numbers_and_rounds_others():
+    """The test checkpoints' quantizer (checkpoints.quantize_mxfp4): values already on the FP4 grid of their
+    block come back exactly, others within one grid step (FP4's steps are 0.5 to 2 times the block's scale)."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(5, 64, generator=gen) * 3
+    blocks, scales = quantize_mxfp4(weight)
+    assert blocks.shape == (5, 2, 16) and scales.shape == (5, 2)
+    widened = dequantize_mxfp4(blocks, scales)
+    step = torch.exp2(scales.float() - 127).repeat_interleave(32, dim=-1)  # the block's scale: FP4 steps are 0.5-2 of it
+    assert ((widened - weight).abs() <= step).all() and not torch.equal(widened, weight)
+    assert torch.equal(dequantize_mxfp4(*quantize_mxfp4(widened)), widened)
+
+
+def test_mxfp4_experts_of_a_checkpoint_read_only_their_rows(make_checkpoint):
+    """Experts 5 and 2 of the MXFP4 GPT-OSS checkpoint are the same numbers as all experts read, rows 5 and 2."""
+    folder = make_checkpoint("gpt_oss_mxfp4")
+    with CheckpointReader(folder) as reader:
+        args = ("model.layers.1.mlp", 64, 32, 6, torch.float32, "gpt_oss_mxfp4")
+        w13, w2 = load_experts(reader, args[0], [5, 2], *args[1:])
+        all13, all2 = load_experts(reader, args[0], range(6), *args[1:])
+        assert torch.equal(w13, all13[[5, 2]]) and torch.equal(w2, all2[[5, 2]])
+        assert w13.shape == (2, 64, 64) and w2.shape == (2, 64, 32)
+        with pytest.raises(CheckpointError, match=r"experts.gate_up_proj_blocks' has shape \[6, 64, 2, 16\], expected \[6, 128, 2, 16\]"):
+            load_experts(reader, args[0], [0], 64, 64, 6, torch.float32, "gpt_oss_mxfp4")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    DeepseekV2Config, DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig,
+    DeepseekV2Config, DeepseekV3Config, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig,
 )
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
@@ -53,6 +54,16 @@ def test_softmax_topk_matches_reference(num_tokens, num_experts, top_k, renormal
     config = RoutingConfig("softmax_topk", top_k, renormalize=renormalize, scaling_factor=scaling_factor)
     # The reference sorts best-first, as torch.topk(sorted=True) does, so the order must match too.
     assert_same_routing(route(logits, config), route_reference(logits, config), ordered=True)
+
+
+@pytest.mark.parametrize("num_tokens, num_experts, top_k", [(1, 8, 2), (37, 6, 3), (64, 128, 4), (9, 6, 1)])
+def test_topk_softmax_matches_reference(num_tokens, num_experts, top_k):
+    torch.manual_seed(num_tokens * 10 + top_k)
+    logits = torch.randn(num_tokens, num_experts) * 3
+    config = RoutingConfig("topk_softmax", top_k)
+    assert_same_routing(route(logits, config), route_reference(logits, config), ordered=True)
+    # the renormalised softmax over all E, up to rounding
+    assert_same_routing(route(logits, config), route(logits, RoutingConfig("softmax_topk", top_k, True)), ordered=True)
 
 
 GROUPED = [  # num_tokens, num_experts, num_groups, topk_group, top_k
@@ -205,7 +216,7 @@ def test_deepseek_v2_matches_hf(norm_topk_prob, topk_method, num_experts, n_grou
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(kind="topk_softmax", top_k=2), r"kind='topk_softmax'"),
+        (dict(kind="top1_sigmoid", top_k=2), r"kind='top1_sigmoid'"),
         (dict(kind="softmax_topk", top_k=0), r"top_k=0"),
         (dict(kind="sigmoid_group_topk", top_k=2, num_groups=0), r"num_groups=0"),
         (dict(kind="sigmoid_group_topk", top_k=2, num_groups=2, topk_group=3), r"topk_group=3"),
@@ -234,3 +245,18 @@ def test_bad_config_names_field_and_value(kwargs, message):
 def test_config_that_does_not_fit_the_logits(config, logits_shape, bias, message):
     with pytest.raises(ValueError, match=message):
         route(torch.randn(*logits_shape), config, bias)
+
+
+@pytest.mark.parametrize("num_experts, top_k", [(8, 2), (6, 3), (32, 4)])
+def test_gpt_oss_matches_hf(num_experts, top_k):
+    """GPT-OSS's router has a bias: the logits here include it, as MoEBlock adds it."""
+    torch.manual_seed(5)
+    router = GptOssTopKRouter(GptOssConfig(hidden_size=HIDDEN, num_local_experts=num_experts, num_experts_per_tok=top_k))
+    with torch.no_grad():
+        router.weight.normal_(0.0, 1.0)
+        router.bias.normal_(0.0, 1.0)
+        hidden = torch.randn(48, HIDDEN)
+        hf_logits, hf_weights, hf_ids = router(hidden)
+    logits = torch.nn.functional.linear(hidden, router.weight, router.bias)
+    torch.testing.assert_close(logits, hf_logits)
+    assert_same_routing(route(logits, RoutingConfig("topk_softmax", top_k)), (hf_weights, hf_ids), ordered=True)
