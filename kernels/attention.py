@@ -10,8 +10,9 @@ padded SDPA call; prefill chunks one by one (they are compute bound anyway).
 Sliding windows follow transformers: query at position p sees keys j with p - window < j <= p.
 
 Attention sinks (GPT-OSS): one learnt logit per query head joins each softmax as a key with no
-value, so a head can attend to nothing. They take `attend_with_sinks`, transformers' eager op order
-(scores, sink column, max-subtracted softmax in the scores' dtype, sink dropped), on every path.
+value, so a head can attend to nothing. Decode on the CPU takes them in the native kernel (the sink
+counted in the softmax's sum); everything else takes `attend_with_sinks`, transformers' eager op order
+(scores, sink column, max-subtracted softmax in the scores' dtype, sink dropped).
 """
 
 import itertools
@@ -122,9 +123,9 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
     [num_slots, nkv, Dv]; sinks [nh] or None -> [N, nh, Dv]. A v_cache that is a view of k_cache's
     first Dv numbers (MLA, whose value is the first Dv numbers of its key) is written with the keys.
     """
-    if meta.decode_rows is None and sinks is None and _native_decode(q, k_cache, v_cache):  # every row a decode query, in order:
+    if meta.decode_rows is None and _native_decode(q, k_cache, v_cache):  # every row a decode query, in order:
         return native.decode_attention(q, k_cache, v_cache, meta.decode_slots, meta.decode_lens, scale, window,
-                                       new=(k, v, meta.slot_mapping))  # writes the K/V too, one call a layer
+                                       new=(k, v, meta.slot_mapping), sinks=sinks)  # writes the K/V too, one call a layer
     k_cache.index_copy_(0, meta.slot_mapping, k)  # index_copy_ / index_select: a third of the cost of
     if not native.shares_keys(v_cache, k_cache):  # `cache[slots] = k` / `cache[slots]` at these sizes
         v_cache.index_copy_(0, meta.slot_mapping, v)
@@ -154,8 +155,8 @@ def _attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: PagedAtten
     so SDPA never copies the kv heads out to nh heads, as its math path does for `enable_gqa` (41% of
     the call in a profile at MLA's one 576-wide kv head and 16 query heads; bench/decode_attention.py)."""
     slots = meta.decode_slots  # [Bd, Lmax]
-    if sinks is None and _native_decode(q, k_cache, v_cache):
-        return native.decode_attention(q, k_cache, v_cache, slots, meta.decode_lens, scale, window)
+    if _native_decode(q, k_cache, v_cache):
+        return native.decode_attention(q, k_cache, v_cache, slots, meta.decode_lens, scale, window, sinks=sinks)
     keys = k_cache.index_select(0, slots.view(-1)).view(*slots.shape, *k_cache.shape[1:]).transpose(1, 2)  # [Bd, nkv, Lmax, Dk]
     values = v_cache.index_select(0, slots.view(-1)).view(*slots.shape, *v_cache.shape[1:]).transpose(1, 2)  # [.., Dv]
     if sinks is not None:

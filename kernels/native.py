@@ -52,7 +52,7 @@ SIGNATURES = {  # as declared in csrc/cpu_kernels.cpp; every function returns an
     "moeray_expert_ffn": [_I, _I, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _I, _I],
     "moeray_fused_moe": [_I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I],
     "moeray_decode_attention": [_I, _I, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _I, _P, _I, _P, _I, _P, _P, _I, _P,
-                                ctypes.c_double, _I, _P, _I],
+                                ctypes.c_double, _I, _P, _P, _I],
     "moeray_logits": [_I, _I, _I, _P, _P, _P, _I],
     "moeray_rms_norm": [_I, _I, _P, _P, _P, ctypes.c_double, _I, _P, _P, _I],
     "moeray_rope": [_I, _I, _I, _P, _I, _P, _P, _P],
@@ -169,10 +169,12 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, lens: Tensor, scale: float,
-                     window: int | None, new: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                     window: int | None, new: tuple[Tensor, Tensor, Tensor] | None = None,
+                     sinks: Tensor | None = None) -> Tensor:
     """q [B, nh, D] (one new token per sequence) over paged caches k_cache [num_slots, nkv, D], v_cache
     [num_slots, nkv, Dv]: slots [B, L] int64 the slot of each context position (padded), lens [B] int64
-    context lengths -> [B, nh, Dv]. A query sees the last `window` positions of its context (None: all).
+    context lengths -> [B, nh, Dv]. A query sees the last `window` positions of its context (None: all);
+    sinks [nh] (GPT-OSS) join each head's softmax as one more logit without a value.
     With new = (k [B, nkv, D], v [B, nkv, Dv], new_slots [B] int64), this step's keys and values are
     written to their slots first. q, k and v may be row-strided views (heads of a fused projection).
     v_cache is contiguous, or the first Dv numbers of k_cache's rows (MLA; see `shares_keys`), whose
@@ -192,6 +194,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
                          f"{tuple(v_cache.shape)} {k_cache.dtype}, slots {tuple(slots.shape)}, lens {tuple(lens.shape)}"
                          + ("" if new is None else f", new k {tuple(new[0].shape)}, v {tuple(new[1].shape)}, "
                                                    f"slots {tuple(new[2].shape)}"))
+    if sinks is not None:
+        if sinks.shape != (heads,):
+            raise ValueError(f"decode_attention: sinks {tuple(sinks.shape)} must be [nh] = ({heads},)")
+        sinks = sinks.float().contiguous()
     out = q.new_empty(batch, heads, v_dim)
     new_k, new_v, new_slots = (None, None, None) if new is None else (t.data_ptr() for t in new)
     if in_keys:
@@ -200,7 +206,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor,
         DTYPES[q.dtype], batch, heads, kv_heads, dim, v_dim, v_cache.stride(0), v_cache.stride(1), q.data_ptr(),
         q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), num_slots, new_k, new[0].stride(0) if new else 0, new_v,
         new[1].stride(0) if new else 0, new_slots, slots.data_ptr(), slots.shape[1], lens.data_ptr(), scale, window or 0,
-        out.data_ptr(), torch.get_num_threads())
+        None if sinks is None else sinks.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if status == 3:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
     if status == 4:

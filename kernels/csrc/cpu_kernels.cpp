@@ -598,7 +598,7 @@ inline void score_tile(const float* queries, int64_t D, int64_t whole, const T* 
 template <typename T>
 void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots, int64_t first, int64_t len,
                 int64_t nkv, int64_t kv, int64_t group, int64_t D, int64_t Dv, int64_t v_slot, int64_t v_head,
-                float scale, T* out, std::vector<float>& work) {
+                float scale, const float* sinks, T* out, std::vector<float>& work) {
   const int64_t span = len - first, ctx = (span + 7) / 8 * 8, whole = D / 8 * 8, whole_v = Dv / 8 * 8;
   if (span <= 0) {  // an empty context (never asked for by the engine): nothing to attend to
     for (int64_t i = 0; i < group * Dv; ++i) store_one(out + i, 0.0f);
@@ -633,7 +633,7 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* s
   float* totals = scores + group * ctx;  // [group]
   for (int64_t g = 0; g < group; ++g) {  // softmax weights (unnormalised) and their sums
     float* p = scores + g * ctx;
-    float most = -INFINITY, total = 0;
+    float most = sinks ? sinks[g] : -INFINITY, total = 0;  // a head's sink is one more logit, with no value
     for (int64_t i = 0; i < span; ++i) most = std::max(most, p[i]);
     for (int64_t i = span; i < ctx; ++i) p[i] = most;  // padding: exp(0), never read back
     for (int64_t i = 0; i < ctx; i += 8) {
@@ -641,7 +641,7 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* s
       std::memcpy(p + i, &e, sizeof e);
     }
     for (int64_t i = 0; i < span; ++i) total += p[i];
-    totals[g] = total;
+    totals[g] = sinks ? total + std::exp(sinks[g] - most) : total;
   }
   // The weighted sums of values: rows in blocks of 64 KiB (kept in L2 while every head passes, so that
   // the values are read once, not once per head), heads in pairs; sums carried in float32 between blocks.
@@ -865,7 +865,8 @@ int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float*
 // k_cache [num_slots, nkv, D]; v_cache [num_slots, nkv, Dv] with element strides v_slot, v_head (a
 // contiguous cache: nkv * Dv, Dv; MLA's values are the first Dv numbers of its key rows: v_cache ==
 // k_cache, v_slot = nkv * D, v_head = D); slots [B, L] (the slot of each context position, padded); lens [B];
-// a query sees positions max(0, len - window) .. len - 1 (window 0: all). Query heads h of kv head
+// a query sees positions max(0, len - window) .. len - 1 (window 0: all); sinks [nh] float32 (GPT-OSS, or
+// null): head h's softmax also counts exp(sinks[h]), a logit with no value. Query heads h of kv head
 // h / (nh / nkv) are taken together, so each key and value row is read once for all of them (once per
 // part of them where a batch has fewer kv heads than threads). Scores,
 // softmax and the weighted sum in float32 (exp(score - max), divided by the sum at the end, as SDPA
@@ -881,8 +882,8 @@ int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, i
                             int64_t v_head, const void* q,
                             int64_t q_stride, void* k_cache, void* v_cache, int64_t num_slots, const void* new_k,
                             int64_t k_stride, const void* new_v, int64_t v_stride, const int64_t* new_slots,
-                            const int64_t* slots, int64_t L, const int64_t* lens, double scale, int64_t window, void* out,
-                            int64_t num_threads) {
+                            const int64_t* slots, int64_t L, const int64_t* lens, double scale, int64_t window,
+                            const float* sinks, void* out, int64_t num_threads) {
   if (dtype != 0 && dtype != 1) return 1;
   if (nkv <= 0 || nh % nkv) return 3;
   for (int64_t b = 0; b < B; ++b)
@@ -917,13 +918,14 @@ int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, i
       const int64_t heads = std::min(part_heads, (kv + 1) * group - h0), len = lens[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0, at = (b * nh + h0) * Dv;
       const int64_t q_at = b * q_stride + h0 * D;
+      const float* head_sinks = sinks ? sinks + h0 : nullptr;
       if (dtype == 0)
         attend_one(static_cast<const float*>(q) + q_at, static_cast<const float*>(k_cache), static_cast<const float*>(v_cache),
-                   slots + b * L, first, len, nkv, kv, heads, D, Dv, v_slot, v_head, float(scale),
+                   slots + b * L, first, len, nkv, kv, heads, D, Dv, v_slot, v_head, float(scale), head_sinks,
                    static_cast<float*>(out) + at, work);
       else
         attend_one(static_cast<const bf16*>(q) + q_at, static_cast<const bf16*>(k_cache), static_cast<const bf16*>(v_cache),
-                   slots + b * L, first, len, nkv, kv, heads, D, Dv, v_slot, v_head, float(scale),
+                   slots + b * L, first, len, nkv, kv, heads, D, Dv, v_slot, v_head, float(scale), head_sinks,
                    static_cast<bf16*>(out) + at, work);
     }
   }
