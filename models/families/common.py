@@ -67,7 +67,8 @@ def quantization(raw: dict) -> Fp8Weights | None:
     method = quant.get("quant_method")
     if method != "fp8":
         raise ConfigError(f"config.json: quantization_config (quant_method={method!r}) is not supported; "
-                          "supported: 'fp8' (block-wise float8 weights), or a bf16 or float32 checkpoint")
+                          "supported: 'fp8' (block-wise float8 weights), 'mxfp4' (GPT-OSS's experts), "
+                          "or a bf16 or float32 checkpoint")
     for key, allowed in (("expert_dtype", ("fp8",)), ("scale_fmt", ("float", "ue8m0")),
                          ("activation_scheme", ("dynamic", "static"))):  # (transformers' defaults first)
         value = quant.get(key, allowed[0])
