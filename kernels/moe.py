@@ -29,7 +29,8 @@ top-k order: within an ulp of transformers, and the same bits whatever the place
 `native.PANEL_ROWS`.)
 
 Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
-- CPU, float32, any number of rows; bf16 experts with at most 64 rows (NATIVE_MAX_ROWS): the native
+- CPU, float32, any number of rows; bf16 experts with at most 64 rows (NATIVE_MAX_ROWS; one row on CPUs
+  with bf16 matmul instructions, NATIVE_MAX_ROWS_BF16_MATMUL): the native
   kernel (`kernels.native`, csrc/cpu_kernels.cpp) runs all of them in one call. With few rows it
   reads each weight once, at the machine's memory bandwidth for a row or two and close to its FMA
   rate for tens, where torch's matmuls pack or re-read it: 1.1-4x faster than the torch paths below.
@@ -72,6 +73,11 @@ MAX_ROWS_LOW_PRECISION_MATMUL = 3
 # alone, 8 experts, against the float32-conversion path): 1.2-8x to 16 rows, 1-1.2x at 64, 0.9-1.05x
 # at 128. Beyond, MKL's packed float32 GEMM wins.
 NATIVE_MAX_ROWS = 64
+# The same where torch multiplies bf16 natively (oneDNN with AVX512-BF16 or AMX): the kernel widens bf16
+# to float32 FMAs, half the rate of the bf16 dot-product instructions oneDNN uses. Measured (2-core Zen 4
+# VM with AVX512-BF16, 8 Mixtral-like / 64 OLMoE-like experts, against F.grouped_mm): 1.7x / 2.6x at one
+# row an expert, 0.7x / 1.07x at two, 0.55x / 0.72x at four, 0.14x at 128.
+NATIVE_MAX_ROWS_BF16_MATMUL = 1
 # Weight rows converted to float32 per matmul: small enough to stay in cache (L2 + L3) for it.
 FLOAT32_BLOCK_BYTES = 2 << 20
 # Rows of consecutive experts that `fused_moe` takes at a time: intermediates of about this size.
@@ -337,7 +343,9 @@ def _fused_moe_one_token(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13:
 
 def _native_max_rows(w13: Tensor) -> int:
     """Rows up to which an expert runs on the native kernel: all of them in float32 (see NATIVE_MAX_ROWS)."""
-    return sys.maxsize if w13.dtype == torch.float32 else NATIVE_MAX_ROWS
+    if w13.dtype == torch.float32:
+        return sys.maxsize
+    return NATIVE_MAX_ROWS if _needs_float32_matmul(w13.dtype, w13.device.type) else NATIVE_MAX_ROWS_BF16_MATMUL
 
 
 @lru_cache(maxsize=256)

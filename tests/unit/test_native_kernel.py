@@ -142,7 +142,8 @@ def test_expert_ffn_sends_small_bf16_experts_to_native_and_large_to_torch(monkey
     calls = []
     real = native.expert_ffn
     monkeypatch.setattr(native, "expert_ffn", lambda x, groups, *args, **kwargs: calls.append(groups.tolist()) or real(x, groups, *args, **kwargs))
-    monkeypatch.setattr(moe, "NATIVE_MAX_ROWS", 4)
+    monkeypatch.setattr(moe, "NATIVE_MAX_ROWS", 4)  # (whichever applies on this CPU)
+    monkeypatch.setattr(moe, "NATIVE_MAX_ROWS_BF16_MATMUL", 4)
     out = moe.expert_ffn(x, counts, w13, w2)
     assert calls == [[[0, 0, 3], [3, 12, 1]]]  # expert 2 (9 rows) is over the limit
     starts = [0, 3, 3, 12]
