@@ -5,6 +5,8 @@ concatenation to checkpoint tensors; routed experts go through `checkpoint.load_
 reads only the experts asked for (expert groups load just their own slots).
 """
 
+import dataclasses
+import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -12,20 +14,44 @@ from typing import Callable
 import torch
 
 from moeray.models.checkpoint import CheckpointError, CheckpointReader, load_expert_biases, load_experts, read_config
-from moeray.models.config import ModelConfig
+from moeray.models.config import ConfigError, ModelConfig
 from moeray.models.family import Family, family_for
 from moeray.models.layers import WeightNames, whole
 from moeray.models.model import MakeExperts, MoEBlock, MoEModel
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 Progress = Callable[[int, int], None]  # (layers done, layers total)
 
 
 def load_config(path: str | Path) -> tuple[ModelConfig, Family]:
+    """config.json parsed by its family, with generation_config.json's end-of-sequence tokens where it has any."""
     raw = read_config(path)
     family = family_for(raw)
-    return family.parse(raw), family
+    config = family.parse(raw)
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    eos = generation_eos(folder / GENERATION_CONFIG_FILE)
+    return (config if eos is None else dataclasses.replace(config, eos_token_ids=eos)), family
+
+
+def generation_eos(file: Path) -> tuple[int, ...] | None:
+    """`eos_token_id` of a generation_config.json (an id or a list of them), or None without the file or
+    the field. transformers' generate stops on these in place of config.json's, and chat releases list
+    their end-of-turn tokens there only (Qwen's <|im_end|>, GPT-OSS's <|return|> and <|call|>)."""
+    if not file.is_file():
+        return None
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{file}: not a valid JSON config: {exc}") from exc
+    eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    if eos is None:
+        return None
+    ids = eos if isinstance(eos, list) else [eos]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{file}: eos_token_id={eos!r} must be a token id or a non-empty list of them")
+    return tuple(ids)
 
 
 def load_model(path: str | Path | None = None, dtype: torch.dtype = torch.float32,

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import transformers
-from checkpoints import CONFIGS, FP8_BLOCKS, VOCAB
+from checkpoints import CONFIGS, EOS, FP8_BLOCKS, VOCAB
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -294,6 +294,34 @@ def test_sliding_window_matters_at_test_length(make_checkpoint, name):
     for layer in model.layers:
         layer.attn.window = None
     assert (model(ids) - with_window).abs().max() > 1e-2
+
+
+def test_generation_config_eos_tokens_stop_as_in_transformers(make_checkpoint, tmp_path):
+    """Chat releases list their end-of-turn token in generation_config.json only (config.json says
+    <|endoftext|>): transformers' generate stops on generation_config.json's tokens, and so does the engine."""
+    folder = tmp_path / "chat"
+    shutil.copytree(make_checkpoint("qwen3_moe_dense"), folder)
+    prompt = PROMPTS[1]
+    free = engine_greedy(load_model(folder), [prompt])[0]  # eos ignored: where would it stop?
+    stop = next(t for t in free[3:] if t != EOS)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [VOCAB - 1, stop]}))
+    model = load_model(folder)
+    assert model.config.eos_token_ids == (VOCAB - 1, stop)
+    engine = Engine(model, config=EngineConfig(block_size=4, kv_cache_bytes=1 << 20))
+    [done] = engine.generate([prompt], SamplingParams(max_tokens=NEW_TOKENS))
+    assert done.finish_reason == "stop" and done.token_ids == free[:free.index(stop) + 1]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    assert out[0, len(prompt):].tolist() == done.token_ids
+
+    for bad in ([], ["2"], -1, True):
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(ConfigError, match=re.escape(f"generation_config.json: eos_token_id={bad!r} must be")):
+            load_model(folder)
+    (folder / "generation_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="generation_config.json: not a valid JSON config"):
+        load_model(folder)
 
 
 def test_clip_qkv_clips_at_test_scale(make_checkpoint):
