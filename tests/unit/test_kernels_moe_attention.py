@@ -62,10 +62,13 @@ def test_fused_moe_float32_on_torch_ops(monkeypatch, num_tokens, num_experts, to
 GPT_OSS_ACTIVATION = Activation(limit=1.5, alpha=1.702)  # a limit the test's gate/up values cross
 
 
+@pytest.mark.parametrize("grouped", [True, False])  # F.grouped_mm (CPU), or an expert at a time (elsewhere)
 @pytest.mark.parametrize("num_tokens", [1, 7, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_moe_with_biases_and_clamped_activation(num_tokens, dtype):
-    """GPT-OSS's experts (biases, clamped activation) take the torch path, chunked or not, against the reference."""
+def test_fused_moe_with_biases_and_clamped_activation(monkeypatch, num_tokens, dtype, grouped):
+    """GPT-OSS's experts (biases, clamped activation) take the torch path, against the reference."""
+    if not grouped:
+        monkeypatch.setattr(moe, "_has_grouped_mm", lambda device_type: False)
     x, weights, ids, w13, w2 = moe_inputs(num_tokens, 6, 3, seed=5)
     gen = torch.Generator().manual_seed(6)
     biases = ExpertBiases(torch.randn(6, 2 * I, generator=gen), torch.randn(6, H, generator=gen))
