@@ -30,12 +30,14 @@ top-k order: within an ulp of transformers, and the same bits whatever the place
 
 Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
 - CPU, float32, any number of rows; bf16 experts with at most 64 rows (NATIVE_MAX_ROWS; one row on CPUs
-  with bf16 matmul instructions, NATIVE_MAX_ROWS_BF16_MATMUL): the native
+  with bf16 matmul instructions, NATIVE_MAX_ROWS_BF16_MATMUL, unless the kernel has its own bf16 GEMMs
+  there, `native.bf16_panels`: then all of them): the native
   kernel (`kernels.native`, csrc/cpu_kernels.cpp) runs all of them in one call. With few rows it
   reads each weight once, at the machine's memory bandwidth for a row or two and close to its FMA
   rate for tens, where torch's matmuls pack or re-read it: 1.1-4x faster than the torch paths below.
   Float32 experts with `native.PANEL_ROWS` rows or more are GEMMs of its own, 1.4-1.5x faster than
-  MKL's here (80-90% of the FMA peak against ~65%). A float32 block is one native call
+  MKL's on AVX2 (80-90% of the FMA peak against ~65%), ~2x on AVX-512 (512-bit tiles; MKL runs AVX2
+  code on AMD); bf16 with `native.PANEL_ROWS_BF16` or more on AVX512-BF16 CPUs (vdpbf16ps). A float32 block is one native call
   (`native.fused_moe`: sort, experts, top-k sum), with the bits of the three steps below.
 - bf16 with more rows, or any dtype the device multiplies natively: on CPU all experts go through
   one `F.grouped_mm` call per projection (the same per-expert MKL matmuls as a Python loop, bitwise,
@@ -351,8 +353,9 @@ def _fused_moe_one_token(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13:
 
 
 def _native_max_rows(w13: Tensor) -> int:
-    """Rows up to which an expert runs on the native kernel: all of them in float32 (see NATIVE_MAX_ROWS)."""
-    if w13.dtype == torch.float32:
+    """Rows up to which an expert runs on the native kernel: all of them in float32, and in bf16 where the
+    kernel multiplies bf16 on the dot-product instruction (`native.bf16_panels`; see NATIVE_MAX_ROWS)."""
+    if w13.dtype == torch.float32 or (w13.dtype == torch.bfloat16 and native.bf16_panels()):
         return sys.maxsize
     return NATIVE_MAX_ROWS if _needs_float32_matmul(w13.dtype, w13.device.type) else NATIVE_MAX_ROWS_BF16_MATMUL
 

@@ -13,19 +13,19 @@
 // packing the weight or reading it at a fraction of the memory bandwidth. Here (`run_small`) every
 // block of weight rows is read from memory once and kept in L1 while all of its expert's rows are
 // multiplied by it, as dot products along the weight rows; both phases are split over the threads by
-// (group, block of weight rows). Float32 groups with many rows (`panel_rows` and more) are GEMMs of
-// our own instead (`run_panels`): MKL's sgemm reaches ~65% of the FMA peak on the AMD Zen 2 machines
-// this was measured on, these tiles 80-90%.
+// (group, block of weight rows). Groups with many rows (`panel_rows` and more; bf16 only where the
+// build has AVX512-BF16) are GEMMs of our own instead (`run_panels`): MKL's sgemm reaches ~65% of the
+// FMA peak on AMD Zen 2, these tiles 80-90%; on AMD Zen 5 MKL runs 256-bit code, these tiles 512-bit.
 //
 // Numerics: in `run_small` every output element is one dot product, accumulated in 8 float32 lanes in
 // index order (a fused multiply-add per element), the lanes summed pairwise, then any tail; in
 // `run_panels` one chain of fused multiply-adds over the index in order. How many rows an expert has
 // (on either side of `panel_rows`), or which thread takes which block, never changes a result: a row
-// gets the same bits alone or in any batch of its side. bf16 (dtype 1, always `run_small`): weights
+// gets the same bits alone or in any batch of its side. bf16 (dtype 1) in `run_small`: weights
 // widen exactly to float32 (a bf16 is the top half of one), 16 at a time, as the even elements (<< 16)
 // and the odd ones (& 0xffff0000): no shuffles. The vectors they multiply are stored the same way,
-// deinterleaved (see `position`). Matmul outputs, the activation and its product are rounded to bf16
-// where transformers rounds them (nearest even).
+// deinterleaved (see `position`). In `run_panels`, bf16 pairs on vdpbf16ps (see `panel_dots`). Matmul
+// outputs, the activation and its product are rounded to bf16 where transformers rounds them (nearest even).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -58,6 +58,43 @@ inline v8 fma8(v8 a, v8 b, v8 c) {
   return r;
 #endif
 }
+// Panels (`run_panels`, `moeray_logits`) hold PW rows of x: one vector of the widest float32 FMA the
+// build has, 16 lanes on AVX-512 (twice the FMA rate of 8 where the cores run 512-bit vectors whole, as
+// AMD Zen 5 does), else 8. Each output is one chain of fused multiply-adds over k whatever the width, so
+// the width changes speed, never bits.
+// bf16 groups are GEMMs too (on vdpbf16ps) where the build has AVX512-BF16; elsewhere dot products.
+#if defined(__AVX512BF16__)
+constexpr bool BF16_PANELS = true;
+#else
+constexpr bool BF16_PANELS = false;
+#endif
+#if defined(__AVX512F__)
+constexpr int PW = 16;
+#else
+constexpr int PW = 8;
+#endif
+template <int W> struct float_vector { typedef float type __attribute__((vector_size(4 * W))); };
+template <int W> using vec = typename float_vector<W>::type;
+template <int W> inline vec<W> loadv(const float* p) { vec<W> v; std::memcpy(&v, p, sizeof v); return v; }
+template <int W> inline vec<W> splat(float f) {  // (vec<W>{} + f would add 0.0f first: -0 is not +0)
+#if defined(__AVX512F__)
+  if constexpr (W == 16) return vec<W>(_mm512_set1_ps(f));
+#endif
+  if constexpr (W == 8) return splat8(f);
+  vec<W> v;
+  for (int i = 0; i < W; ++i) v[i] = f;
+  return v;
+}
+template <int W> inline vec<W> fmav(vec<W> a, vec<W> b, vec<W> c) {
+#if defined(__AVX512F__)
+  if constexpr (W == 16) return vec<W>(_mm512_fmadd_ps(__m512(a), __m512(b), __m512(c)));
+#endif
+  if constexpr (W == 8) return fma8(a, b, c);
+  vec<W> r;
+  for (int i = 0; i < W; ++i) r[i] = std::fma(a[i], b[i], c[i]);
+  return r;
+}
+
 inline float widen(bf16 h) { uint32_t w = uint32_t(h) << 16; float f; std::memcpy(&f, &w, 4); return f; }
 inline bf16 to_bf16(float f) {
   uint32_t w; std::memcpy(&w, &f, 4);
@@ -65,6 +102,16 @@ inline bf16 to_bf16(float f) {
   return bf16((w + 0x7fffu + ((w >> 16) & 1u)) >> 16);
 }
 inline float round_bf16(float f) { return widen(to_bf16(f)); }
+template <int W>  // round_bf16 of each lane
+inline vec<W> round_bf16v(vec<W> f) {
+  typedef uint32_t U __attribute__((vector_size(4 * W)));
+  U w;
+  std::memcpy(&w, &f, sizeof w);
+  const U nearest = (w + 0x7fffu + ((w >> 16) & 1u)) & 0xffff0000u, quiet = (w & 0xffff0000u) | 0x400000u;
+  const U r = (w & 0x7fffffffu) > 0x7f800000u ? quiet : nearest;
+  std::memcpy(&f, &r, sizeof f);
+  return f;
+}
 inline float load_one(const float* p) { return *p; }
 inline float load_one(const bf16* p) { return widen(*p); }
 inline void store_one(float* p, float v) { *p = v; }
@@ -200,55 +247,81 @@ void weight_rows(const W* w, int64_t ldw, int64_t count, const float* const* x, 
   }
 }
 
-// acc[r][v] = sum over k < K, in order, of w[r][k] * column k of panel v (8 rows of x; panels [*, K, 8], see
-// `to_panel`), one fused multiply-add each: every accumulator is 8 rows of x times one weight row, the
+// acc[r][v] = sum over k < K, in order, of w[r][k] * column k of panel v (PW rows of x; panels [*, K, PW],
+// see `to_panel`), one fused multiply-add each: every accumulator is PW rows of x times one weight row, the
 // weight element broadcast. No horizontal sums, so K = 128 runs as well as 4096, and a row's result does
-// not depend on the other rows of its panel. R * V <= 12 accumulators (+ V x vectors + 1 broadcast).
+// not depend on the other rows of its panel. R * V accumulators (+ V x vectors + 1 broadcast).
 // Not inlined: inside its callers the compiler kept their epilogues' constants in registers and spilled
 // accumulators to memory in this loop (2x slower at V = 1).
-template <int R, int V>
-__attribute__((noinline)) void panel_dots(const float* const* w, int64_t K, const float* panels, v8 (&acc)[R][V]) {
-  v8 sums[R][V];  // local: accumulators behind a reference are stored back on every k (they might alias w)
+// bf16 (AVX512-BF16 builds): K counts pairs, a panel holds pair k of each of its 16 rows as one 32-bit
+// word ([*, K, 16] words: what `to_panel` makes of bf16 rows read as words), and vdpbf16ps adds each
+// lane's two products of a pair (weight pair broadcast) to its float32 accumulator: twice the products of
+// a float32 FMA per instruction, float32 sums in k order as before (pair by pair).
+template <int R, int V, typename W>
+__attribute__((noinline)) void panel_dots(const W* const* w, int64_t K, const float* panels, vec<PW> (&acc)[R][V]) {
+  vec<PW> sums[R][V];  // local: accumulators behind a reference are stored back on every k (they might alias w)
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) sums[r][v] = v8{};
+    for (int v = 0; v < V; ++v) sums[r][v] = vec<PW>{};
   for (int64_t k = 0; k < K; ++k) {
-    v8 xv[V];
-    for (int v = 0; v < V; ++v) xv[v] = load8(panels + (v * K + k) * 8);
+    vec<PW> xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = loadv<PW>(panels + (v * K + k) * PW);
     for (int r = 0; r < R; ++r) {
-      const v8 wv = splat8(w[r][k]);
-      for (int v = 0; v < V; ++v) sums[r][v] = fma8(wv, xv[v], sums[r][v]);
+      if constexpr (std::is_same_v<W, float>) {
+        const vec<PW> wv = splat<PW>(w[r][k]);
+        for (int v = 0; v < V; ++v) sums[r][v] = fmav<PW>(wv, xv[v], sums[r][v]);
+      } else {
+#if defined(__AVX512BF16__)
+        float pair;  // weights 2k and 2k + 1 of row r
+        std::memcpy(&pair, w[r] + 2 * k, 4);
+        const __m512bh wv = (__m512bh)_mm512_castps_si512(_mm512_set1_ps(pair));
+        for (int v = 0; v < V; ++v)
+          sums[r][v] = vec<PW>(_mm512_dpbf16_ps(__m512(sums[r][v]), wv, (__m512bh)_mm512_castps_si512(__m512(xv[v]))));
+#endif
+      }
     }
   }
   std::memcpy(acc, sums, sizeof sums);
 }
 
 // out[m, n0 + r] = sum over k of w[n0 + r, k] * x[m, k] (see `panel_dots`) for R weight rows and the rows
-// m < M of x in panels p0 .. p0 + V - 1; out has N columns.
-template <int R, int V>
-inline void logits_tile(const float* w, int64_t K, const float* panels, int64_t p0, int64_t M, int64_t n0, int64_t N,
-                        float* out) {
-  const float* rows[R];
+// m < M of x in panels p0 .. p0 + V - 1; out has N columns. bf16: K elements, panels of K / 2 words.
+template <int R, int V, typename W>
+inline void logits_tile(const W* w, int64_t K, const float* panels, int64_t p0, int64_t M, int64_t n0, int64_t N,
+                        W* out) {
+  const W* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = w + (n0 + r) * K;
-  v8 acc[R][V];
-  panel_dots<R, V>(rows, K, panels + p0 * K * 8, acc);
+  const int64_t words = K * sizeof(W) / 4;
+  vec<PW> acc[R][V];
+  panel_dots<R, V, W>(rows, words, panels + p0 * words * PW, acc);
   for (int v = 0; v < V; ++v)
-    for (int e = 0; e < 8 && (p0 + v) * 8 + e < M; ++e)
-      for (int r = 0; r < R; ++r) out[((p0 + v) * 8 + e) * N + n0 + r] = acc[r][v][e];
+    for (int e = 0; e < PW && (p0 + v) * PW + e < M; ++e)
+      for (int r = 0; r < R; ++r) store_one(out + ((p0 + v) * PW + e) * N + n0 + r, acc[r][v][e]);
 }
 
-// Weight rows a tile of V panels takes: 12 accumulators, but 8 for a lone panel: a weight row is a
-// stream of its own and rows of 4 KiB (K = 1024) share L1 sets, which hold 8 lines (12 rows at K >= 1024:
-// 2.5x slower). Measured with one thread, data in cache: 6 x 2 panels 100-106 GFLOP/s at K = 512-2048,
-// 8 x 1 76-80, 4 x 3 78 (so an odd panel count ends with a lone panel, not a tile of 3).
+// Tiles: V panels (PANELS at most) times tile_rows<V>() weight rows. A weight row is a stream of its own,
+// and rows of 4 KiB (K = 1024) share L1 sets, so a tile keeps its weight rows fewer than the ways of a set.
+// 8 lanes (16 registers): 12 accumulators, 6 x 2 panels, 8 x 1 for a lone panel; measured with one thread,
+// data in cache, on AMD Zen 2 (8-way L1): 6 x 2 100-106 GFLOP/s at K = 512-2048, 8 x 1 76-80, 4 x 3 78, 12
+// rows at K >= 1024 2.5x slower. 16 lanes (32 registers): 24 accumulators, 6 x 4, 12 x 2, 8 x 1; on AMD
+// Zen 5 (12-way L1), whole expert FFNs, 2 threads: Mixtral-like T=2048 433 GFLOP/s (8-lane tiles 230, 90%
+// of the 2 x 240 peak), OLMoE-like T=256 252 (161); 8 x 2 instead of 12 x 2 238, 4 x 4 2x slower.
+#if defined(__AVX512F__)
+constexpr int PANELS = 4;
+template <int V>
+constexpr int tile_rows() { return V == 4 ? 6 : V == 2 ? 12 : 8; }
+#else
+constexpr int PANELS = 2;
 template <int V>
 constexpr int tile_rows() { return V == 1 ? 8 : 12 / V; }
+#endif
 
-// Panels 0 .. n - 1 in tiles of 2, the last alone if n is odd: f(first panel, std::integral_constant<int, V>).
-template <typename F>
+// Panels 0 .. n - 1 in tiles of V, then of V / 2, ... for the rest: f(first panel, std::integral_constant<int, V>).
+template <int V = PANELS, typename F>
 inline void panel_tiles(int64_t n, F&& f) {
   int64_t p = 0;
-  for (; p + 2 <= n; p += 2) f(p, std::integral_constant<int, 2>{});
-  if (p < n) f(p, std::integral_constant<int, 1>{});
+  for (; p + V <= n; p += V) f(p, std::integral_constant<int, V>{});
+  if constexpr (V > 1)
+    if (p < n) panel_tiles<V / 2>(n - p, [&](int64_t q, auto v) { f(p + q, v); });
 }
 
 // Tiles of fewer than R weight rows, for what is left after the whole tiles.
@@ -260,54 +333,70 @@ inline void tail_tile(int64_t count, F&& f) {
   }
 }
 
-template <int V>
-inline void logits_rows(const float* w, int64_t K, const float* panels, int64_t p0, int64_t M, int64_t n0, int64_t count,
-                        int64_t N, float* out) {  // count weight rows from n0
+template <int V, typename W>
+inline void logits_rows(const W* w, int64_t K, const float* panels, int64_t p0, int64_t M, int64_t n0, int64_t count,
+                        int64_t N, W* out) {  // count weight rows from n0
   constexpr int R = tile_rows<V>();
   int64_t n = n0;
-  for (; n + R <= n0 + count; n += R) logits_tile<R, V>(w, K, panels, p0, M, n, N, out);
-  tail_tile<R - 1>(n0 + count - n, [&](auto r) { logits_tile<decltype(r)::value, V>(w, K, panels, p0, M, n, N, out); });
+  for (; n + R <= n0 + count; n += R) logits_tile<R, V, W>(w, K, panels, p0, M, n, N, out);
+  tail_tile<R - 1>(n0 + count - n, [&](auto r) { logits_tile<decltype(r)::value, V, W>(w, K, panels, p0, M, n, N, out); });
 }
 
-// exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, degree-5 polynomial; within 2 ulp of
+// exp(x) for W floats (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, degree-5 polynomial; within 2 ulp of
 // the true value): softmax weights of decode attention, where scalar expf was most of the time, and the
 // SwiGLU epilogue of every gate/up tile. Latency is what it costs there (a tile's 6 vectors wait on it
 // while the next tile's loop fills the reorder buffer), so the clamps are min/max and the floor one
 // rounding instruction where AVX has them (the same values as the comparisons and conversions of the
 // portable path, NaN included: checked bitwise on every 97th float bit pattern).
-inline v8 exp8(v8 x) {
-  typedef int32_t i32x8 __attribute__((vector_size(32)));
-#if defined(__AVX__)
-  // below -87.3: ~1e-38 instead of 0, the weight of a far-off key; max/min return their second
-  // operand when one is NaN, so a NaN x stays NaN
-  x = v8(_mm256_max_ps(__m256(v8{} - 87.3365f), __m256(x)));
-  x = v8(_mm256_min_ps(__m256(v8{} + 88.3762f), __m256(x)));
-  const v8 t = fma8(x, v8{} + 1.44269504088896341f, v8{} + 0.5f);
-  const v8 n = v8(_mm256_floor_ps(__m256(t)));
-#else
-  x = x < -87.3365f ? v8{} - 87.3365f : x;
-  x = x > 88.3762f ? v8{} + 88.3762f : x;
-  const v8 t = fma8(x, v8{} + 1.44269504088896341f, v8{} + 0.5f);
-  v8 n = __builtin_convertvector(__builtin_convertvector(t, i32x8), v8);
-  n = n + __builtin_convertvector(n > t, v8);  // floor: a true comparison is -1
+template <int W>
+inline vec<W> expv(vec<W> x) {
+  typedef vec<W> V;
+  typedef int32_t Int __attribute__((vector_size(4 * W)));
+  V n, t;
+#if defined(__AVX512F__)
+  if constexpr (W == 16) {
+    x = V(_mm512_max_ps(__m512(V{} - 87.3365f), __m512(x)));
+    x = V(_mm512_min_ps(__m512(V{} + 88.3762f), __m512(x)));
+    t = fmav<W>(x, V{} + 1.44269504088896341f, V{} + 0.5f);
+    n = V(_mm512_roundscale_ps(__m512(t), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+  } else
 #endif
-  v8 r = fma8(n, v8{} - 0.693359375f, x);
-  r = fma8(n, v8{} + 2.12194440e-4f, r);
-  v8 y = v8{} + 1.9875691500e-4f;
-  y = fma8(y, r, v8{} + 1.3981999507e-3f);
-  y = fma8(y, r, v8{} + 8.3334519073e-3f);
-  y = fma8(y, r, v8{} + 4.1665795894e-2f);
-  y = fma8(y, r, v8{} + 1.6666665459e-1f);
-  y = fma8(y, r, v8{} + 5.0000001201e-1f);
-  y = fma8(y, r * r, r) + 1.0f;
-  const i32x8 bits = (__builtin_convertvector(n, i32x8) + 127) << 23;  // 2^n
-  v8 scale;
+#if defined(__AVX__)
+  if constexpr (W == 8) {
+    // below -87.3: ~1e-38 instead of 0, the weight of a far-off key; max/min return their second
+    // operand when one is NaN, so a NaN x stays NaN
+    x = V(_mm256_max_ps(__m256(V{} - 87.3365f), __m256(x)));
+    x = V(_mm256_min_ps(__m256(V{} + 88.3762f), __m256(x)));
+    t = fmav<W>(x, V{} + 1.44269504088896341f, V{} + 0.5f);
+    n = V(_mm256_floor_ps(__m256(t)));
+  } else
+#endif
+  {
+    x = x < -87.3365f ? V{} - 87.3365f : x;
+    x = x > 88.3762f ? V{} + 88.3762f : x;
+    t = fmav<W>(x, V{} + 1.44269504088896341f, V{} + 0.5f);
+    n = __builtin_convertvector(__builtin_convertvector(t, Int), V);
+    n = n + __builtin_convertvector(n > t, V);  // floor: a true comparison is -1
+  }
+  V r = fmav<W>(n, V{} - 0.693359375f, x);
+  r = fmav<W>(n, V{} + 2.12194440e-4f, r);
+  V y = V{} + 1.9875691500e-4f;
+  y = fmav<W>(y, r, V{} + 1.3981999507e-3f);
+  y = fmav<W>(y, r, V{} + 8.3334519073e-3f);
+  y = fmav<W>(y, r, V{} + 4.1665795894e-2f);
+  y = fmav<W>(y, r, V{} + 1.6666665459e-1f);
+  y = fmav<W>(y, r, V{} + 5.0000001201e-1f);
+  y = fmav<W>(y, r * r, r) + 1.0f;
+  const Int bits = (__builtin_convertvector(n, Int) + 127) << 23;  // 2^n
+  V scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return y * scale;
 }
+inline v8 exp8(v8 x) { return expv<8>(x); }
 
-// silu(g) * u, 8 at a time: g / (1 + exp(-g)) * u, torch's formula, exp within 2 ulp (see `exp8`).
-inline v8 swiglu8(v8 g, v8 u) { return g / (exp8(-g) + 1.0f) * u; }
+// silu(g) * u, W at a time: g / (1 + exp(-g)) * u, torch's formula, exp within 2 ulp (see `expv`).
+template <int W>
+inline vec<W> swiglu(vec<W> g, vec<W> u) { return g / (expv<W>(-g) + 1.0f) * u; }
 
 // r[i][e] <- r[e][i]: an 8 x 8 block of floats transposed in registers.
 inline void transpose8(v8 (&r)[8]) {
@@ -327,61 +416,76 @@ inline void transpose8(v8 (&r)[8]) {
   }
 }
 
-// One panel of 8 rows of x: panel[k][e] = src[e][k] for the n (<= 8) rows given, zeros for the rest.
+// One panel of PW rows of x: panel[k][e] = src[e][k] for the n (<= PW) rows given, zeros for the rest;
+// transposed 8 x 8 at a time.
 inline void to_panel(const float* const* src, int n, int64_t K, float* panel) {
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    v8 r[8];
-    for (int e = 0; e < 8; ++e) r[e] = e < n ? load8(src[e] + k) : v8{};
-    transpose8(r);
-    for (int i = 0; i < 8; ++i) std::memcpy(panel + (k + i) * 8, &r[i], sizeof r[i]);
-  }
+  for (; k + 8 <= K; k += 8)
+    for (int e0 = 0; e0 < PW; e0 += 8) {
+      v8 r[8];
+      for (int e = 0; e < 8; ++e) r[e] = e0 + e < n ? load8(src[e0 + e] + k) : v8{};
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) std::memcpy(panel + (k + i) * PW + e0, &r[i], sizeof r[i]);
+    }
   for (; k < K; ++k)
-    for (int e = 0; e < 8; ++e) panel[k * 8 + e] = e < n ? src[e][k] : 0.0f;
+    for (int e = 0; e < PW; ++e) panel[k * PW + e] = e < n ? src[e][k] : 0.0f;
 }
 
-// act rows i .. i + A - 1 of panels p0 .. p0 + V - 1 (act panels [*, I, 8], xp and actp at panel p0):
+// act rows i .. i + A - 1 of panels p0 .. p0 + V - 1 (act panels [*, I, PW], xp and actp at panel p0):
 // the gate rows i.. and up rows I + i.. of one expert's w13 [2I, H] as the 2A weight rows of one tile,
-// then silu(gate) * up in registers.
-template <int A, int V>
-inline void swiglu_tile(const float* w13, int64_t H, int64_t I, int64_t i, const float* xp, float* actp) {
-  const float* rows[2 * A];
+// then silu(gate) * up in registers. bf16: rounded where transformers rounds (as `run_small` does), and
+// act element i of a row written as half of word i / 2 of its panel (the layout `panel_dots` reads).
+template <int A, int V, typename W>
+inline void swiglu_tile(const W* w13, int64_t H, int64_t I, int64_t i, const float* xp, float* actp) {
+  const W* rows[2 * A];
   for (int a = 0; a < A; ++a) {
     rows[a] = w13 + (i + a) * H;
     rows[A + a] = w13 + (I + i + a) * H;
   }
-  v8 acc[2 * A][V];
-  panel_dots<2 * A, V>(rows, H, xp, acc);
+  vec<PW> acc[2 * A][V];
+  panel_dots<2 * A, V, W>(rows, H * sizeof(W) / 4, xp, acc);
   for (int v = 0; v < V; ++v)
     for (int a = 0; a < A; ++a) {
-      const v8 act = swiglu8(acc[a][v], acc[A + a][v]);
-      std::memcpy(actp + (v * I + i + a) * 8, &act, sizeof act);
+      if constexpr (std::is_same_v<W, float>) {
+        const vec<PW> act = swiglu<PW>(acc[a][v], acc[A + a][v]);
+        std::memcpy(actp + (v * I + i + a) * PW, &act, sizeof act);
+      } else {
+#if defined(__AVX512BF16__)
+        const vec<PW> gate = round_bf16v<PW>(acc[a][v]);
+        const vec<PW> act = round_bf16v<PW>(round_bf16v<PW>(gate / (expv<PW>(-gate) + 1.0f)) * round_bf16v<PW>(acc[A + a][v]));
+        const int64_t k = i + a;  // even: the low half of word k / 2 (bits >> 16), odd: the high half
+        const __m512i bits = _mm512_castps_si512(__m512(act));
+        _mm512_mask_storeu_epi16(actp + (v * I / 2 + k / 2) * PW, k % 2 ? 0xaaaaaaaa : 0x55555555,
+                                 k % 2 ? bits : _mm512_srli_epi32(bits, 16));
+#endif
+      }
     }
 }
 
-template <int V>
-inline void swiglu_rows(const float* w13, int64_t H, int64_t I, int64_t i0, int64_t count, const float* xp,
+template <int V, typename W>
+inline void swiglu_rows(const W* w13, int64_t H, int64_t I, int64_t i0, int64_t count, const float* xp,
                         float* actp) {  // act rows i0 .. i0 + count - 1 (a gate and an up row each)
   constexpr int A = tile_rows<V>() / 2;
   int64_t i = i0;
-  for (; i + A <= i0 + count; i += A) swiglu_tile<A, V>(w13, H, I, i, xp, actp);
-  tail_tile<A - 1>(i0 + count - i, [&](auto a) { swiglu_tile<decltype(a)::value, V>(w13, H, I, i, xp, actp); });
+  for (; i + A <= i0 + count; i += A) swiglu_tile<A, V, W>(w13, H, I, i, xp, actp);
+  tail_tile<A - 1>(i0 + count - i, [&](auto a) { swiglu_tile<decltype(a)::value, V, W>(w13, H, I, i, xp, actp); });
 }
 
-// Float32 groups with at least `panel_rows` rows (kernels/native.py: PANEL_ROWS), as GEMMs: a group's
-// rows of x become panels of 8 ([ceil(rows / 8), H, 8]), gate/up tiles write the activation straight into
-// panels ([.., I, 8]) and the down projection reads them (see `panel_dots`); 12 accumulators of 8 outputs
-// per tile, each weight element loaded once per 16 rows, and no horizontal sums: 80-90% of the FMA peak
-// where MKL's sgemm reaches ~65% here. Every output is one chain of fused multiply-adds over k in order:
+// Groups with at least `panel_rows` rows (kernels/native.py: PANEL_ROWS, PANEL_ROWS_BF16), as GEMMs: a
+// group's rows of x become panels of PW ([ceil(rows / PW), H, PW] words), gate/up tiles write the
+// activation straight into panels ([.., I, PW]) and the down projection reads them (see `panel_dots`);
+// each weight element loaded once per tile of PW * V rows, and no horizontal sums: on AVX2 80-90% of the
+// FMA peak where MKL's sgemm reaches ~65%. bf16 (AVX512-BF16 builds only): the same on vdpbf16ps, the
+// words of a row being its pairs of bf16s. Every output is one chain of fused multiply-adds over k in order:
 // a row's bits do not depend on the others in its group (but differ from the dot products of `run_small`
 // in the order of additions).
 // Consecutive groups are taken PANEL_CHUNK_BYTES of panels at a time, so that the panels stay in cache
 // between the phases. Phases are split over the threads by (group, panel or block of weight rows).
 constexpr int64_t PANEL_CHUNK_BYTES = 8 << 20;
 // Weight rows of a work item: at most ITEM_BYTES of them, so that they and the two panels a tile reads
-// stay in L2 (512 KiB here) while every panel of the group passes; 12 to 48 rows, whole tiles.
+// stay in L2 (512 KiB on Zen 2) while every panel of the group passes; 24 or 48 rows, whole tiles of 6 or 8.
 constexpr int64_t ITEM_BYTES = 192 << 10;
-inline int64_t item_rows(int64_t K) { return std::clamp<int64_t>(ITEM_BYTES / (4 * K) / 12 * 12, 12, 48); }
+inline int64_t item_rows(int64_t row_bytes) { return std::clamp<int64_t>(ITEM_BYTES / row_bytes / 24 * 24, 24, 48); }
 
 // Work items (g, first, count) for rows 0 .. n - 1 of group g, `size` rows each; in the phase's last group
 // the last `num_threads` items are cut into tiles of `tile` rows, so that the threads finish the phase
@@ -393,15 +497,17 @@ inline void blocks(int64_t g, int64_t n, int64_t size, int64_t tile, int num_thr
   for (int64_t first = split; first < n; first += tile) items.insert(items.end(), {g, first, std::min(tile, n - first)});
 }
 
-void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const float* x, const float* w13,
-                const float* w2, int64_t H, int64_t I, float* out, int num_threads) {
+template <typename W>
+void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const W* x, const W* w13, const W* w2,
+                int64_t H, int64_t I, W* out, int num_threads) {
+  const int64_t Hw = H * sizeof(W) / 4, Iw = I * sizeof(W) / 4;  // words of a row of x, of act
   thread_local std::vector<float> panels;  // kept between calls: no page faults on the next batch
   const int64_t num_groups = int64_t(groups.size() / 3);
   for (int64_t g0 = 0, g1; g0 < num_groups; g0 = g1) {
     std::vector<int64_t> offsets;  // the x panels of each group of the chunk, then its act panels
     int64_t size = 0;
     for (g1 = g0; g1 < num_groups; ++g1) {
-      const int64_t need = (groups[3 * g1 + 2] + 7) / 8 * 8 * (H + I);
+      const int64_t need = (groups[3 * g1 + 2] + PW - 1) / PW * PW * (Hw + Iw);
       if (g1 > g0 && (size + need) * 4 > PANEL_CHUNK_BYTES) break;
       offsets.push_back(size);
       size += need;
@@ -411,38 +517,38 @@ void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const f
     // work items: (group, panel), (group, first act row, count), (group, first output row, count)
     std::vector<int64_t> pack, act, down;
     for (int64_t g = g0; g < g1; ++g) {
-      for (int64_t p = 0; p < (groups[3 * g + 2] + 7) / 8; ++p) pack.insert(pack.end(), {g, p});
-      blocks(g, I, item_rows(H) / 2, tile_rows<2>() / 2, num_threads, g == g1 - 1, act);
-      blocks(g, H, item_rows(I), tile_rows<2>(), num_threads, g == g1 - 1, down);
+      for (int64_t p = 0; p < (groups[3 * g + 2] + PW - 1) / PW; ++p) pack.insert(pack.end(), {g, p});
+      blocks(g, I, item_rows(H * sizeof(W)) / 2, tile_rows<PANELS>() / 2, num_threads, g == g1 - 1, act);
+      blocks(g, H, item_rows(I * sizeof(W)), tile_rows<PANELS>(), num_threads, g == g1 - 1, down);
     }
     auto x_panels = [&](int64_t g) { return base + offsets[g - g0]; };
-    auto act_panels = [&](int64_t g) { return x_panels(g) + (groups[3 * g + 2] + 7) / 8 * 8 * H; };
+    auto act_panels = [&](int64_t g) { return x_panels(g) + (groups[3 * g + 2] + PW - 1) / PW * PW * Hw; };
 #pragma omp parallel num_threads(num_threads)
     {
 #pragma omp for schedule(dynamic, 4)
       for (int64_t item = 0; item < int64_t(pack.size() / 2); ++item) {
         const int64_t g = pack[2 * item], p = pack[2 * item + 1];
-        const int64_t first = groups[3 * g + 1] + 8 * p, n = std::min<int64_t>(8, groups[3 * g + 2] - 8 * p);
-        const float* src[8];
-        for (int64_t e = 0; e < n; ++e) src[e] = x + (rows ? rows[first + e] : first + e) * H;
-        to_panel(src, int(n), H, x_panels(g) + p * H * 8);
+        const int64_t first = groups[3 * g + 1] + PW * p, n = std::min<int64_t>(PW, groups[3 * g + 2] - PW * p);
+        const float* src[PW];
+        for (int64_t e = 0; e < n; ++e) src[e] = reinterpret_cast<const float*>(x + (rows ? rows[first + e] : first + e) * H);
+        to_panel(src, int(n), Hw, x_panels(g) + p * Hw * PW);
       }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < int64_t(act.size() / 3); ++item) {
         const int64_t g = act[3 * item], i = act[3 * item + 1], count = act[3 * item + 2];
-        const int64_t num_panels = (groups[3 * g + 2] + 7) / 8;
-        const float* w = w13 + groups[3 * g] * 2 * I * H;
+        const int64_t num_panels = (groups[3 * g + 2] + PW - 1) / PW;
+        const W* w = w13 + groups[3 * g] * 2 * I * H;
         panel_tiles(num_panels, [&](int64_t p, auto v) {
-          swiglu_rows<decltype(v)::value>(w, H, I, i, count, x_panels(g) + p * H * 8, act_panels(g) + p * I * 8);
+          swiglu_rows<decltype(v)::value, W>(w, H, I, i, count, x_panels(g) + p * Hw * PW, act_panels(g) + p * Iw * PW);
         });
       }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t item = 0; item < int64_t(down.size() / 3); ++item) {
         const int64_t g = down[3 * item], h = down[3 * item + 1], count = down[3 * item + 2];
-        const int64_t first = groups[3 * g + 1], num_rows = groups[3 * g + 2], num_panels = (num_rows + 7) / 8;
-        const float* w = w2 + groups[3 * g] * H * I;
+        const int64_t first = groups[3 * g + 1], num_rows = groups[3 * g + 2], num_panels = (num_rows + PW - 1) / PW;
+        const W* w = w2 + groups[3 * g] * H * I;
         panel_tiles(num_panels, [&](int64_t p, auto v) {
-          logits_rows<decltype(v)::value>(w, I, act_panels(g), p, num_rows, h, count, H, out + first * H);
+          logits_rows<decltype(v)::value, W>(w, I, act_panels(g), p, num_rows, h, count, H, out + first * H);
         });
       }
     }
@@ -681,13 +787,14 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* s
 template <typename W>
 void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows, const W* x, const W* w13,
          const W* w2, int64_t H, int64_t I, float* scratch, W* out, int64_t panel_rows, int num_threads) {
-  std::vector<int64_t> small, large;  // float32 groups with many rows are GEMMs (run_panels)
+  std::vector<int64_t> small, large;  // groups with many rows are GEMMs (run_panels)
+  const bool panels = sizeof(W) == 4 || (BF16_PANELS && H % 2 == 0 && I % 2 == 0);  // bf16: whole pairs
   for (int64_t g = 0; g < num_groups; ++g) {
-    std::vector<int64_t>& to = sizeof(W) == 4 && groups[3 * g + 2] >= panel_rows ? large : small;
+    std::vector<int64_t>& to = panels && groups[3 * g + 2] >= panel_rows ? large : small;
     to.insert(to.end(), groups + 3 * g, groups + 3 * g + 3);
   }
-  if constexpr (sizeof(W) == 4)
-    if (!large.empty()) run_panels(large, rows, x, w13, w2, H, I, out, num_threads);
+  if constexpr (sizeof(W) == 4 || BF16_PANELS)
+    if (!large.empty()) run_panels<W>(large, rows, x, w13, w2, H, I, out, num_threads);
   if (!small.empty())
     run_small(int64_t(small.size() / 3), small.data(), num_rows, rows, x, w13, w2, H, I, scratch, out, num_threads);
 }
@@ -932,18 +1039,21 @@ int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, i
   return 0;
 }
 
+// 1 if bf16 groups of panel_rows rows or more run as GEMMs here (an AVX512-BF16 build), else 0.
+int moeray_bf16_panels() { return BF16_PANELS; }
+
 // Logits for a few rows: out [M, N] = x [M, K] @ w [N, K]^T, float32, w as checkpoints store the
 // lm_head ([vocab, hidden], row-major); every weight row is streamed once per 16 rows of x. Each output
 // is one chain of fused multiply-adds over k in order: the same bits for a row alone or in any batch.
-// x is first laid out as panels of 8 rows, [ceil(M / 8), K, 8], zero past row M. Returns 0.
+// x is first laid out as panels of PW rows, [ceil(M / PW), K, PW], zero past row M. Returns 0.
 int moeray_logits(int64_t M, int64_t K, int64_t N, const float* x, const float* w, float* out, int64_t num_threads) {
-  const int64_t num_panels = (M + 7) / 8;
-  std::vector<float> panels(num_panels * K * 8);
+  const int64_t num_panels = (M + PW - 1) / PW;
+  std::vector<float> panels(num_panels * K * PW);
   for (int64_t p = 0; p < num_panels; ++p) {
-    const int n = int(std::min<int64_t>(8, M - 8 * p));
-    const float* src[8];
-    for (int e = 0; e < n; ++e) src[e] = x + (8 * p + e) * K;
-    to_panel(src, n, K, panels.data() + p * K * 8);
+    const int n = int(std::min<int64_t>(PW, M - PW * p));
+    const float* src[PW];
+    for (int e = 0; e < n; ++e) src[e] = x + (PW * p + e) * K;
+    to_panel(src, n, K, panels.data() + p * K * PW);
   }
   constexpr int64_t ITEM = 48;  // weight rows per work item: whole tiles of 6 and 8 (see tile_rows)
   const int64_t items = (N + ITEM - 1) / ITEM;

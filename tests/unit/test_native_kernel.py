@@ -2,6 +2,7 @@
 
 import itertools
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,11 +43,13 @@ def run_groups(x, groups, w13, w2, rows=None, panel_rows=native.PANEL_ROWS):
 # sizes with and without tails: H, I multiples of 16, of 8 only, and odd; (200, 130): whole work items of
 # act and output rows, then the last group's last ones cut into single tiles (`blocks` in cpu_kernels.cpp)
 @pytest.mark.parametrize("hidden,inter", [(64, 32), (48, 40), (37, 21), (200, 130)])
-@pytest.mark.parametrize("dtype,panel_rows", [(torch.float32, native.PANEL_ROWS), (torch.float32, 1), (torch.bfloat16, 1)])
+@pytest.mark.parametrize("dtype,panel_rows", [(torch.float32, native.PANEL_ROWS), (torch.float32, 1),
+                                              (torch.bfloat16, 1 << 30), (torch.bfloat16, 1)])
 def test_groups_match_reference(hidden, inter, dtype, panel_rows):
     """Groups of 1..70 rows (every tile remainder, partial and odd panel counts, past the 64-row chunk),
-    experts in any order and repeated, as dot products and (float32, panel_rows) as GEMMs, against
-    float64 dot products (float32: 1e-5; bf16: with the same roundings, 1 bf16 ulp)."""
+    experts in any order and repeated, as dot products and (panel_rows; bf16 only where `bf16_panels` and
+    H, I are even) as GEMMs, against float64 dot products (float32: 1e-5; bf16: with the same roundings,
+    1 bf16 ulp)."""
     w13, w2 = make(5, hidden, inter, dtype)
     sizes = [1, 2, 3, 4, 5, 7, 70, 1, 9, 16, 17, 24, 33]
     experts = [3, 0, 4, 3, 1, 2, 0, 4, 1, 2, 3, 0, 1]
@@ -65,11 +68,12 @@ def test_groups_match_reference(hidden, inter, dtype, panel_rows):
                                        atol=2 ** -8 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("dtype,panel_rows", [(torch.float32, 1 << 30), (torch.float32, 1), (torch.bfloat16, 1)])
+@pytest.mark.parametrize("dtype,panel_rows", [(torch.float32, 1 << 30), (torch.float32, 1), (torch.bfloat16, 1 << 30),
+                                              (torch.bfloat16, 1)])
 def test_a_row_gets_the_same_bits_in_any_batch(dtype, panel_rows):
-    """Every output is a sum in a fixed order, as dot products (1 << 30: never GEMMs; bf16 always) or as
-    GEMMs (panel_rows 1: always): alone, in a group of 9 or of 40, or on 1 thread instead of 2, a row's
-    result is bitwise the same."""
+    """Every output is a sum in a fixed order, as dot products (1 << 30: never GEMMs) or as GEMMs
+    (panel_rows 1: always; bf16 where `bf16_panels`): alone, in a group of 9 or of 40, or on 1 thread
+    instead of 2, a row's result is bitwise the same."""
     w13, w2 = make(3, 64, 48, dtype, seed=2)
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(3)).to(dtype)
     batch = run_groups(x, [(1, 0, 40)], w13, w2, panel_rows=panel_rows)
@@ -144,6 +148,7 @@ def test_expert_ffn_sends_small_bf16_experts_to_native_and_large_to_torch(monkey
     monkeypatch.setattr(native, "expert_ffn", lambda x, groups, *args, **kwargs: calls.append(groups.tolist()) or real(x, groups, *args, **kwargs))
     monkeypatch.setattr(moe, "NATIVE_MAX_ROWS", 4)  # (whichever applies on this CPU)
     monkeypatch.setattr(moe, "NATIVE_MAX_ROWS_BF16_MATMUL", 4)
+    monkeypatch.setattr(native, "bf16_panels", lambda: False)  # a kernel without bf16 GEMMs
     out = moe.expert_ffn(x, counts, w13, w2)
     assert calls == [[[0, 0, 3], [3, 12, 1]]]  # expert 2 (9 rows) is over the limit
     starts = [0, 3, 3, 12]
@@ -153,6 +158,10 @@ def test_expert_ffn_sends_small_bf16_experts_to_native_and_large_to_torch(monkey
         ref = swiglu_reference(x[rows], w13[expert], w2[expert], bf16_roundings=True).to(torch.bfloat16)
         torch.testing.assert_close(out[rows].double(), ref.double(), **bf16_ulp)
     calls.clear()
+    monkeypatch.setattr(native, "bf16_panels", lambda: True)  # with them (or dot products where the build has not)
+    torch.testing.assert_close(moe.expert_ffn(x, counts, w13, w2).double(), out.double(), **bf16_ulp)
+    assert calls == [[[0, 0, 3], [2, 3, 9], [3, 12, 1]]]  # every expert, one call
+    calls.clear()
     w13_f, w2_f, x_f = w13.float(), w2.float(), x.float()
     out_f = moe.expert_ffn(x_f, counts, w13_f, w2_f)
     assert calls == [[[0, 0, 3], [2, 3, 9], [3, 12, 1]]]  # float32: every expert, one call
@@ -161,6 +170,12 @@ def test_expert_ffn_sends_small_bf16_experts_to_native_and_large_to_torch(monkey
     torch.testing.assert_close(moe.expert_ffn(x, counts, w13, w2).double(), out.double(), **bf16_ulp)
     torch.testing.assert_close(moe.expert_ffn(x_f, counts, w13_f, w2_f), out_f, rtol=1e-5, atol=1e-5)
     assert calls == []
+
+
+def test_bf16_gemms_exactly_where_the_cpu_has_bf16_dot_products():
+    """-march=native builds take vdpbf16ps where the CPU has AVX512-BF16, and only there."""
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert native.bf16_panels() == ("avx512_bf16" in flags)
 
 
 def test_one_token_and_batch_paths_give_the_same_bits():
