@@ -37,7 +37,7 @@ Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
   rate for tens, where torch's matmuls pack or re-read it: 1.1-4x faster than the torch paths below.
   Float32 experts with `native.PANEL_ROWS` rows or more are GEMMs of its own, 1.4-1.5x faster than
   MKL's on AVX2 (80-90% of the FMA peak against ~65%), ~2x on AVX-512 (512-bit tiles; MKL runs AVX2
-  code on AMD); bf16 with `native.PANEL_ROWS_BF16` or more on AVX512-BF16 CPUs (vdpbf16ps). A float32 block is one native call
+  code on AMD); bf16 the same on AVX512-BF16 CPUs, on vdpbf16ps. A float32 block is one native call
   (`native.fused_moe`: sort, experts, top-k sum), with the bits of the three steps below.
 - bf16 with more rows, or any dtype the device multiplies natively: on CPU all experts go through
   one `F.grouped_mm` call per projection (the same per-expert MKL matmuls as a Python loop, bitwise,

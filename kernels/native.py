@@ -7,8 +7,8 @@ test_norm.py, test_rope.py, test_linear.py):
   once and multiplies all of its expert's rows by it while it sits in L1: memory bandwidth for a
   row or two, close to the FMA rate for tens (float32 and bf16). Float32 experts with PANEL_ROWS
   rows or more: GEMMs at 80-90% of the FMA peak, where MKL's sgemm reaches ~65% on AMD Zen 2 (and runs
-  256-bit code on AMD Zen 5, where these are 512-bit); bf16 ones with PANEL_ROWS_BF16 rows or more where
-  the CPU has AVX512-BF16 (`bf16_panels`), on its bf16 dot-product instruction.
+  256-bit code on AMD Zen 5, where these are 512-bit); bf16 experts where the CPU has AVX512-BF16
+  (`bf16_panels`) on its bf16 dot-product instruction, as dot products and GEMMs alike.
 - `fused_moe`: a float32 batch's whole MoE block (sort, experts, top-k sum) in one call, the bits
   of the three torch-level steps without their ~0.2 ms of Python and small ops per layer.
 - `decode_attention`: one query row per sequence over the paged KV cache, read in place through
@@ -122,34 +122,30 @@ def supports(x: Tensor, *weights: Tensor) -> bool:
 # 16 125/88, 32 156/112; built-in model's (H=128, I=256) n=8 101/76, 16 147/83; the dot products win
 # below 5-6 rows (memory-bound: they read each weight once for all rows). 16 keeps decode batch-invariant
 # up to 15 sequences and takes the GEMMs from there, where they are 1.4x faster or more.
+# The same line holds for bf16 where the build has AVX512-BF16 (`bf16_panels`): GEMMs and dot products
+# both on vdpbf16ps. Measured (AMD Zen 5 VM, 2 threads, expert FFN alone, GFLOP/s with the line at 16 vs
+# at 2, i.e. GEMMs padded to panels of 16 rows from 2 rows up): Mixtral-sized T=16 (~4 rows an expert)
+# 123/90, T=128 482/482; OLMoE-sized T=16 (~2 rows) 69/54, T=64 (~8) 174/139.
 PANEL_ROWS = 16
-# bf16 experts with at least this many rows are GEMMs on the bf16 dot-product instruction where the build
-# has it (`bf16_panels`), fewer are dot products that widen the weights to float32. Padded to panels of
-# 16 rows, the GEMMs still win from 2 rows up (AMD Zen 5, 2 threads, expert FFN alone, GFLOP/s GEMM vs dot
-# products: Mixtral-sized T=16 (~4 rows an expert) 84/43, T=64 299/75; OLMoE-sized T=16 (~2) 46/35); one
-# row (decode of one sequence) reads its weights at memory bandwidth as a dot product.
-PANEL_ROWS_BF16 = 2
 
 
 @cache
 def bf16_panels() -> bool:
-    """True if bf16 experts of PANEL_ROWS_BF16 rows or more run as GEMMs here (vdpbf16ps: AVX512-BF16)."""
+    """True if bf16 experts run on vdpbf16ps here (AVX512-BF16), GEMMs from PANEL_ROWS rows."""
     return available() and bool(library().moeray_bf16_panels())
 
 
 def expert_ffn(x: Tensor, groups: Tensor, w13: Tensor, w2: Tensor, out: Tensor, rows: Tensor | None = None,
-               panel_rows: int | None = None) -> Tensor:
+               panel_rows: int = PANEL_ROWS) -> Tensor:
     """Grouped SwiGLU on the native kernel (check `supports` first), written into `out`.
 
     x [M, H]; groups [G, 3] int64: (expert, first sorted row, number of rows) of each group, any
     order, experts may repeat; rows [N] int64: the row of x of each sorted row (None: x is sorted);
     w13 [E, 2I, H]; w2 [E, H, I]; out [N, H], x's dtype: the groups' rows are written, nothing else.
-    Groups with at least `panel_rows` rows (default PANEL_ROWS, bf16 PANEL_ROWS_BF16) are multiplied as
-    GEMMs: float32 always, bf16 where `bf16_panels` and H and I are even.
+    Groups with at least `panel_rows` rows are multiplied as GEMMs (see PANEL_ROWS): float32 always,
+    bf16 where `bf16_panels` and H and I are even.
     """
     num_rows, hidden, inter = out.shape[0], x.shape[1], w2.shape[2]
-    if panel_rows is None:
-        panel_rows = PANEL_ROWS if x.dtype == torch.float32 else PANEL_ROWS_BF16
     if groups.numel() == 0:
         return out
     _check_raw(x, (w13, w2, out), (groups, rows))

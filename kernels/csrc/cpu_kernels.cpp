@@ -21,7 +21,8 @@
 // index order (a fused multiply-add per element), the lanes summed pairwise, then any tail; in
 // `run_panels` one chain of fused multiply-adds over the index in order. How many rows an expert has
 // (on either side of `panel_rows`), or which thread takes which block, never changes a result: a row
-// gets the same bits alone or in any batch of its side. bf16 (dtype 1) in `run_small`: weights
+// gets the same bits alone or in any batch of its side. bf16 (dtype 1) in `run_small` (AVX512-BF16
+// builds: `run_small_pairs`, on vdpbf16ps): weights
 // widen exactly to float32 (a bf16 is the top half of one), 16 at a time, as the even elements (<< 16)
 // and the odd ones (& 0xffff0000): no shuffles. The vectors they multiply are stored the same way,
 // deinterleaved (see `position`). In `run_panels`, bf16 pairs on vdpbf16ps (see `panel_dots`). Matmul
@@ -471,7 +472,7 @@ inline void swiglu_rows(const W* w13, int64_t H, int64_t I, int64_t i0, int64_t 
   tail_tile<A - 1>(i0 + count - i, [&](auto a) { swiglu_tile<decltype(a)::value, V, W>(w13, H, I, i, xp, actp); });
 }
 
-// Groups with at least `panel_rows` rows (kernels/native.py: PANEL_ROWS, PANEL_ROWS_BF16), as GEMMs: a
+// Groups with at least `panel_rows` rows (kernels/native.py: PANEL_ROWS), as GEMMs: a
 // group's rows of x become panels of PW ([ceil(rows / PW), H, PW] words), gate/up tiles write the
 // activation straight into panels ([.., I, PW]) and the down projection reads them (see `panel_dots`);
 // each weight element loaded once per tile of PW * V rows, and no horizontal sums: on AVX2 80-90% of the
@@ -623,6 +624,100 @@ void run_small(int64_t num_groups, const int64_t* groups, int64_t num_rows, cons
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+// out[t][r] = dot(w + r * ldw, x[t]) over n bf16s, for count (<= 8) weight rows and `rows` rows of x, on
+// vdpbf16ps: 32 elements an instruction into 16 float32 lanes (a tail of fewer as zeros), the lanes then
+// added by _mm512_reduce_add_ps. The block of weight rows stays in L1 while every row of x passes.
+template <int T>
+inline void dot_pairs_rows(const bf16* w, int64_t ldw, int64_t count, const bf16* const* x, int64_t n, float (*out)[8]) {
+  const __mmask32 tail = n % 32 ? (1u << (n % 32)) - 1 : 0;
+  __m512 acc[T][8];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < 8; ++r) acc[t][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    __m512bh xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x[t] + k);
+    for (int r = 0; r < 8; ++r)
+      if (r < count) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * ldw + k);
+        for (int t = 0; t < T; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv, xv[t]);
+      }
+  }
+  if (tail) {
+    __m512bh xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = (__m512bh)_mm512_maskz_loadu_epi16(tail, x[t] + k);
+    for (int r = 0; r < 8; ++r)
+      if (r < count) {
+        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + r * ldw + k);
+        for (int t = 0; t < T; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv, xv[t]);
+      }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < count; ++r) out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
+}
+
+inline void dot_pairs(const bf16* w, int64_t ldw, int64_t count, const bf16* const* x, int64_t rows, int64_t n,
+                      float (*out)[8]) {  // rows of x two at a time: each weight vector loaded once for both
+  int64_t t = 0;
+  for (; t + 2 <= rows; t += 2) dot_pairs_rows<2>(w, ldw, count, x + t, n, out + t);
+  if (t < rows) dot_pairs_rows<1>(w, ldw, count, x + t, n, out + t);
+}
+
+// `run_small` for bf16 on vdpbf16ps (`dot_pairs`): x and the activation stay bf16 ([N, I] in scratch),
+// read in place, with the same roundings.
+void run_small_pairs(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows, const bf16* x,
+                     const bf16* w13, const bf16* w2, int64_t H, int64_t I, float* scratch, bf16* out, int num_threads) {
+  bf16* act = reinterpret_cast<bf16*>(scratch);  // [N, I]
+  std::vector<const bf16*> xs(num_rows), acts(num_rows);
+  int64_t most = 0;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const int64_t first = groups[3 * g + 1], count = groups[3 * g + 2];
+    most = std::max(most, count);
+    for (int64_t j = first; j < first + count; ++j) {
+      xs[j] = x + (rows ? rows[j] : j) * H;
+      acts[j] = act + j * I;
+    }
+  }
+  const int64_t blocks1 = (I + BLOCK - 1) / BLOCK, blocks2 = (H + BLOCK - 1) / BLOCK;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> results(3 * most * 8);
+    float(*gate)[8] = reinterpret_cast<float(*)[8]>(results.data());
+    float(*up)[8] = gate + most;
+    float(*down)[8] = up + most;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_groups * blocks1; ++item) {  // act = silu(gate) * up, BLOCK columns at a time
+      const int64_t* group = groups + 3 * (item / blocks1);
+      const int64_t first = group[1], count = group[2], begin = (item % blocks1) * BLOCK;
+      const bf16* w = w13 + group[0] * 2 * I * H;
+      for (int64_t i = begin; i < std::min(I, begin + BLOCK); i += 8) {
+        const int64_t c = std::min<int64_t>(8, I - i);
+        dot_pairs(w + i * H, H, c, xs.data() + first, count, H, gate);
+        dot_pairs(w + (I + i) * H, H, c, xs.data() + first, count, H, up);
+        for (int64_t t = 0; t < count; ++t)
+          for (int64_t r = 0; r < c; ++r) {
+            const float a = round_bf16(gate[t][r]);
+            act[(first + t) * I + i + r] = to_bf16(round_bf16(a / (1.0f + std::exp(-a))) * round_bf16(up[t][r]));
+          }
+      }
+    }  // (the end of an omp for waits for all threads: every act row is complete below)
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_groups * blocks2; ++item) {  // out = w2 @ act, BLOCK outputs at a time
+      const int64_t* group = groups + 3 * (item / blocks2);
+      const int64_t first = group[1], count = group[2], begin = (item % blocks2) * BLOCK;
+      const bf16* w = w2 + group[0] * H * I;
+      for (int64_t h = begin; h < std::min(H, begin + BLOCK); h += 8) {
+        const int64_t c = std::min<int64_t>(8, H - h);
+        dot_pairs(w + h * I, I, c, acts.data() + first, count, I, down);
+        for (int64_t t = 0; t < count; ++t)
+          for (int64_t r = 0; r < c; ++r) out[(first + t) * H + h + r] = to_bf16(down[t][r]);
+      }
+    }
+  }
+}
+#endif
 
 template <typename T>
 inline v8 load8_any(const T* p) {  // 8 consecutive values as float32, in order
@@ -795,8 +890,13 @@ void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int6
   }
   if constexpr (sizeof(W) == 4 || BF16_PANELS)
     if (!large.empty()) run_panels<W>(large, rows, x, w13, w2, H, I, out, num_threads);
-  if (!small.empty())
-    run_small(int64_t(small.size() / 3), small.data(), num_rows, rows, x, w13, w2, H, I, scratch, out, num_threads);
+  if (small.empty()) return;
+#if defined(__AVX512BF16__)
+  if constexpr (sizeof(W) == 2)
+    return run_small_pairs(int64_t(small.size() / 3), small.data(), num_rows, rows, x, w13, w2, H, I, scratch, out,
+                           num_threads);
+#endif
+  run_small(int64_t(small.size() / 3), small.data(), num_rows, rows, x, w13, w2, H, I, scratch, out, num_threads);
 }
 
 // torch's float32 sum of the squares of x[0 .. n) (`x.pow(2).sum(-1)` on the CPU, with vectors of W
@@ -1039,7 +1139,7 @@ int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, i
   return 0;
 }
 
-// 1 if bf16 groups of panel_rows rows or more run as GEMMs here (an AVX512-BF16 build), else 0.
+// 1 if bf16 groups run on vdpbf16ps here (an AVX512-BF16 build: GEMMs from panel_rows rows), else 0.
 int moeray_bf16_panels() { return BF16_PANELS; }
 
 // Logits for a few rows: out [M, N] = x [M, K] @ w [N, K]^T, float32, w as checkpoints store the

@@ -2,6 +2,8 @@
 
 import itertools
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,7 +107,7 @@ def test_float32_rows_change_bits_only_where_their_expert_crosses_panel_rows():
 
 
 def test_gemm_swiglu_saturates_like_silu_and_keeps_nan_in_its_row():
-    """The GEMM path's SwiGLU evaluates exp on 8 lanes with clamped inputs: silu(g) for g far beyond the
+    """The GEMM path's SwiGLU evaluates exp on 8 or 16 lanes with clamped inputs: silu(g) for g far beyond the
     clamps (+-87) must still be g or ~0, and a NaN must stay in its own row. One expert whose gate rows,
     up rows and w2 are the identity: out = silu(x) * x, as float64 computes it."""
     eye = torch.eye(8)
@@ -176,6 +178,22 @@ def test_bf16_gemms_exactly_where_the_cpu_has_bf16_dot_products():
     """-march=native builds take vdpbf16ps where the CPU has AVX512-BF16, and only there."""
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     assert native.bf16_panels() == ("avx512_bf16" in flags)
+
+
+@pytest.mark.parametrize("flag,bf16", [("-mno-avx512f", False), ("-mno-avx512bf16", False)])
+def test_narrower_builds_pass_the_reference_tests(flag, bf16, tmp_path):
+    """The kernel's other builds, made here by turning instructions off (a no-op where the CPU lacks them):
+    without AVX-512 (8-lane panels, bf16 widened to float32, the AVX2 machines' path) and without AVX512-BF16
+    (16-lane panels, bf16 widened). The reference, batch-invariance and saturation tests above pass on
+    each, in a fresh process (a process loads one build)."""
+    env = {**os.environ, "CXX": f"{os.environ.get('CXX') or 'c++'} {flag}", "MOERAY_CACHE_DIR": str(tmp_path)}
+    probe = subprocess.run([sys.executable, "-c", "from moeray.kernels import native; print(native.available(), native.bf16_panels())"],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert probe.stdout.split() == ["True", str(bf16)], probe.stderr[-2000:]
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                            "match_reference or same_bits_in_any_batch or saturates"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert tests.returncode == 0 and " passed" in tests.stdout, tests.stdout[-3000:]
 
 
 def test_one_token_and_batch_paths_give_the_same_bits():
