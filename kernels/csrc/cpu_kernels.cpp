@@ -21,8 +21,8 @@
 // index order (a fused multiply-add per element), the lanes summed pairwise, then any tail; in
 // `run_panels` one chain of fused multiply-adds over the index in order. How many rows an expert has
 // (on either side of `panel_rows`), or which thread takes which block, never changes a result: a row
-// gets the same bits alone or in any batch of its side. bf16 (dtype 1) in `run_small` (AVX512-BF16
-// builds: `run_small_pairs`, on vdpbf16ps): weights
+// gets the same bits alone or in any batch of its side. bf16 (dtype 1) in `run_small` (but see
+// `dot_pairs` for AVX512-BF16 builds): weights
 // widen exactly to float32 (a bf16 is the top half of one), 16 at a time, as the even elements (<< 16)
 // and the odd ones (& 0xffff0000): no shuffles. The vectors they multiply are stored the same way,
 // deinterleaved (see `position`). In `run_panels`, bf16 pairs on vdpbf16ps (see `panel_dots`). Matmul
@@ -556,75 +556,6 @@ void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const W
   }
 }
 
-template <typename W>
-void run_small(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows, const W* x, const W* w13,
-         const W* w2, int64_t H, int64_t I, float* scratch, W* out, int num_threads) {
-  constexpr bool bf = sizeof(W) == 2;
-  float* act = scratch;                     // [N, I], deinterleaved for bf16
-  float* widened = scratch + num_rows * I;  // bf16: [N, H] the rows of x as float32, deinterleaved
-  std::vector<const float*> xs(num_rows), acts(num_rows);
-  int64_t most = 0;
-  for (int64_t g = 0; g < num_groups; ++g) {
-    const int64_t first = groups[3 * g + 1], count = groups[3 * g + 2];
-    most = std::max(most, count);
-    for (int64_t j = first; j < first + count; ++j) {
-      const W* row = x + (rows ? rows[j] : j) * H;
-      if constexpr (bf) {
-        widen_row(row, H, widened + j * H);
-        xs[j] = widened + j * H;
-      } else {
-        xs[j] = row;
-      }
-      acts[j] = act + j * I;
-    }
-  }
-  const int64_t blocks1 = (I + BLOCK - 1) / BLOCK, blocks2 = (H + BLOCK - 1) / BLOCK;
-#pragma omp parallel num_threads(num_threads)
-  {
-    std::vector<float> buffer(bf ? 8 * std::max(H, I) : 0);  // bf16 weight rows widened
-    std::vector<float> results(3 * most * 8);
-    float(*gate)[8] = reinterpret_cast<float(*)[8]>(results.data());
-    float(*up)[8] = gate + most;
-    float(*down)[8] = up + most;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < num_groups * blocks1; ++item) {  // act = silu(gate) * up, BLOCK columns at a time
-      const int64_t* group = groups + 3 * (item / blocks1);
-      const int64_t first = group[1], count = group[2], begin = (item % blocks1) * BLOCK;
-      const W* w = w13 + group[0] * 2 * I * H;
-      for (int64_t i = begin; i < std::min(I, begin + BLOCK); i += 8) {
-        const int64_t c = std::min<int64_t>(8, I - i);
-        weight_rows(w + i * H, H, c, xs.data() + first, count, H, buffer.data(), gate);
-        weight_rows(w + (I + i) * H, H, c, xs.data() + first, count, H, buffer.data(), up);
-        for (int64_t t = 0; t < count; ++t)
-          for (int64_t r = 0; r < c; ++r) {
-            if constexpr (bf) {
-              const float a = round_bf16(gate[t][r]);
-              act[(first + t) * I + position(i + r, I)] = round_bf16(round_bf16(a / (1.0f + std::exp(-a))) * round_bf16(up[t][r]));
-            } else {
-              const float a = gate[t][r];
-              act[(first + t) * I + i + r] = a / (1.0f + std::exp(-a)) * up[t][r];
-            }
-          }
-      }
-    }  // (the end of an omp for waits for all threads: every act row is complete below)
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < num_groups * blocks2; ++item) {  // out = w2 @ act, BLOCK outputs at a time
-      const int64_t* group = groups + 3 * (item / blocks2);
-      const int64_t first = group[1], count = group[2], begin = (item % blocks2) * BLOCK;
-      const W* w = w2 + group[0] * H * I;
-      for (int64_t h = begin; h < std::min(H, begin + BLOCK); h += 8) {
-        const int64_t c = std::min<int64_t>(8, H - h);
-        weight_rows(w + h * I, I, c, acts.data() + first, count, I, buffer.data(), down);
-        for (int64_t t = 0; t < count; ++t)
-          for (int64_t r = 0; r < c; ++r) {
-            if constexpr (bf) out[(first + t) * H + h + r] = to_bf16(down[t][r]);
-            else out[(first + t) * H + h + r] = down[t][r];
-          }
-      }
-    }
-  }
-}
-
 #if defined(__AVX512BF16__)
 // out[t][r] = dot(w + r * ldw, x[t]) over n bf16s, for count (<= 8) weight rows and `rows` rows of x, on
 // vdpbf16ps: 32 elements an instruction into 16 float32 lanes (a tail of fewer as zeros), the lanes then
@@ -665,24 +596,42 @@ inline void dot_pairs(const bf16* w, int64_t ldw, int64_t count, const bf16* con
   if (t < rows) dot_pairs_rows<1>(w, ldw, count, x + t, n, out + t);
 }
 
-// `run_small` for bf16 on vdpbf16ps (`dot_pairs`): x and the activation stay bf16 ([N, I] in scratch),
-// read in place, with the same roundings.
-void run_small_pairs(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows, const bf16* x,
-                     const bf16* w13, const bf16* w2, int64_t H, int64_t I, float* scratch, bf16* out, int num_threads) {
-  bf16* act = reinterpret_cast<bf16*>(scratch);  // [N, I]
-  std::vector<const bf16*> xs(num_rows), acts(num_rows);
+// `weight_rows` for bf16 rows of x read in place (`run_small` on AVX512-BF16 builds).
+inline void weight_rows(const bf16* w, int64_t ldw, int64_t count, const bf16* const* x, int64_t rows, int64_t n,
+                        float*, float (*out)[8]) {
+  dot_pairs(w, ldw, count, x, rows, n, out);
+}
+#endif
+
+template <typename W>
+void run_small(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows, const W* x, const W* w13,
+         const W* w2, int64_t H, int64_t I, float* scratch, W* out, int num_threads) {
+  // bf16 on AVX512-BF16 builds (`pairs`): x and act stay bf16, read in place by vdpbf16ps (`dot_pairs`);
+  // elsewhere they are float32, bf16 ones widened and deinterleaved (see `position`).
+  constexpr bool bf = sizeof(W) == 2, pairs = bf && BF16_PANELS;
+  using X = std::conditional_t<pairs, bf16, float>;  // a row of x or act as the dot products read it
+  X* act = reinterpret_cast<X*>(scratch);   // [N, I]
+  float* widened = scratch + num_rows * I;  // bf16 without pairs: [N, H] the rows of x as float32
+  std::vector<const X*> xs(num_rows), acts(num_rows);
   int64_t most = 0;
   for (int64_t g = 0; g < num_groups; ++g) {
     const int64_t first = groups[3 * g + 1], count = groups[3 * g + 2];
     most = std::max(most, count);
     for (int64_t j = first; j < first + count; ++j) {
-      xs[j] = x + (rows ? rows[j] : j) * H;
+      const W* row = x + (rows ? rows[j] : j) * H;
+      if constexpr (bf && !pairs) {
+        widen_row(row, H, widened + j * H);
+        xs[j] = widened + j * H;
+      } else {
+        xs[j] = row;
+      }
       acts[j] = act + j * I;
     }
   }
   const int64_t blocks1 = (I + BLOCK - 1) / BLOCK, blocks2 = (H + BLOCK - 1) / BLOCK;
 #pragma omp parallel num_threads(num_threads)
   {
+    std::vector<float> buffer(bf && !pairs ? 8 * std::max(H, I) : 0);  // bf16 weight rows widened
     std::vector<float> results(3 * most * 8);
     float(*gate)[8] = reinterpret_cast<float(*)[8]>(results.data());
     float(*up)[8] = gate + most;
@@ -691,15 +640,22 @@ void run_small_pairs(int64_t num_groups, const int64_t* groups, int64_t num_rows
     for (int64_t item = 0; item < num_groups * blocks1; ++item) {  // act = silu(gate) * up, BLOCK columns at a time
       const int64_t* group = groups + 3 * (item / blocks1);
       const int64_t first = group[1], count = group[2], begin = (item % blocks1) * BLOCK;
-      const bf16* w = w13 + group[0] * 2 * I * H;
+      const W* w = w13 + group[0] * 2 * I * H;
       for (int64_t i = begin; i < std::min(I, begin + BLOCK); i += 8) {
         const int64_t c = std::min<int64_t>(8, I - i);
-        dot_pairs(w + i * H, H, c, xs.data() + first, count, H, gate);
-        dot_pairs(w + (I + i) * H, H, c, xs.data() + first, count, H, up);
+        weight_rows(w + i * H, H, c, xs.data() + first, count, H, buffer.data(), gate);
+        weight_rows(w + (I + i) * H, H, c, xs.data() + first, count, H, buffer.data(), up);
         for (int64_t t = 0; t < count; ++t)
           for (int64_t r = 0; r < c; ++r) {
-            const float a = round_bf16(gate[t][r]);
-            act[(first + t) * I + i + r] = to_bf16(round_bf16(a / (1.0f + std::exp(-a))) * round_bf16(up[t][r]));
+            if constexpr (bf) {
+              const float a = round_bf16(gate[t][r]);
+              const float product = round_bf16(round_bf16(a / (1.0f + std::exp(-a))) * round_bf16(up[t][r]));
+              if constexpr (pairs) act[(first + t) * I + i + r] = to_bf16(product);
+              else act[(first + t) * I + position(i + r, I)] = product;
+            } else {
+              const float a = gate[t][r];
+              act[(first + t) * I + i + r] = a / (1.0f + std::exp(-a)) * up[t][r];
+            }
           }
       }
     }  // (the end of an omp for waits for all threads: every act row is complete below)
@@ -707,17 +663,19 @@ void run_small_pairs(int64_t num_groups, const int64_t* groups, int64_t num_rows
     for (int64_t item = 0; item < num_groups * blocks2; ++item) {  // out = w2 @ act, BLOCK outputs at a time
       const int64_t* group = groups + 3 * (item / blocks2);
       const int64_t first = group[1], count = group[2], begin = (item % blocks2) * BLOCK;
-      const bf16* w = w2 + group[0] * H * I;
+      const W* w = w2 + group[0] * H * I;
       for (int64_t h = begin; h < std::min(H, begin + BLOCK); h += 8) {
         const int64_t c = std::min<int64_t>(8, H - h);
-        dot_pairs(w + h * I, I, c, acts.data() + first, count, I, down);
+        weight_rows(w + h * I, I, c, acts.data() + first, count, I, buffer.data(), down);
         for (int64_t t = 0; t < count; ++t)
-          for (int64_t r = 0; r < c; ++r) out[(first + t) * H + h + r] = to_bf16(down[t][r]);
+          for (int64_t r = 0; r < c; ++r) {
+            if constexpr (bf) out[(first + t) * H + h + r] = to_bf16(down[t][r]);
+            else out[(first + t) * H + h + r] = down[t][r];
+          }
       }
     }
   }
 }
-#endif
 
 template <typename T>
 inline v8 load8_any(const T* p) {  // 8 consecutive values as float32, in order
@@ -890,13 +848,8 @@ void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int6
   }
   if constexpr (sizeof(W) == 4 || BF16_PANELS)
     if (!large.empty()) run_panels<W>(large, rows, x, w13, w2, H, I, out, num_threads);
-  if (small.empty()) return;
-#if defined(__AVX512BF16__)
-  if constexpr (sizeof(W) == 2)
-    return run_small_pairs(int64_t(small.size() / 3), small.data(), num_rows, rows, x, w13, w2, H, I, scratch, out,
-                           num_threads);
-#endif
-  run_small(int64_t(small.size() / 3), small.data(), num_rows, rows, x, w13, w2, H, I, scratch, out, num_threads);
+  if (!small.empty())
+    run_small(int64_t(small.size() / 3), small.data(), num_rows, rows, x, w13, w2, H, I, scratch, out, num_threads);
 }
 
 // torch's float32 sum of the squares of x[0 .. n) (`x.pow(2).sum(-1)` on the CPU, with vectors of W
