@@ -38,7 +38,8 @@ Speed (choices measured with bench/moe_layer.py on a 2-core AVX2 VM):
   Float32 experts with `native.PANEL_ROWS` rows or more are GEMMs of its own, 1.4-1.5x faster than
   MKL's on AVX2 (80-90% of the FMA peak against ~65%), ~2x on AVX-512 (512-bit tiles; MKL runs AVX2
   code on AMD); bf16 the same on AVX512-BF16 CPUs, on vdpbf16ps. A float32 block is one native call
-  (`native.fused_moe`: sort, experts, top-k sum), with the bits of the three steps below.
+  (`native.fused_moe`: sort, experts, top-k sum), with the bits of the three steps below; so is a bf16
+  block where all of its experts run on the kernel (`native.bf16_panels`).
 - bf16 with more rows, or any dtype the device multiplies natively: on CPU all experts go through
   one `F.grouped_mm` call per projection (the same per-expert MKL matmuls as a Python loop, bitwise,
   without the per-expert Python overhead), elsewhere through the loop.
@@ -284,11 +285,13 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     rows through memory for each of them. Small batches are one chunk. Float32 batches on CPU are
     one native call (`native.fused_moe`): the same steps and bits without ~0.2 ms of Python and
     small torch ops around the experts (most of a decode step's MoE time on small models), and
-    its own chunking of the GEMMs' panels.
+    its own chunking of the GEMMs' panels; so are bf16 ones where the kernel has bf16 GEMMs
+    (`_native_block`), also without the gathered copy of x and the top-k sum's separate passes
+    (OLMoE-like T=2048: ~25 of 107 ms).
     """
     num_tokens, top_k = topk_ids.shape
     plain = biases is None and activation == SWIGLU  # what the native kernel computes
-    if plain and x.dtype == topk_weights.dtype == torch.float32 and native.supports(x, w13, w2):  # one native call
+    if plain and _native_block(x, topk_weights) and native.supports(x, w13, w2):  # one native call
         return native.fused_moe(x, topk_weights.contiguous(), topk_ids.contiguous(), w13, w2)
     if plain and num_tokens == 1:
         return _fused_moe_one_token(x, topk_weights, topk_ids, w13, w2)
@@ -350,6 +353,14 @@ def _fused_moe_one_token(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13:
             rows.append(F.linear(F.silu(gate).mul_(up), w2[expert]))  # [1, H]
         y = torch.cat(rows)  # [K, H] top-k order
     return combine(y, _range(top_k, 1, x.device).view(1, top_k), topk_weights)
+
+
+def _native_block(x: Tensor, topk_weights: Tensor) -> bool:
+    """The block is one `native.fused_moe` call: float32, or bf16 where every bf16 expert runs on the kernel
+    anyway (`native.bf16_panels`), with float32 or bf16 top-k weights."""
+    if x.dtype == torch.float32:
+        return topk_weights.dtype == torch.float32
+    return x.dtype == torch.bfloat16 and topk_weights.dtype in (torch.float32, torch.bfloat16) and native.bf16_panels()
 
 
 def _native_max_rows(w13: Tensor) -> int:

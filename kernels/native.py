@@ -9,8 +9,9 @@ test_norm.py, test_rope.py, test_linear.py):
   rows or more: GEMMs at 80-90% of the FMA peak, where MKL's sgemm reaches ~65% on AMD Zen 2 (and runs
   256-bit code on AMD Zen 5, where these are 512-bit); bf16 experts where the CPU has AVX512-BF16
   (`bf16_panels`) on its bf16 dot-product instruction, as dot products and GEMMs alike.
-- `fused_moe`: a float32 batch's whole MoE block (sort, experts, top-k sum) in one call, the bits
-  of the three torch-level steps without their ~0.2 ms of Python and small ops per layer.
+- `fused_moe`: a batch's whole MoE block (sort, experts, top-k sum) in one call, the bits of the
+  three torch-level steps without their ~0.2 ms of Python and small ops per layer, nor, at prefill
+  sizes, the gathered copy of x and the separate passes of the top-k sum (float32; bf16 too).
 - `decode_attention`: one query row per sequence over the paged KV cache, read in place through
   the slots instead of gathered into a padded copy.
 - `logits`: the float32 lm_head for the few rows a step samples from; MKL reads the [V, H] weight
@@ -52,7 +53,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _I, _P = ctypes.c_int64, ctypes.c_void_p  # integers are int64_t, pointers are data_ptr()s or None
 SIGNATURES = {  # as declared in csrc/cpu_kernels.cpp; every function returns an int status
     "moeray_expert_ffn": [_I, _I, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _I, _I],
-    "moeray_fused_moe": [_I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I],
+    "moeray_fused_moe": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I],
     "moeray_decode_attention": [_I, _I, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _I, _P, _I, _P, _I, _P, _P, _I, _P,
                                 ctypes.c_double, _I, _P, _P, _I],
     "moeray_logits": [_I, _I, _I, _P, _P, _P, _I],
@@ -165,21 +166,30 @@ def expert_ffn(x: Tensor, groups: Tensor, w13: Tensor, w2: Tensor, out: Tensor, 
 
 def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2: Tensor,
               panel_rows: int = PANEL_ROWS) -> Tensor:
-    """float32 x [T, H], topk_weights [T, K], int64 topk_ids [T, K], w13 [E, 2I, H], w2 [E, H, I] -> [T, H]:
+    """x [T, H], topk_weights [T, K], int64 topk_ids [T, K], w13 [E, 2I, H], w2 [E, H, I] -> [T, H]:
     sort, experts and the top-k sum in one call (check `supports`), the bits of kernels.moe's
-    sort_pairs -> expert_ffn -> unpermute on the kernel."""
-    if not x.dtype == topk_weights.dtype == torch.float32 or topk_ids.dtype != torch.int64:
-        raise TypeError(f"fused_moe takes float32 x and topk_weights and int64 topk_ids, not {x.dtype}, "
-                        f"{topk_weights.dtype}, {topk_ids.dtype}")
-    _check_raw(x, (topk_weights, w13, w2), (topk_ids,))
+    sort_pairs -> expert_ffn -> unpermute on the kernel. x float32 with float32 top-k weights, or bf16
+    with float32 (Mixtral) or bf16 (Qwen-MoE, OLMoE) ones."""
+    if (x.dtype, topk_weights.dtype) not in _FUSED_DTYPES or topk_ids.dtype != torch.int64:
+        raise TypeError(f"fused_moe takes float32 x with float32 topk_weights, or bf16 x with float32 or bf16 "
+                        f"topk_weights, and int64 topk_ids, not {x.dtype}, {topk_weights.dtype}, {topk_ids.dtype}")
+    _check_raw(x, (w13, w2), (topk_ids,))
+    if not topk_weights.is_contiguous() or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights must be contiguous and of topk_ids' shape {tuple(topk_ids.shape)}, "
+                         f"not {tuple(topk_weights.shape)}")
     out = torch.empty_like(x)  # [T, H]
     status = library().moeray_fused_moe(
-        topk_ids.shape[0], topk_ids.shape[1], topk_ids.data_ptr(), topk_weights.data_ptr(), x.data_ptr(),
-        w13.data_ptr(), w2.data_ptr(), w13.shape[0], x.shape[1], w2.shape[2], out.data_ptr(), panel_rows,
-        torch.get_num_threads())
-    if status:
+        DTYPES[x.dtype], DTYPES[topk_weights.dtype], topk_ids.shape[0], topk_ids.shape[1], topk_ids.data_ptr(),
+        topk_weights.data_ptr(), x.data_ptr(), w13.data_ptr(), w2.data_ptr(), w13.shape[0], x.shape[1], w2.shape[2],
+        out.data_ptr(), panel_rows, torch.get_num_threads())
+    if status == 2:
         raise ValueError(f"topk_ids out of range 0..{w13.shape[0] - 1}: {topk_ids.min().item()}..{topk_ids.max().item()}")
+    if status:
+        raise RuntimeError(f"moeray_fused_moe failed with status {status}")
     return out
+
+
+_FUSED_DTYPES = {(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)}
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, lens: Tensor, scale: float,

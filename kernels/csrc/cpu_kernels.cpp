@@ -1,5 +1,5 @@
 // CPU kernels, built and loaded by kernels/native.py: the grouped SwiGLU expert FFN (moeray_expert_ffn),
-// a float32 MoE block in one call (moeray_fused_moe), decode attention over the paged KV cache
+// a whole MoE block in one call (moeray_fused_moe), decode attention over the paged KV cache
 // (moeray_decode_attention) and the float32 lm_head for a few rows (moeray_logits). kernels/moe.py,
 // kernels/attention.py and models/model.py choose them.
 //
@@ -852,6 +852,85 @@ void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int6
     run_small(int64_t(small.size() / 3), small.data(), num_rows, rows, x, w13, w2, H, I, scratch, out, num_threads);
 }
 
+// 8 lanes of a row, stored as float32 or rounded to bf16 (nearest even).
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+inline void store8(bf16* p, v8 v) {
+  typedef uint16_t u16x8 __attribute__((vector_size(16)));
+  u32x8 w;
+  const v8 r = round_bf16v<8>(v);
+  std::memcpy(&w, &r, sizeof w);
+  const u16x8 h = __builtin_convertvector(w >> 16, u16x8);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// One token's output: out[h] = the sum over k, in top-k order, of weights[k] * y[row[k] * H + h], with
+// the bits of kernels.moe.combine. float32 rows: a fused multiply-add per k (torch.embedding_bag). bf16
+// rows: each product in the promoted dtype of row and weight (rounded to bf16 for bf16 weights, as
+// Qwen-MoE / OLMoE scale; float32 for float32 weights, as Mixtral), added in float32 one at a time, the
+// sum rounded to bf16 once.
+template <typename T, typename S>
+void combine(const T* y, const int64_t* row, const S* weights, int64_t K, int64_t H, T* out) {
+  int64_t h = 0;
+  for (; h + 8 <= H; h += 8) {
+    v8 acc{};
+    for (int64_t k = 0; k < K; ++k) {
+      const v8 w = splat8(load_one(weights + k)), value = load8_any(y + row[k] * H + h);
+      if constexpr (sizeof(T) == 4) {
+        acc = fma8(w, value, acc);
+      } else {
+        v8 product = w * value;
+        if constexpr (sizeof(S) == 2) product = round_bf16v<8>(product);
+        acc = k ? acc + product : product;
+      }
+    }
+    store8(out + h, acc);
+  }
+  for (; h < H; ++h) {
+    float acc = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const float w = load_one(weights + k), value = load_one(y + row[k] * H + h);
+      if constexpr (sizeof(T) == 4) {
+        acc = std::fma(w, value, acc);
+      } else {
+        float product = w * value;
+        if constexpr (sizeof(S) == 2) product = round_bf16(product);
+        acc = k ? acc + product : product;
+      }
+    }
+    store_one(out + h, acc);
+  }
+}
+
+// moeray_fused_moe for x, weights and out of type T and top-k weights of type S (see there).
+template <typename T, typename S>
+void fused(int64_t num_tokens, int64_t K, const int64_t* topk_ids, const S* topk_weights, const T* x, const T* w13,
+           const T* w2, int64_t E, int64_t H, int64_t I, T* out, int64_t panel_rows, int num_threads) {
+  const int64_t P = num_tokens * K;
+  std::vector<int64_t> counts(E), fill(E), sorted_row(P), rows(P), groups;
+  for (int64_t p = 0; p < P; ++p) ++counts[topk_ids[p]];
+  for (int64_t e = 0, start = 0; e < E; start += counts[e++]) {
+    fill[e] = start;
+    if (counts[e]) groups.insert(groups.end(), {e, start, counts[e]});
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t j = fill[topk_ids[p]]++;
+    sorted_row[p] = j;
+    rows[j] = p / K;
+  }
+  // [P, H] expert outputs (sorted), then run's float32 scratch ([P, I] activations; bf16: + [P, H]), every
+  // row written before it is read; kept between calls, as fresh memory would page-fault its way through
+  // every prefill (~5% at T=2048)
+  const int64_t y_words = (P * H * int64_t(sizeof(T)) + 3) / 4, scratch_words = P * (I + (sizeof(T) == 2 ? H : 0));
+  thread_local std::vector<float> workspace;
+  if (workspace.size() < size_t(y_words + scratch_words)) workspace.resize(y_words + scratch_words);
+  T* const y = reinterpret_cast<T*>(workspace.data());
+  run<T>(int64_t(groups.size() / 3), groups.data(), P, rows.data(), x, w13, w2, H, I, workspace.data() + y_words, y,
+         panel_rows, num_threads);
+#pragma omp parallel for num_threads(num_threads) if (P * H >= (1 << 16))
+  for (int64_t t = 0; t < num_tokens; ++t)
+    combine(y, sorted_row.data() + t * K, topk_weights + t * K, K, H, out + t * H);
+}
+
 // torch's float32 sum of the squares of x[0 .. n) (`x.pow(2).sum(-1)` on the CPU, with vectors of W
 // lanes: 8 on AVX2 builds, 16 on AVX-512), in its order of additions (aten/src/ATen/native/cpu/
 // SumKernel.cpp, vectorized_inner_sum): the squares taken as vectors, vector i added into partial sum
@@ -972,51 +1051,32 @@ int moeray_expert_ffn(int64_t dtype, int64_t num_groups, const int64_t* groups, 
 }
 
 
-// A whole float32 MoE block for experts in this process: sort the T*K (token, expert) pairs by expert
-// (stable counting sort), run the experts as above, and sum each token's K results in top-k order with
-// fused multiply-adds, as torch.embedding_bag does in kernels.moe.combine (the same bits). topk_ids and
-// topk_weights [T, K] (int64, float32); x and out [T, H]. Each expert gets at most T rows (a token's K
-// experts are distinct). Returns 0, or 2 if an id is outside 0 .. E-1.
-int moeray_fused_moe(int64_t T, int64_t K, const int64_t* topk_ids, const float* topk_weights, const float* x,
-                     const float* w13, const float* w2, int64_t E, int64_t hidden, int64_t inter, float* out,
-                     int64_t panel_rows, int64_t num_threads) {
+// A whole MoE block for experts in this process: sort the T*K (token, expert) pairs by expert (stable
+// counting sort), run the experts as above (x's rows read in place, no gathered copy), and sum each token's
+// K results in top-k order (`combine`: the bits of kernels.moe.combine). topk_ids [T, K] int64;
+// topk_weights [T, K], float32 (weights_dtype 0) or bf16 (1, float32 x only with float32 weights);
+// x and out [T, H], dtype 0 float32 or 1 bf16 like moeray_expert_ffn. Each expert gets at most T rows (a
+// token's K experts are distinct). Returns 0; 1 for an unknown dtype pair; 2 if an id is outside 0 .. E-1.
+int moeray_fused_moe(int64_t dtype, int64_t weights_dtype, int64_t T, int64_t K, const int64_t* topk_ids,
+                     const void* topk_weights, const void* x, const void* w13, const void* w2, int64_t E,
+                     int64_t hidden, int64_t inter, void* out, int64_t panel_rows, int64_t num_threads) {
+  if ((dtype != 0 && dtype != 1) || (weights_dtype != 0 && weights_dtype != 1) || (dtype == 0 && weights_dtype == 1))
+    return 1;
   const int64_t P = T * K;
-  std::vector<int64_t> counts(E), fill(E), sorted_row(P), rows(P), groups;
-  for (int64_t p = 0; p < P; ++p) {
+  for (int64_t p = 0; p < P; ++p)
     if (topk_ids[p] < 0 || topk_ids[p] >= E) return 2;
-    ++counts[topk_ids[p]];
-  }
-  for (int64_t e = 0, start = 0; e < E; start += counts[e++]) {
-    fill[e] = start;
-    if (counts[e]) groups.insert(groups.end(), {e, start, counts[e]});
-  }
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t j = fill[topk_ids[p]]++;
-    sorted_row[p] = j;
-    rows[j] = p / K;
-  }
-  // [P, H] expert outputs (sorted) and [P, I] activations, every row written before it is read; kept
-  // between calls, as fresh memory would page-fault its way through every prefill (~5% at T=2048)
-  thread_local std::vector<float> workspace;
-  if (workspace.size() < size_t(P * (hidden + inter))) workspace.resize(P * (hidden + inter));
-  float* const y = workspace.data();
-  run<float>(int64_t(groups.size() / 3), groups.data(), P, rows.data(), x, w13, w2, hidden, inter, y + P * hidden, y,
-             panel_rows, int(num_threads));
-#pragma omp parallel for num_threads(num_threads) if (P * hidden >= (1 << 16))
-  for (int64_t t = 0; t < T; ++t) {
-    float* o = out + t * hidden;
-    int64_t h = 0;
-    for (; h + 8 <= hidden; h += 8) {
-      v8 acc{};
-      for (int64_t k = 0; k < K; ++k) acc = fma8(v8{} + topk_weights[t * K + k], load8(&y[sorted_row[t * K + k] * hidden + h]), acc);
-      std::memcpy(o + h, &acc, sizeof acc);
-    }
-    for (; h < hidden; ++h) {
-      float acc = 0;
-      for (int64_t k = 0; k < K; ++k) acc = std::fma(topk_weights[t * K + k], y[sorted_row[t * K + k] * hidden + h], acc);
-      o[h] = acc;
-    }
-  }
+  if (dtype == 0)
+    fused<float>(T, K, topk_ids, static_cast<const float*>(topk_weights), static_cast<const float*>(x),
+                 static_cast<const float*>(w13), static_cast<const float*>(w2), E, hidden, inter,
+                 static_cast<float*>(out), panel_rows, int(num_threads));
+  else if (weights_dtype == 0)
+    fused<bf16>(T, K, topk_ids, static_cast<const float*>(topk_weights), static_cast<const bf16*>(x),
+                static_cast<const bf16*>(w13), static_cast<const bf16*>(w2), E, hidden, inter,
+                static_cast<bf16*>(out), panel_rows, int(num_threads));
+  else
+    fused<bf16>(T, K, topk_ids, static_cast<const bf16*>(topk_weights), static_cast<const bf16*>(x),
+                static_cast<const bf16*>(w13), static_cast<const bf16*>(w2), E, hidden, inter,
+                static_cast<bf16*>(out), panel_rows, int(num_threads));
   return 0;
 }
 

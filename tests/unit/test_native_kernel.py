@@ -191,7 +191,7 @@ def test_narrower_builds_pass_the_reference_tests(flag, bf16, tmp_path):
                            env=env, capture_output=True, text=True, timeout=600)
     assert probe.stdout.split() == ["True", str(bf16)], probe.stderr[-2000:]
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-                            "match_reference or same_bits_in_any_batch or saturates"], env=env, capture_output=True,
+                            "match_reference or same_bits_in_any_batch or saturates or sort_experts_and_combine"], env=env, capture_output=True,
                            text=True, timeout=600)
     assert tests.returncode == 0 and " passed" in tests.stdout, tests.stdout[-3000:]
 
@@ -240,19 +240,55 @@ def test_build_is_cached(monkeypatch, tmp_path):
                                                                         (7, 6, 3, 48, 40), (64, 64, 8, 32, 16),
                                                                         (5, 6, 3, 37, 21), (40, 6, 3, 37, 21),
                                                                         (200, 8, 2, 48, 40)])
-def test_fused_moe_is_sort_experts_and_combine_in_one_call(num_tokens, num_experts, top_k, hidden, inter):
-    """native.fused_moe gives the bits of sort_pairs -> expert_ffn -> unpermute (whose float32 combine is
-    torch.embedding_bag's fused multiply-adds), and matches the per-token reference."""
+@pytest.mark.parametrize("dtype,weights_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16)])
+def test_fused_moe_is_sort_experts_and_combine_in_one_call(num_tokens, num_experts, top_k, hidden, inter, dtype,
+                                                           weights_dtype):
+    """native.fused_moe gives the bits of sort_pairs -> the kernel's expert FFN -> unpermute (whose float32
+    combine is torch.embedding_bag's fused multiply-adds; bf16: products in the promoted dtype of row and
+    top-k weight, as Mixtral (float32 weights) and OLMoE (bf16) take them, summed in float32), and matches
+    the per-token reference."""
     gen = torch.Generator().manual_seed(num_tokens)
-    w13, w2 = make(num_experts, hidden, inter, torch.float32, seed=num_experts)
-    x = torch.randn(num_tokens, hidden, generator=gen)
+    w13, w2 = make(num_experts, hidden, inter, dtype, seed=num_experts)
+    x = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
     ids = torch.rand(num_tokens, num_experts, generator=gen).argsort(-1)[:, :top_k].contiguous()
-    weights = torch.rand(num_tokens, top_k, generator=gen).softmax(-1)
+    weights = torch.rand(num_tokens, top_k, generator=gen).softmax(-1).to(weights_dtype)
     fused = native.fused_moe(x, weights, ids, w13, w2)
     handle = moe.sort_pairs(ids, num_experts)
-    y_sorted = moe.expert_ffn(x.index_select(0, handle.tokens), handle.counts.tolist(), w13, w2)
+    counts = handle.counts.tolist()
+    groups = [(e, first, n) for e, (first, n) in enumerate(zip([0, *itertools.accumulate(counts)], counts)) if n]
+    y_sorted = run_groups(x, groups, w13, w2, rows=handle.tokens)  # (the kernel whatever the build: bitwise)
     assert torch.equal(fused, moe.unpermute(y_sorted, handle, weights))
-    torch.testing.assert_close(fused, moe.fused_moe_reference(x, weights, ids, w13, w2), rtol=1e-5, atol=1e-5)
+    reference = moe.fused_moe_reference(x, weights, ids, w13, w2)  # (no roundings inside: bf16 to 1% of the largest)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=1e-2 * reference.abs().max().item())
+    torch.testing.assert_close(fused, reference, **tol)
+
+
+def test_fused_moe_takes_bf16_blocks_exactly_where_every_bf16_expert_is_native(monkeypatch):
+    """kernels.moe.fused_moe makes a bf16 block one native call where the kernel has bf16 GEMMs
+    (`bf16_panels`), float32 or bf16 top-k weights alike, with the bits of the unfused steps; elsewhere
+    bf16 blocks take those steps (most experts on torch's matmuls), float32 ones never do."""
+    gen = torch.Generator().manual_seed(3)
+    w13, w2 = make(6, 48, 40, torch.bfloat16, seed=4)
+    x = torch.randn(20, 48, generator=gen).to(torch.bfloat16)
+    ids = torch.rand(20, 6, generator=gen).argsort(-1)[:, :3].contiguous()
+    weights = torch.rand(20, 3, generator=gen).softmax(-1)
+    calls = []
+    real = native.fused_moe
+    monkeypatch.setattr(native, "fused_moe", lambda *args, **kwargs: calls.append(args[0].dtype) or real(*args, **kwargs))
+    for panels in (True, False):
+        monkeypatch.setattr(native, "bf16_panels", lambda: panels)
+        for top_k_weights in (weights, weights.bfloat16()):
+            calls.clear()
+            out = moe.fused_moe(x, top_k_weights, ids, w13, w2)
+            assert calls == ([torch.bfloat16] if panels else [])
+            handle = moe.sort_pairs(ids, 6)
+            unfused = moe.unpermute(moe.expert_ffn(x.index_select(0, handle.tokens), handle.counts.tolist(), w13, w2),
+                                    handle, top_k_weights)
+            assert torch.equal(out, unfused)  # (with bf16_panels the unfused experts are all on the kernel too)
+    calls.clear()
+    moe.fused_moe(x.float(), weights, ids, w13.float(), w2.float())
+    assert calls == [torch.float32]
 
 
 def test_fused_moe_rejects_an_expert_id_out_of_range():
@@ -332,12 +368,17 @@ def test_decode_attention_split_over_query_heads_keeps_the_bits(batch, kv_heads)
 
 
 def test_fused_moe_refuses_other_dtypes():
-    """It reads raw float32 / int64 memory: anything else must be refused before the call, not misread."""
+    """It reads raw float32 / bf16 / int64 memory: anything else must be refused before the call, not misread."""
     w13, w2 = make(4, 32, 16, torch.float32)
     x, weights, ids = torch.randn(2, 32), torch.full((2, 2), 0.5), torch.tensor([[0, 1], [1, 2]])
-    for bad in ((x.bfloat16(), weights, ids), (x, weights.bfloat16(), ids), (x, weights, ids.int())):
-        with pytest.raises(TypeError, match="fused_moe takes float32 x and topk_weights and int64 topk_ids"):
+    for bad in ((x, weights.bfloat16(), ids), (x, weights.half(), ids), (x, weights, ids.int()),
+                (x.bfloat16(), weights.half(), ids)):
+        with pytest.raises(TypeError, match="fused_moe takes float32 x with float32 topk_weights, or bf16 x"):
             native.fused_moe(*bad, w13, w2)
+    with pytest.raises(TypeError, match="one dtype, not torch.bfloat16 and torch.float32"):  # x bf16, weights float32
+        native.fused_moe(x.bfloat16(), weights, ids, w13, w2)
+    with pytest.raises(ValueError, match=r"topk_weights must be contiguous and of topk_ids' shape \(2, 2\), not \(2, 1\)"):
+        native.fused_moe(x, weights[:, :1], ids, w13, w2)
 
 
 def test_expert_ffn_and_decode_attention_refuse_mismatched_inputs():
