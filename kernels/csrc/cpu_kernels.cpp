@@ -292,6 +292,37 @@ __attribute__((noinline)) void panel_dots(const W* const* w, int64_t K, const fl
   std::memcpy(acc, sums, sizeof sums);
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+// Rows e < n of out (ld elements apart) get R (<= 8) consecutive outputs each, col[r][e] rounded to bf16:
+// the 8 x 16 halves transposed in registers (three rounds of unpacks, rows e and e + 8 in the two 128-bit
+// lanes of a vector), then one masked store a row, instead of a rounding and a scalar store per output:
+// bf16 expert FFN alone, OLMoE-like T=2048 (K = 512 in the down projection: short tiles) 755 -> 790 GFLOP/s.
+template <int R>
+inline void store_bf16_rows(const vec<16>* col, int64_t n, bf16* out, int64_t ld) {
+  __m256i c[8], t[8], u[8];
+  for (int r = 0; r < 8; ++r)
+    c[r] = r < R ? _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(__m512(round_bf16v<16>(col[r]))), 16))
+                 : _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {  // pairs of columns, rows 4j .. 4j + 3 of each lane
+    t[2 * i] = _mm256_unpacklo_epi16(c[2 * i], c[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi16(c[2 * i], c[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i)  // quads of columns, two rows a vector lane
+    for (int j = 0; j < 2; ++j) {
+      u[4 * i + 2 * j] = _mm256_unpacklo_epi32(t[4 * i + j], t[4 * i + j + 2]);
+      u[4 * i + 2 * j + 1] = _mm256_unpackhi_epi32(t[4 * i + j], t[4 * i + j + 2]);
+    }
+  const __mmask8 mask = (1u << R) - 1;
+  for (int q = 0; q < 4; ++q)  // u[q] (columns 0-3) and u[4 + q] (4-7) hold rows 2q and 2q + 1 of each lane
+    for (int half = 0; half < 2; ++half) {
+      const __m256i row = half ? _mm256_unpackhi_epi64(u[q], u[4 + q]) : _mm256_unpacklo_epi64(u[q], u[4 + q]);
+      const int64_t e = 2 * q + half;
+      if (e < n) _mm_mask_storeu_epi16(out + e * ld, mask, _mm256_castsi256_si128(row));
+      if (e + 8 < n) _mm_mask_storeu_epi16(out + (e + 8) * ld, mask, _mm256_extracti128_si256(row, 1));
+    }
+}
+#endif
+
 // out[m, n0 + r] = sum over k of w[n0 + r, k] * x[m, k] (see `panel_dots`) for R weight rows and the rows
 // m < M of x in panels p0 .. p0 + V - 1; out has N columns. bf16: K elements, panels of K / 2 words.
 template <int R, int V, typename W>
@@ -302,9 +333,20 @@ inline void logits_tile(const W* w, int64_t K, const float* panels, int64_t p0, 
   const int64_t words = K * sizeof(W) / 4;
   vec<PW> acc[R][V];
   panel_dots<R, V, W>(rows, words, panels + p0 * words * PW, acc, R * words);  // (rows n0 + R.. next)
-  for (int v = 0; v < V; ++v)
-    for (int e = 0; e < PW && (p0 + v) * PW + e < M; ++e)
-      for (int r = 0; r < R; ++r) store_one(out + ((p0 + v) * PW + e) * N + n0 + r, acc[r][v][e]);
+  for (int v = 0; v < V; ++v) {
+    const int64_t m0 = (p0 + v) * PW, n = std::min<int64_t>(PW, M - m0);
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+    if constexpr (sizeof(W) == 2) {
+      vec<PW> col[R];
+      for (int r = 0; r < R; ++r) col[r] = acc[r][v];
+      store_bf16_rows<std::min(R, 8)>(col, n, out + m0 * N + n0, N);
+      if constexpr (R > 8) store_bf16_rows<R - 8>(col + 8, n, out + m0 * N + n0 + 8, N);
+      continue;
+    }
+#endif
+    for (int64_t e = 0; e < n; ++e)
+      for (int r = 0; r < R; ++r) store_one(out + (m0 + e) * N + n0 + r, acc[r][v][e]);
+  }
 }
 
 // Tiles: V panels (PANELS at most) times tile_rows<V>() weight rows. A weight row is a stream of its own,
