@@ -355,24 +355,45 @@ inline void logits_tile(const W* w, int64_t K, const float* panels, int64_t p0, 
 // data in cache, on AMD Zen 2 (8-way L1): 6 x 2 100-106 GFLOP/s at K = 512-2048, 8 x 1 76-80, 4 x 3 78, 12
 // rows at K >= 1024 2.5x slower. 16 lanes (32 registers): 24 accumulators, 6 x 4, 12 x 2, 8 x 1; on AMD
 // Zen 5 (12-way L1), whole expert FFNs, 2 threads: Mixtral-like T=2048 433 GFLOP/s (8-lane tiles 230, 90%
-// of the 2 x 240 peak), OLMoE-like T=256 252 (161); 8 x 2 instead of 12 x 2 238, 4 x 4 2x slower.
+// of the 2 x 240 peak), OLMoE-like T=256 252 (161); 8 x 2 instead of 12 x 2 238, 4 x 4 2x slower. 8 x 3
+// takes what would be a lone panel after tiles of 4 (`panel_tiles`): experts of 33-48 rows (OLMoE-like
+// T=256 has about half of them), 65-80 or 81-96: bf16 OLMoE-like T=256 465-501 -> 512-535 GFLOP/s,
+// Mixtral-like T=128 520-557 -> 568-602; float32 OLMoE-like T=256 243 -> 279.
 #if defined(__AVX512F__)
 constexpr int PANELS = 4;
 template <int V>
-constexpr int tile_rows() { return V == 4 ? 6 : V == 2 ? 12 : 8; }
+constexpr int tile_rows() { return V == 4 ? 6 : V == 3 ? 8 : V == 2 ? 12 : 8; }
 #else
 constexpr int PANELS = 2;
 template <int V>
 constexpr int tile_rows() { return V == 1 ? 8 : 12 / V; }
 #endif
 
-// Panels 0 .. n - 1 in tiles of V, then of V / 2, ... for the rest: f(first panel, std::integral_constant<int, V>).
-template <int V = PANELS, typename F>
+template <int V>
+using panels_of = std::integral_constant<int, V>;
+
+// Panels 0 .. n - 1 as tiles: f(first panel, panels_of<V>). 16 lanes: tiles of 4, the rest one tile of 3 or
+// 2 (5 left: 3 + 2), a lone panel only where n is 1, so that every weight row is read by 24-accumulator tiles
+// (a lone panel's 8 x 1 tile loads a broadcast per multiply). 8 lanes: tiles of 2, then a lone panel.
+template <typename F>
 inline void panel_tiles(int64_t n, F&& f) {
   int64_t p = 0;
-  for (; p + V <= n; p += V) f(p, std::integral_constant<int, V>{});
-  if constexpr (V > 1)
-    if (p < n) panel_tiles<V / 2>(n - p, [&](int64_t q, auto v) { f(p + q, v); });
+  if constexpr (PANELS == 4) {
+    for (; n - p > 5 || n - p == 4; p += 4) f(p, panels_of<4>{});
+    if (n - p == 5) {
+      f(p, panels_of<3>{});
+      f(p + 3, panels_of<2>{});
+    } else if (n - p == 3) {
+      f(p, panels_of<3>{});
+    } else if (n - p == 2) {
+      f(p, panels_of<2>{});
+    } else if (n - p == 1) {
+      f(p, panels_of<1>{});
+    }
+  } else {
+    for (; p + 2 <= n; p += 2) f(p, panels_of<2>{});
+    if (p < n) f(p, panels_of<1>{});
+  }
 }
 
 // Tiles of fewer than R weight rows, for what is left after the whole tiles.

@@ -434,7 +434,7 @@ def _umask() -> int:
     return mask
 
 
-@pytest.mark.parametrize("rows,inner,vocab", [(1, 48, 211), (7, 37, 100), (16, 128, 2048), (17, 64, 50), (40, 96, 13)])
+@pytest.mark.parametrize("rows,inner,vocab", [(1, 48, 211), (7, 37, 100), (16, 128, 2048), (17, 64, 50), (40, 96, 13), (70, 32, 30)])
 def test_logits_match_a_float64_reference_and_a_row_alone(rows, inner, vocab):
     """Every row of every 8-row panel (partial ones too), every tile size (vocab not a multiple of 6 or 12);
     a row's logits are the same bits alone as in the batch."""
