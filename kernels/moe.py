@@ -15,8 +15,9 @@ Worked example: T=2, K=2, topk_ids = [[3, 0], [0, 1]]
 
 Weights are fused the way transformers 5 keeps them in memory: `w13 [E, 2I, H]` (gate rows,
 then up rows) and `w2 [E, H, I]`. GPT-OSS's experts add biases (`ExpertBiases`: b13 [E, 2I] and
-b2 [E, H]) and a clamped gated activation (`Activation`); they take the torch paths below (the
-native kernel is plain SwiGLU without biases).
+b2 [E, H]) and a clamped gated activation (`Activation`); the native kernel takes them too
+(`native.Extras`) where it takes every expert (float32; bf16 where `native.bf16_panels`), the torch
+paths (`_expert_ffn_general`) elsewhere.
 
 Numerics (what tests hold us to): every matmul accumulates in float32 and its output is rounded
 to the model dtype, the activation runs in the model dtype, and the K expert outputs of a token
@@ -195,10 +196,15 @@ def expert_ffn(x_sorted: Tensor, counts: list[int], w13: Tensor, w2: Tensor,
     Experts with at most `_native_max_rows` rows go to the native CPU kernel (one call for all of
     them), the others to one pair of matmuls each; experts without rows cost nothing, so the same
     code is fast for decode (a few rows, a few experts) and prefill (thousands of rows).
-    Experts with biases or another activation (GPT-OSS) are one pair of matmuls each, biases added.
+    Experts with biases or another activation (GPT-OSS) go to the kernel where all experts would
+    (float32, bf16 where `native.bf16_panels`), else are one pair of matmuls each, biases added.
     """
     starts = [0, *itertools.accumulate(counts)][:-1]
     if biases is not None or activation != SWIGLU:
+        if native.supports(x_sorted, w13, w2) and _native_max_rows(w13) == sys.maxsize:
+            groups = torch.tensor([(e, start, n) for e, (start, n) in enumerate(zip(starts, counts)) if n])
+            out = torch.empty_like(x_sorted)
+            return native.expert_ffn(x_sorted, groups.view(-1, 3), w13, w2, out, extras=_extras(biases, activation))
         return _expert_ffn_general(x_sorted, starts, counts, w13, w2, biases, activation)
     most_native = _native_max_rows(w13) if native.supports(x_sorted, w13, w2) else 0
     small = [(e, start, count) for e, (start, count) in enumerate(zip(starts, counts)) if 0 < count <= most_native]
@@ -290,9 +296,10 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     (OLMoE-like T=2048: ~25 of 107 ms).
     """
     num_tokens, top_k = topk_ids.shape
-    plain = biases is None and activation == SWIGLU  # what the native kernel computes
-    if plain and _native_block(x, topk_weights) and native.supports(x, w13, w2):  # one native call
-        return native.fused_moe(x, topk_weights.contiguous(), topk_ids.contiguous(), w13, w2)
+    if _native_block(x, topk_weights) and native.supports(x, w13, w2):  # one native call
+        return native.fused_moe(x, topk_weights.contiguous(), topk_ids.contiguous(), w13, w2,
+                                extras=_extras(biases, activation))
+    plain = biases is None and activation == SWIGLU
     if plain and num_tokens == 1:
         return _fused_moe_one_token(x, topk_weights, topk_ids, w13, w2)
     handle = sort_pairs(topk_ids, w13.shape[0])
@@ -353,6 +360,14 @@ def _fused_moe_one_token(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13:
             rows.append(F.linear(F.silu(gate).mul_(up), w2[expert]))  # [1, H]
         y = torch.cat(rows)  # [K, H] top-k order
     return combine(y, _range(top_k, 1, x.device).view(1, top_k), topk_weights)
+
+
+def _extras(biases: ExpertBiases | None, activation: Activation) -> native.Extras | None:
+    """What the kernel adds to plain SwiGLU for these experts (None: nothing)."""
+    if biases is None and activation == SWIGLU:
+        return None
+    return native.Extras(biases.b13 if biases is not None else None, biases.b2 if biases is not None else None,
+                         activation.limit, activation.alpha)
 
 
 def _native_block(x: Tensor, topk_weights: Tensor) -> bool:

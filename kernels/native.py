@@ -39,6 +39,7 @@ import platform
 import shlex
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -50,10 +51,10 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-_I, _P = ctypes.c_int64, ctypes.c_void_p  # integers are int64_t, pointers are data_ptr()s or None
+_I, _P, _D = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double  # int64_t, data_ptr()s or None, double
 SIGNATURES = {  # as declared in csrc/cpu_kernels.cpp; every function returns an int status
-    "moeray_expert_ffn": [_I, _I, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _I, _I],
-    "moeray_fused_moe": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _I, _I],
+    "moeray_expert_ffn": [_I, _I, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _D, _D, _P, _P, _I, _I],
+    "moeray_fused_moe": [_I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _D, _D, _P, _I, _I],
     "moeray_decode_attention": [_I, _I, _I, _I, _I, _I, _I, _I, _P, _I, _P, _P, _I, _P, _I, _P, _I, _P, _P, _I, _P,
                                 ctypes.c_double, _I, _P, _P, _I],
     "moeray_logits": [_I, _I, _I, _P, _P, _P, _I],
@@ -130,32 +131,38 @@ def supports(x: Tensor, *weights: Tensor) -> bool:
 PANEL_ROWS = 16
 
 
-@cache
 def bf16_panels() -> bool:
-    """True if bf16 experts run on vdpbf16ps here (AVX512-BF16), GEMMs from PANEL_ROWS rows."""
-    return available() and bool(library().moeray_bf16_panels())
+    """True if bf16 experts run on vdpbf16ps here (AVX512-BF16), GEMMs from PANEL_ROWS rows. (Whether the
+    build has them is asked once; whether the kernels are on, on every call, as `supports` asks.)"""
+    return available() and _build_has_bf16_panels()
+
+
+@cache
+def _build_has_bf16_panels() -> bool:
+    return bool(library().moeray_bf16_panels())
 
 
 def expert_ffn(x: Tensor, groups: Tensor, w13: Tensor, w2: Tensor, out: Tensor, rows: Tensor | None = None,
-               panel_rows: int = PANEL_ROWS) -> Tensor:
+               panel_rows: int = PANEL_ROWS, extras: Extras | None = None) -> Tensor:
     """Grouped SwiGLU on the native kernel (check `supports` first), written into `out`.
 
     x [M, H]; groups [G, 3] int64: (expert, first sorted row, number of rows) of each group, any
     order, experts may repeat; rows [N] int64: the row of x of each sorted row (None: x is sorted);
     w13 [E, 2I, H]; w2 [E, H, I]; out [N, H], x's dtype: the groups' rows are written, nothing else.
     Groups with at least `panel_rows` rows are multiplied as GEMMs (see PANEL_ROWS): float32 always,
-    bf16 where `bf16_panels` and H and I are even.
+    bf16 where `bf16_panels` and H and I are even. `extras`: GPT-OSS's biases and clamped activation.
     """
     num_rows, hidden, inter = out.shape[0], x.shape[1], w2.shape[2]
     if groups.numel() == 0:
         return out
     _check_raw(x, (w13, w2, out), (groups, rows))
+    b13, b2, limit, alpha = _extras_args(extras, x, w13)
     widened = hidden if x.dtype != torch.float32 else 0  # bf16: the rows of x widened to float32
     scratch = torch.empty(num_rows * (inter + widened), dtype=torch.float32)
     status = library().moeray_expert_ffn(
         DTYPES[x.dtype], groups.shape[0], groups.data_ptr(), num_rows, None if rows is None else rows.data_ptr(),
-        x.data_ptr(), x.shape[0], w13.data_ptr(), w2.data_ptr(), w13.shape[0], hidden, inter, scratch.data_ptr(),
-        out.data_ptr(), panel_rows, torch.get_num_threads())
+        x.data_ptr(), x.shape[0], w13.data_ptr(), w2.data_ptr(), w13.shape[0], hidden, inter, b13, b2, limit, alpha,
+        scratch.data_ptr(), out.data_ptr(), panel_rows, torch.get_num_threads())
     if status == 2:
         raise ValueError(f"expert groups out of bounds (experts 0..{w13.shape[0] - 1}, {num_rows} output rows, "
                          f"{x.shape[0]} rows of x): {groups.tolist()}")
@@ -165,11 +172,11 @@ def expert_ffn(x: Tensor, groups: Tensor, w13: Tensor, w2: Tensor, out: Tensor, 
 
 
 def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2: Tensor,
-              panel_rows: int = PANEL_ROWS) -> Tensor:
+              panel_rows: int = PANEL_ROWS, extras: Extras | None = None) -> Tensor:
     """x [T, H], topk_weights [T, K], int64 topk_ids [T, K], w13 [E, 2I, H], w2 [E, H, I] -> [T, H]:
     sort, experts and the top-k sum in one call (check `supports`), the bits of kernels.moe's
     sort_pairs -> expert_ffn -> unpermute on the kernel. x float32 with float32 top-k weights, or bf16
-    with float32 (Mixtral) or bf16 (Qwen-MoE, OLMoE) ones."""
+    with float32 (Mixtral) or bf16 (Qwen-MoE, OLMoE) ones. `extras` as in `expert_ffn`."""
     if (x.dtype, topk_weights.dtype) not in _FUSED_DTYPES or topk_ids.dtype != torch.int64:
         raise TypeError(f"fused_moe takes float32 x with float32 topk_weights, or bf16 x with float32 or bf16 "
                         f"topk_weights, and int64 topk_ids, not {x.dtype}, {topk_weights.dtype}, {topk_ids.dtype}")
@@ -177,16 +184,48 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     if not topk_weights.is_contiguous() or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_weights must be contiguous and of topk_ids' shape {tuple(topk_ids.shape)}, "
                          f"not {tuple(topk_weights.shape)}")
+    b13, b2, limit, alpha = _extras_args(extras, x, w13)
     out = torch.empty_like(x)  # [T, H]
     status = library().moeray_fused_moe(
         DTYPES[x.dtype], DTYPES[topk_weights.dtype], topk_ids.shape[0], topk_ids.shape[1], topk_ids.data_ptr(),
         topk_weights.data_ptr(), x.data_ptr(), w13.data_ptr(), w2.data_ptr(), w13.shape[0], x.shape[1], w2.shape[2],
-        out.data_ptr(), panel_rows, torch.get_num_threads())
+        b13, b2, limit, alpha, out.data_ptr(), panel_rows, torch.get_num_threads())
     if status == 2:
         raise ValueError(f"topk_ids out of range 0..{w13.shape[0] - 1}: {topk_ids.min().item()}..{topk_ids.max().item()}")
     if status:
         raise RuntimeError(f"moeray_fused_moe failed with status {status}")
     return out
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What GPT-OSS's experts add to plain SwiGLU (kernels.moe's ExpertBiases and Activation, as the kernel
+    takes them): biases b13 [E, 2I] (gate rows, then up rows) and b2 [E, H] in x's dtype, or None; and
+    `limit` (None: plain SwiGLU) and `alpha` of the clamped activation."""
+
+    b13: Tensor | None = None
+    b2: Tensor | None = None
+    limit: float | None = None
+    alpha: float = 1.0
+
+
+def _extras_args(extras: Extras | None, x: Tensor, w13: Tensor) -> tuple:
+    """(b13, b2, limit, alpha) as the kernel takes them, the biases checked against x and w13 [E, 2I, H]."""
+    if extras is None:
+        return None, None, 0.0, 1.0
+    num_experts, two_inter, hidden = w13.shape
+    expected = {"b13": (num_experts, two_inter), "b2": (num_experts, hidden)}
+    for name, bias in (("b13", extras.b13), ("b2", extras.b2)):
+        if bias is None:
+            continue
+        _check_raw(x, (bias,), ())
+        if tuple(bias.shape) != expected[name]:
+            raise ValueError(f"expert bias {name} must be {expected[name]} for w13 {tuple(w13.shape)}, "
+                             f"not {tuple(bias.shape)}")
+    if extras.limit is not None and not extras.limit > 0:
+        raise ValueError(f"the clamped activation's limit must be > 0, not {extras.limit}")
+    return (None if extras.b13 is None else extras.b13.data_ptr(), None if extras.b2 is None else extras.b2.data_ptr(),
+            float(extras.limit or 0.0), float(extras.alpha))
 
 
 _FUSED_DTYPES = {(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)}

@@ -325,14 +325,21 @@ inline void store_bf16_rows(const vec<16>* col, int64_t n, bf16* out, int64_t ld
 
 // out[m, n0 + r] = sum over k of w[n0 + r, k] * x[m, k] (see `panel_dots`) for R weight rows and the rows
 // m < M of x in panels p0 .. p0 + V - 1; out has N columns. bf16: K elements, panels of K / 2 words.
+// bias [N] (or null) is added to the rounded sums (GPT-OSS's down projection).
 template <int R, int V, typename W>
 inline void logits_tile(const W* w, int64_t K, const float* panels, int64_t p0, int64_t M, int64_t n0, int64_t N,
-                        W* out) {
+                        W* out, const W* bias) {
   const W* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = w + (n0 + r) * K;
   const int64_t words = K * sizeof(W) / 4;
   vec<PW> acc[R][V];
   panel_dots<R, V, W>(rows, words, panels + p0 * words * PW, acc, R * words);  // (rows n0 + R.. next)
+  if (bias)
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) {
+        if constexpr (sizeof(W) == 2) acc[r][v] = round_bf16v<PW>(acc[r][v]);
+        acc[r][v] += splat<PW>(load_one(bias + n0 + r));
+      }
   for (int v = 0; v < V; ++v) {
     const int64_t m0 = (p0 + v) * PW, n = std::min<int64_t>(PW, M - m0);
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
@@ -407,11 +414,11 @@ inline void tail_tile(int64_t count, F&& f) {
 
 template <int V, typename W>
 inline void logits_rows(const W* w, int64_t K, const float* panels, int64_t p0, int64_t M, int64_t n0, int64_t count,
-                        int64_t N, W* out) {  // count weight rows from n0
+                        int64_t N, W* out, const W* bias = nullptr) {  // count weight rows from n0
   constexpr int R = tile_rows<V>();
   int64_t n = n0;
-  for (; n + R <= n0 + count; n += R) logits_tile<R, V, W>(w, K, panels, p0, M, n, N, out);
-  tail_tile<R - 1>(n0 + count - n, [&](auto r) { logits_tile<decltype(r)::value, V, W>(w, K, panels, p0, M, n, N, out); });
+  for (; n + R <= n0 + count; n += R) logits_tile<R, V, W>(w, K, panels, p0, M, n, N, out, bias);
+  tail_tile<R - 1>(n0 + count - n, [&](auto r) { logits_tile<decltype(r)::value, V, W>(w, K, panels, p0, M, n, N, out, bias); });
 }
 
 // exp(x) for W floats (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, degree-5 polynomial; within 2 ulp of
@@ -466,10 +473,6 @@ inline vec<W> expv(vec<W> x) {
 }
 inline v8 exp8(v8 x) { return expv<8>(x); }
 
-// silu(g) * u, W at a time: g / (1 + exp(-g)) * u, torch's formula, exp within 2 ulp (see `expv`).
-template <int W>
-inline vec<W> swiglu(vec<W> g, vec<W> u) { return g / (expv<W>(-g) + 1.0f) * u; }
-
 // r[i][e] <- r[e][i]: an 8 x 8 block of floats transposed in registers.
 inline void transpose8(v8 (&r)[8]) {
   v8 t[8], u[8];
@@ -503,12 +506,69 @@ inline void to_panel(const float* const* src, int n, int64_t K, float* panel) {
     for (int e = 0; e < PW; ++e) panel[k * PW + e] = e < n ? src[e][k] : 0.0f;
 }
 
+// What GPT-OSS's experts add to plain SwiGLU (kernels.moe's ExpertBiases and Activation): biases b13 [E, 2I]
+// (gate rows, then up rows) and b2 [E, H], each added to its matmul's rounded output (null: none), and, where
+// limit > 0, the clamped activation: gate clamped above at limit, up to [-limit, limit], then
+// (up + 1) * (gate * sigmoid(gate * alpha)), in transformers' op order, each op rounded in bf16.
+template <typename W>
+struct Extras {
+  const W* b13 = nullptr;
+  const W* b2 = nullptr;
+  float limit = 0, alpha = 1;
+};
+template <typename W>
+Extras<W> extras(const void* b13, const void* b2, double limit, double alpha) {
+  return {static_cast<const W*>(b13), static_cast<const W*>(b2), float(limit), float(alpha)};
+}
+
+// One activation element from the gate and up matmuls' float32 sums (bf16: rounded as transformers rounds).
+// bias: the gate's bias (the up's is I further), or null.
+template <typename W>
+inline float activate(float gate, float up, const W* bias, int64_t I, const Extras<W>& ex) {
+  constexpr bool bf = sizeof(W) == 2;
+  auto rounded = [](float f) { return bf ? round_bf16(f) : f; };
+  float g = rounded(gate), u = rounded(up);
+  if (bias) {
+    g = rounded(g + load_one(bias));
+    u = rounded(u + load_one(bias + I));
+  }
+  if (ex.limit > 0) {  // (NaN stays NaN through both clamps, as in torch)
+    g = ex.limit < g ? ex.limit : g;
+    u = u < -ex.limit ? -ex.limit : ex.limit < u ? ex.limit : u;
+    const float sigmoid = rounded(1.0f / (1.0f + std::exp(-rounded(g * ex.alpha))));
+    return rounded(rounded(u + 1.0f) * rounded(g * sigmoid));
+  }
+  return rounded(rounded(g / (1.0f + std::exp(-g))) * u);
+}
+
+// The same for PW rows at once (lanes), as `swiglu_tile` takes them (the bias one value for all lanes), with
+// exp within 2 ulp (see `expv`): plain SwiGLU is silu(g) * u = g / (1 + exp(-g)) * u, torch's formula.
+template <typename W>
+inline vec<PW> activate_lanes(vec<PW> gate, vec<PW> up, const W* bias, int64_t I, const Extras<W>& ex) {
+  constexpr bool bf = sizeof(W) == 2;
+  auto rounded = [](vec<PW> f) { if constexpr (bf) return round_bf16v<PW>(f); else return f; };
+  vec<PW> g = rounded(gate), u = rounded(up);
+  if (bias) {
+    g = rounded(g + splat<PW>(load_one(bias)));
+    u = rounded(u + splat<PW>(load_one(bias + I)));
+  }
+  if (ex.limit > 0) {
+    const vec<PW> high = splat<PW>(ex.limit), low = splat<PW>(-ex.limit);
+    g = high < g ? high : g;
+    u = u < low ? low : high < u ? high : u;
+    const vec<PW> sigmoid = rounded(1.0f / (expv<PW>(-rounded(g * ex.alpha)) + 1.0f));
+    return rounded(rounded(u + 1.0f) * rounded(g * sigmoid));
+  }
+  return rounded(rounded(g / (expv<PW>(-g) + 1.0f)) * u);
+}
+
 // act rows i .. i + A - 1 of panels p0 .. p0 + V - 1 (act panels [*, I, PW], xp and actp at panel p0):
 // the gate rows i.. and up rows I + i.. of one expert's w13 [2I, H] as the 2A weight rows of one tile,
 // then silu(gate) * up in registers. bf16: rounded where transformers rounds (as `run_small` does), and
 // act element i of a row written as half of word i / 2 of its panel (the layout `panel_dots` reads).
 template <int A, int V, typename W>
-inline void swiglu_tile(const W* w13, int64_t H, int64_t I, int64_t i, const float* xp, float* actp) {
+inline void swiglu_tile(const W* w13, int64_t H, int64_t I, int64_t i, const float* xp, float* actp, const W* b13,
+                        const Extras<W>& ex) {
   const W* rows[2 * A];
   for (int a = 0; a < A; ++a) {
     rows[a] = w13 + (i + a) * H;
@@ -518,13 +578,11 @@ inline void swiglu_tile(const W* w13, int64_t H, int64_t I, int64_t i, const flo
   panel_dots<2 * A, V, W>(rows, H * sizeof(W) / 4, xp, acc, A * H * sizeof(W) / 4);  // (gate and up rows i + A..)
   for (int v = 0; v < V; ++v)
     for (int a = 0; a < A; ++a) {
+      const vec<PW> act = activate_lanes<W>(acc[a][v], acc[A + a][v], b13 ? b13 + i + a : nullptr, I, ex);
       if constexpr (std::is_same_v<W, float>) {
-        const vec<PW> act = swiglu<PW>(acc[a][v], acc[A + a][v]);
         std::memcpy(actp + (v * I + i + a) * PW, &act, sizeof act);
       } else {
 #if defined(__AVX512BF16__)
-        const vec<PW> gate = round_bf16v<PW>(acc[a][v]);
-        const vec<PW> act = round_bf16v<PW>(round_bf16v<PW>(gate / (expv<PW>(-gate) + 1.0f)) * round_bf16v<PW>(acc[A + a][v]));
         const int64_t k = i + a;  // even: the low half of word k / 2 (bits >> 16), odd: the high half
         const __m512i bits = _mm512_castps_si512(__m512(act));
         _mm512_mask_storeu_epi16(actp + (v * I / 2 + k / 2) * PW, k % 2 ? 0xaaaaaaaa : 0x55555555,
@@ -536,11 +594,11 @@ inline void swiglu_tile(const W* w13, int64_t H, int64_t I, int64_t i, const flo
 
 template <int V, typename W>
 inline void swiglu_rows(const W* w13, int64_t H, int64_t I, int64_t i0, int64_t count, const float* xp,
-                        float* actp) {  // act rows i0 .. i0 + count - 1 (a gate and an up row each)
+                        float* actp, const W* b13, const Extras<W>& ex) {  // act rows i0 .. i0 + count - 1
   constexpr int A = tile_rows<V>() / 2;
   int64_t i = i0;
-  for (; i + A <= i0 + count; i += A) swiglu_tile<A, V, W>(w13, H, I, i, xp, actp);
-  tail_tile<A - 1>(i0 + count - i, [&](auto a) { swiglu_tile<decltype(a)::value, V, W>(w13, H, I, i, xp, actp); });
+  for (; i + A <= i0 + count; i += A) swiglu_tile<A, V, W>(w13, H, I, i, xp, actp, b13, ex);
+  tail_tile<A - 1>(i0 + count - i, [&](auto a) { swiglu_tile<decltype(a)::value, V, W>(w13, H, I, i, xp, actp, b13, ex); });
 }
 
 // Groups with at least `panel_rows` rows (kernels/native.py: PANEL_ROWS), as GEMMs: a
@@ -571,7 +629,7 @@ inline void blocks(int64_t g, int64_t n, int64_t size, int64_t tile, int num_thr
 
 template <typename W>
 void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const W* x, const W* w13, const W* w2,
-                int64_t H, int64_t I, W* out, int num_threads) {
+                int64_t H, int64_t I, W* out, const Extras<W>& ex, int num_threads) {
   const int64_t Hw = H * sizeof(W) / 4, Iw = I * sizeof(W) / 4;  // words of a row of x, of act
   thread_local std::vector<float> panels;  // kept between calls: no page faults on the next batch
   const int64_t num_groups = int64_t(groups.size() / 3);
@@ -611,7 +669,8 @@ void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const W
         const int64_t num_panels = (groups[3 * g + 2] + PW - 1) / PW;
         const W* w = w13 + groups[3 * g] * 2 * I * H;
         panel_tiles(num_panels, [&](int64_t p, auto v) {
-          swiglu_rows<decltype(v)::value, W>(w, H, I, i, count, x_panels(g) + p * Hw * PW, act_panels(g) + p * Iw * PW);
+          swiglu_rows<decltype(v)::value, W>(w, H, I, i, count, x_panels(g) + p * Hw * PW, act_panels(g) + p * Iw * PW,
+                                             ex.b13 ? ex.b13 + groups[3 * g] * 2 * I : nullptr, ex);
         });
       }
 #pragma omp for schedule(dynamic, 1)
@@ -620,7 +679,8 @@ void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const W
         const int64_t first = groups[3 * g + 1], num_rows = groups[3 * g + 2], num_panels = (num_rows + PW - 1) / PW;
         const W* w = w2 + groups[3 * g] * H * I;
         panel_tiles(num_panels, [&](int64_t p, auto v) {
-          logits_rows<decltype(v)::value, W>(w, I, act_panels(g), p, num_rows, h, count, H, out + first * H);
+          logits_rows<decltype(v)::value, W>(w, I, act_panels(g), p, num_rows, h, count, H, out + first * H,
+                                             ex.b2 ? ex.b2 + groups[3 * g] * H : nullptr);
         });
       }
     }
@@ -681,7 +741,7 @@ inline void weight_rows(const bf16* w, int64_t ldw, int64_t count, const bf16* c
 
 template <typename W>
 void run_small(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows, const W* x, const W* w13,
-         const W* w2, int64_t H, int64_t I, float* scratch, W* out, int num_threads) {
+         const W* w2, int64_t H, int64_t I, float* scratch, W* out, const Extras<W>& ex, int num_threads) {
   // bf16 on AVX512-BF16 builds (`pairs`): x and act stay bf16, read in place by vdpbf16ps (`dot_pairs`);
   // elsewhere they are float32, bf16 ones widened and deinterleaved (see `position`).
   constexpr bool bf = sizeof(W) == 2, pairs = bf && BF16_PANELS;
@@ -717,21 +777,16 @@ void run_small(int64_t num_groups, const int64_t* groups, int64_t num_rows, cons
       const int64_t* group = groups + 3 * (item / blocks1);
       const int64_t first = group[1], count = group[2], begin = (item % blocks1) * BLOCK;
       const W* w = w13 + group[0] * 2 * I * H;
+      const W* bias = ex.b13 ? ex.b13 + group[0] * 2 * I : nullptr;
       for (int64_t i = begin; i < std::min(I, begin + BLOCK); i += 8) {
         const int64_t c = std::min<int64_t>(8, I - i);
         weight_rows(w + i * H, H, c, xs.data() + first, count, H, buffer.data(), gate);
         weight_rows(w + (I + i) * H, H, c, xs.data() + first, count, H, buffer.data(), up);
         for (int64_t t = 0; t < count; ++t)
           for (int64_t r = 0; r < c; ++r) {
-            if constexpr (bf) {
-              const float a = round_bf16(gate[t][r]);
-              const float product = round_bf16(round_bf16(a / (1.0f + std::exp(-a))) * round_bf16(up[t][r]));
-              if constexpr (pairs) act[(first + t) * I + i + r] = to_bf16(product);
-              else act[(first + t) * I + position(i + r, I)] = product;
-            } else {
-              const float a = gate[t][r];
-              act[(first + t) * I + i + r] = a / (1.0f + std::exp(-a)) * up[t][r];
-            }
+            const float a = activate<W>(gate[t][r], up[t][r], bias ? bias + i + r : nullptr, I, ex);
+            if constexpr (pairs) act[(first + t) * I + i + r] = to_bf16(a);
+            else act[(first + t) * I + (bf ? position(i + r, I) : i + r)] = a;
           }
       }
     }  // (the end of an omp for waits for all threads: every act row is complete below)
@@ -740,13 +795,14 @@ void run_small(int64_t num_groups, const int64_t* groups, int64_t num_rows, cons
       const int64_t* group = groups + 3 * (item / blocks2);
       const int64_t first = group[1], count = group[2], begin = (item % blocks2) * BLOCK;
       const W* w = w2 + group[0] * H * I;
+      const W* bias = ex.b2 ? ex.b2 + group[0] * H : nullptr;
       for (int64_t h = begin; h < std::min(H, begin + BLOCK); h += 8) {
         const int64_t c = std::min<int64_t>(8, H - h);
         weight_rows(w + h * I, I, c, acts.data() + first, count, I, buffer.data(), down);
         for (int64_t t = 0; t < count; ++t)
           for (int64_t r = 0; r < c; ++r) {
-            if constexpr (bf) out[(first + t) * H + h + r] = to_bf16(down[t][r]);
-            else out[(first + t) * H + h + r] = down[t][r];
+            const float y = bf ? round_bf16(down[t][r]) : down[t][r];  // (exact where it is stored as is)
+            store_one(out + (first + t) * H + h + r, bias ? y + load_one(bias + h + r) : y);
           }
       }
     }
@@ -915,7 +971,8 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* s
 
 template <typename W>
 void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows, const W* x, const W* w13,
-         const W* w2, int64_t H, int64_t I, float* scratch, W* out, int64_t panel_rows, int num_threads) {
+         const W* w2, int64_t H, int64_t I, float* scratch, W* out, const Extras<W>& ex, int64_t panel_rows,
+         int num_threads) {
   std::vector<int64_t> small, large;  // groups with many rows are GEMMs (run_panels)
   const bool panels = sizeof(W) == 4 || (BF16_PANELS && H % 2 == 0 && I % 2 == 0);  // bf16: whole pairs
   for (int64_t g = 0; g < num_groups; ++g) {
@@ -923,9 +980,9 @@ void run(int64_t num_groups, const int64_t* groups, int64_t num_rows, const int6
     to.insert(to.end(), groups + 3 * g, groups + 3 * g + 3);
   }
   if constexpr (sizeof(W) == 4 || BF16_PANELS)
-    if (!large.empty()) run_panels<W>(large, rows, x, w13, w2, H, I, out, num_threads);
+    if (!large.empty()) run_panels<W>(large, rows, x, w13, w2, H, I, out, ex, num_threads);
   if (!small.empty())
-    run_small(int64_t(small.size() / 3), small.data(), num_rows, rows, x, w13, w2, H, I, scratch, out, num_threads);
+    run_small(int64_t(small.size() / 3), small.data(), num_rows, rows, x, w13, w2, H, I, scratch, out, ex, num_threads);
 }
 
 // 8 lanes of a row, stored as float32 or rounded to bf16 (nearest even).
@@ -980,7 +1037,8 @@ void combine(const T* y, const int64_t* row, const S* weights, int64_t K, int64_
 // moeray_fused_moe for x, weights and out of type T and top-k weights of type S (see there).
 template <typename T, typename S>
 void fused(int64_t num_tokens, int64_t K, const int64_t* topk_ids, const S* topk_weights, const T* x, const T* w13,
-           const T* w2, int64_t E, int64_t H, int64_t I, T* out, int64_t panel_rows, int num_threads) {
+           const T* w2, int64_t E, int64_t H, int64_t I, T* out, const Extras<T>& ex, int64_t panel_rows,
+           int num_threads) {
   const int64_t P = num_tokens * K;
   std::vector<int64_t> counts(E), fill(E), sorted_row(P), rows(P), groups;
   for (int64_t p = 0; p < P; ++p) ++counts[topk_ids[p]];
@@ -1000,7 +1058,7 @@ void fused(int64_t num_tokens, int64_t K, const int64_t* topk_ids, const S* topk
   thread_local std::vector<float> workspace;
   if (workspace.size() < size_t(y_words + scratch_words)) workspace.resize(y_words + scratch_words);
   T* const y = reinterpret_cast<T*>(workspace.data());
-  run<T>(int64_t(groups.size() / 3), groups.data(), P, rows.data(), x, w13, w2, H, I, workspace.data() + y_words, y,
+  run<T>(int64_t(groups.size() / 3), groups.data(), P, rows.data(), x, w13, w2, H, I, workspace.data() + y_words, y, ex,
          panel_rows, num_threads);
 #pragma omp parallel for num_threads(num_threads) if (P * H >= (1 << 16))
   for (int64_t t = 0; t < num_tokens; ++t)
@@ -1104,10 +1162,12 @@ int moeray_rms_norm(int64_t rows, int64_t H, const float* x, const float* residu
 // rows [num_rows]: the row of x of each sorted row, or null (x is sorted). out [num_rows, H] (the groups'
 // rows are written, nothing else); scratch: float32 [num_rows, I] (+ [num_rows, H] for bf16).
 // dtype: 0 float32, 1 bfloat16 (x, weights and out alike). x has x_rows rows, the weights E experts.
+// b13 [E, 2I] and b2 [E, H] (x's dtype, or null), limit and alpha: see `Extras` (limit <= 0: plain SwiGLU).
 // Returns 0; 1 for an unknown dtype; 2 for a group or row outside those bounds (nothing is computed).
 int moeray_expert_ffn(int64_t dtype, int64_t num_groups, const int64_t* groups, int64_t num_rows, const int64_t* rows,
                       const void* x, int64_t x_rows, const void* w13, const void* w2, int64_t E, int64_t hidden,
-                      int64_t inter, float* scratch, void* out, int64_t panel_rows, int64_t num_threads) {
+                      int64_t inter, const void* b13, const void* b2, double limit, double alpha, float* scratch,
+                      void* out, int64_t panel_rows, int64_t num_threads) {
   if (dtype != 0 && dtype != 1) return 1;
   for (int64_t g = 0; g < num_groups; ++g) {
     const int64_t expert = groups[3 * g], first = groups[3 * g + 1], count = groups[3 * g + 2];
@@ -1117,12 +1177,12 @@ int moeray_expert_ffn(int64_t dtype, int64_t num_groups, const int64_t* groups, 
   }
   if (dtype == 0)
     run<float>(num_groups, groups, num_rows, rows, static_cast<const float*>(x), static_cast<const float*>(w13),
-               static_cast<const float*>(w2), hidden, inter, scratch, static_cast<float*>(out), panel_rows,
-               int(num_threads));
+               static_cast<const float*>(w2), hidden, inter, scratch, static_cast<float*>(out),
+               extras<float>(b13, b2, limit, alpha), panel_rows, int(num_threads));
   else
     run<bf16>(num_groups, groups, num_rows, rows, static_cast<const bf16*>(x), static_cast<const bf16*>(w13),
-              static_cast<const bf16*>(w2), hidden, inter, scratch, static_cast<bf16*>(out), panel_rows,
-              int(num_threads));
+              static_cast<const bf16*>(w2), hidden, inter, scratch, static_cast<bf16*>(out),
+              extras<bf16>(b13, b2, limit, alpha), panel_rows, int(num_threads));
   return 0;
 }
 
@@ -1132,10 +1192,12 @@ int moeray_expert_ffn(int64_t dtype, int64_t num_groups, const int64_t* groups, 
 // K results in top-k order (`combine`: the bits of kernels.moe.combine). topk_ids [T, K] int64;
 // topk_weights [T, K], float32 (weights_dtype 0) or bf16 (1, float32 x only with float32 weights);
 // x and out [T, H], dtype 0 float32 or 1 bf16 like moeray_expert_ffn. Each expert gets at most T rows (a
-// token's K experts are distinct). Returns 0; 1 for an unknown dtype pair; 2 if an id is outside 0 .. E-1.
+// token's K experts are distinct); b13, b2, limit, alpha as there. Returns 0; 1 for an unknown dtype pair;
+// 2 if an id is outside 0 .. E-1.
 int moeray_fused_moe(int64_t dtype, int64_t weights_dtype, int64_t T, int64_t K, const int64_t* topk_ids,
                      const void* topk_weights, const void* x, const void* w13, const void* w2, int64_t E,
-                     int64_t hidden, int64_t inter, void* out, int64_t panel_rows, int64_t num_threads) {
+                     int64_t hidden, int64_t inter, const void* b13, const void* b2, double limit, double alpha,
+                     void* out, int64_t panel_rows, int64_t num_threads) {
   if ((dtype != 0 && dtype != 1) || (weights_dtype != 0 && weights_dtype != 1) || (dtype == 0 && weights_dtype == 1))
     return 1;
   const int64_t P = T * K;
@@ -1144,15 +1206,15 @@ int moeray_fused_moe(int64_t dtype, int64_t weights_dtype, int64_t T, int64_t K,
   if (dtype == 0)
     fused<float>(T, K, topk_ids, static_cast<const float*>(topk_weights), static_cast<const float*>(x),
                  static_cast<const float*>(w13), static_cast<const float*>(w2), E, hidden, inter,
-                 static_cast<float*>(out), panel_rows, int(num_threads));
+                 static_cast<float*>(out), extras<float>(b13, b2, limit, alpha), panel_rows, int(num_threads));
   else if (weights_dtype == 0)
     fused<bf16>(T, K, topk_ids, static_cast<const float*>(topk_weights), static_cast<const bf16*>(x),
                 static_cast<const bf16*>(w13), static_cast<const bf16*>(w2), E, hidden, inter,
-                static_cast<bf16*>(out), panel_rows, int(num_threads));
+                static_cast<bf16*>(out), extras<bf16>(b13, b2, limit, alpha), panel_rows, int(num_threads));
   else
     fused<bf16>(T, K, topk_ids, static_cast<const bf16*>(topk_weights), static_cast<const bf16*>(x),
                 static_cast<const bf16*>(w13), static_cast<const bf16*>(w2), E, hidden, inter,
-                static_cast<bf16*>(out), panel_rows, int(num_threads));
+                static_cast<bf16*>(out), extras<bf16>(b13, b2, limit, alpha), panel_rows, int(num_threads));
   return 0;
 }
 

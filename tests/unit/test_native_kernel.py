@@ -36,10 +36,33 @@ def make(num_experts, hidden, inter, dtype, seed=0):
     return w13, w2
 
 
-def run_groups(x, groups, w13, w2, rows=None, panel_rows=native.PANEL_ROWS):
+def run_groups(x, groups, w13, w2, rows=None, panel_rows=native.PANEL_ROWS, extras=None):
     num_rows = max(first + count for _, first, count in groups)
     out = torch.full((num_rows, x.shape[1]), float("nan"), dtype=x.dtype)
-    return native.expert_ffn(x, torch.tensor(groups), w13, w2, out, rows, panel_rows)
+    return native.expert_ffn(x, torch.tensor(groups), w13, w2, out, rows, panel_rows, extras)
+
+
+def make_extras(kind, num_experts, hidden, inter, dtype, seed=5):
+    """GPT-OSS-like extras: biases of the outputs' size, and a limit that clamps part of gate and up."""
+    gen = torch.Generator().manual_seed(seed)
+    b13 = torch.randn(num_experts, 2 * inter, generator=gen).to(dtype) if kind != "clamp" else None
+    b2 = torch.randn(num_experts, hidden, generator=gen).to(dtype) if kind != "clamp" else None
+    return native.Extras(b13, b2, *((None, 1.0) if kind == "biases" else (1.5, 1.702)))
+
+
+def extras_reference(x, w13, w2, expert, extras, bf16_roundings=False):
+    """One expert of GPT-OSS's form, [n, H]: float64 matmuls; with `bf16_roundings` each matmul rounded to
+    bf16 and everything else in torch's bf16 ops, as transformers computes it."""
+    inter = w2.shape[-1]
+    matmul = (lambda a, b: (a.double() @ b.double().t()).to(torch.bfloat16)) if bf16_roundings else \
+        (lambda a, b: a.double() @ b.double().t())
+    cast = (lambda t: t) if bf16_roundings else (lambda t: t.double())
+    gate_up = matmul(x, w13[expert])
+    if extras.b13 is not None:
+        gate_up = gate_up + cast(extras.b13[expert])
+    act = moe.Activation(extras.limit, extras.alpha)(gate_up[:, :inter], gate_up[:, inter:])
+    y = matmul(act, w2[expert])
+    return (y + cast(extras.b2[expert]) if extras.b2 is not None else y).double()
 
 
 # sizes with and without tails: H, I multiples of 16, of 8 only, and odd; (200, 130): whole work items of
@@ -68,6 +91,83 @@ def test_groups_match_reference(hidden, inter, dtype, panel_rows):
             # one ulp of an activation moves a small output by up to ~2^-8 of the largest)
             torch.testing.assert_close(out[rows].double(), ref.to(torch.bfloat16).double(), rtol=2 ** -7,
                                        atol=2 ** -8 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["both", "biases", "clamp"])
+@pytest.mark.parametrize("hidden,inter", [(64, 32), (37, 21), (200, 130)])
+@pytest.mark.parametrize("dtype,panel_rows", [(torch.float32, native.PANEL_ROWS), (torch.float32, 1),
+                                              (torch.bfloat16, 1 << 30), (torch.bfloat16, 1)])
+def test_gpt_oss_extras_match_reference(kind, hidden, inter, dtype, panel_rows):
+    """GPT-OSS's expert biases and clamped activation (limit 1.5: part of gate and up clamped), alone or
+    together, on the dot products and the GEMMs, against transformers' op order (float64 matmuls; bf16:
+    rounded where transformers rounds), with the tolerances of test_groups_match_reference."""
+    w13, w2 = make(5, hidden, inter, dtype)
+    extras = make_extras(kind, 5, hidden, inter, dtype)
+    sizes, experts = [1, 3, 70, 9, 17, 33], [3, 0, 4, 1, 2, 3]
+    starts = [0, *itertools.accumulate(sizes)][:-1]
+    x = torch.randn(sum(sizes), hidden, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out = run_groups(x, list(zip(experts, starts, sizes)), w13, w2, panel_rows=panel_rows, extras=extras)
+    assert out.dtype == dtype and not out.isnan().any()
+    clamped = 0
+    for expert, first, count in zip(experts, starts, sizes):
+        rows = slice(first, first + count)
+        ref = extras_reference(x[rows], w13, w2, expert, extras, bf16_roundings=dtype == torch.bfloat16)
+        clamped += int((x[rows].double() @ w13[expert].double().t()).abs().gt(1.5).sum())
+        if dtype == torch.float32:
+            torch.testing.assert_close(out[rows].double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        else:
+            torch.testing.assert_close(out[rows].double(), ref, rtol=2 ** -7, atol=2 ** -8 * ref.abs().max().item())
+    assert clamped > 0  # the clamps are exercised
+    plain = run_groups(x, list(zip(experts, starts, sizes)), w13, w2, panel_rows=panel_rows)
+    assert (plain.double() - out.double()).abs().max() > 0.1  # and the extras change the result
+
+
+def test_gpt_oss_experts_take_the_kernel_where_every_expert_does(monkeypatch):
+    """kernels.moe sends experts with biases and the clamped activation to the kernel (its expert FFN and
+    the one-call block) where every expert of the dtype goes there (float32; bf16 with `bf16_panels`), and
+    to torch's matmuls (`_expert_ffn_general`) elsewhere; the two agree."""
+    w13, w2 = make(6, 48, 40, torch.float32, seed=6)
+    extras = make_extras("both", 6, 48, 40, torch.float32)
+    biases, activation = moe.ExpertBiases(extras.b13, extras.b2), moe.Activation(1.5, 1.702)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(20, 48, generator=gen)
+    ids = torch.rand(20, 6, generator=gen).argsort(-1)[:, :3].contiguous()
+    weights = torch.rand(20, 3, generator=gen).softmax(-1)
+    handle = moe.sort_pairs(ids, 6)
+    x_sorted, counts = x.index_select(0, handle.tokens), handle.counts.tolist()
+    calls = []
+    for name in ("expert_ffn", "fused_moe"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, real=real, name=name, **k: calls.append((name, a[0].dtype)) or real(*a, **k))
+    on_kernel = moe.expert_ffn(x_sorted, counts, w13, w2, biases, activation)
+    block = moe.fused_moe(x, weights, ids, w13, w2, biases, activation)
+    assert calls == [("expert_ffn", torch.float32), ("fused_moe", torch.float32)]
+    general = moe._expert_ffn_general(x_sorted, [0, *itertools.accumulate(counts)][:-1], counts, w13, w2, biases,
+                                      activation)
+    torch.testing.assert_close(on_kernel, general, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(block, moe.unpermute(general, handle, weights), rtol=1e-5, atol=1e-5)
+    def bf(t):
+        return t.bfloat16()
+
+    bf_biases = moe.ExpertBiases(bf(extras.b13), bf(extras.b2))
+    for panels in (False, True):
+        calls.clear()
+        monkeypatch.setattr(native, "bf16_panels", lambda: panels)
+        moe.expert_ffn(bf(x_sorted), counts, bf(w13), bf(w2), bf_biases, activation)
+        moe.fused_moe(bf(x), weights, ids, bf(w13), bf(w2), bf_biases, activation)
+        assert calls == ([("expert_ffn", torch.bfloat16), ("fused_moe", torch.bfloat16)] if panels else [])
+
+
+def test_gpt_oss_extras_are_checked():
+    w13, w2 = make(4, 32, 16, torch.float32)
+    x, out, groups = torch.randn(3, 32), torch.empty(3, 32), torch.tensor([[0, 0, 3]])
+    bad = [(native.Extras(torch.zeros(4, 16), None), ValueError, r"expert bias b13 must be \(4, 32\) for w13 \(4, 32, 32\), not \(4, 16\)"),
+           (native.Extras(None, torch.zeros(3, 32)), ValueError, r"expert bias b2 must be \(4, 32\) .* not \(3, 32\)"),
+           (native.Extras(None, torch.zeros(4, 32, dtype=torch.bfloat16)), TypeError, "one dtype"),
+           (native.Extras(limit=0.0), ValueError, "limit must be > 0, not 0.0")]
+    for extras, error, message in bad:
+        with pytest.raises(error, match=message):
+            native.expert_ffn(x, groups, w13, w2, out, extras=extras)
 
 
 @pytest.mark.parametrize("dtype,panel_rows", [(torch.float32, 1 << 30), (torch.float32, 1), (torch.bfloat16, 1 << 30),
@@ -191,7 +291,7 @@ def test_narrower_builds_pass_the_reference_tests(flag, bf16, tmp_path):
                            env=env, capture_output=True, text=True, timeout=600)
     assert probe.stdout.split() == ["True", str(bf16)], probe.stderr[-2000:]
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
-                            "match_reference or same_bits_in_any_batch or saturates or sort_experts_and_combine"], env=env, capture_output=True,
+                            "match_reference or same_bits_in_any_batch or saturates or sort_experts_and_combine or extras"], env=env, capture_output=True,
                            text=True, timeout=600)
     assert tests.returncode == 0 and " passed" in tests.stdout, tests.stdout[-3000:]
 
@@ -242,8 +342,9 @@ def test_build_is_cached(monkeypatch, tmp_path):
                                                                         (200, 8, 2, 48, 40)])
 @pytest.mark.parametrize("dtype,weights_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                  (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("gpt_oss", [False, True])
 def test_fused_moe_is_sort_experts_and_combine_in_one_call(num_tokens, num_experts, top_k, hidden, inter, dtype,
-                                                           weights_dtype):
+                                                           weights_dtype, gpt_oss):
     """native.fused_moe gives the bits of sort_pairs -> the kernel's expert FFN -> unpermute (whose float32
     combine is torch.embedding_bag's fused multiply-adds; bf16: products in the promoted dtype of row and
     top-k weight, as Mixtral (float32 weights) and OLMoE (bf16) take them, summed in float32), and matches
@@ -253,13 +354,16 @@ def test_fused_moe_is_sort_experts_and_combine_in_one_call(num_tokens, num_exper
     x = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
     ids = torch.rand(num_tokens, num_experts, generator=gen).argsort(-1)[:, :top_k].contiguous()
     weights = torch.rand(num_tokens, top_k, generator=gen).softmax(-1).to(weights_dtype)
-    fused = native.fused_moe(x, weights, ids, w13, w2)
+    extras = make_extras("both", num_experts, hidden, inter, dtype) if gpt_oss else None
+    fused = native.fused_moe(x, weights, ids, w13, w2, extras=extras)
     handle = moe.sort_pairs(ids, num_experts)
     counts = handle.counts.tolist()
     groups = [(e, first, n) for e, (first, n) in enumerate(zip([0, *itertools.accumulate(counts)], counts)) if n]
-    y_sorted = run_groups(x, groups, w13, w2, rows=handle.tokens)  # (the kernel whatever the build: bitwise)
+    y_sorted = run_groups(x, groups, w13, w2, rows=handle.tokens, extras=extras)  # (the kernel whatever the build)
     assert torch.equal(fused, moe.unpermute(y_sorted, handle, weights))
-    reference = moe.fused_moe_reference(x, weights, ids, w13, w2)  # (no roundings inside: bf16 to 1% of the largest)
+    biases = moe.ExpertBiases(extras.b13, extras.b2) if gpt_oss else None
+    activation = moe.Activation(1.5, 1.702) if gpt_oss else moe.SWIGLU
+    reference = moe.fused_moe_reference(x, weights, ids, w13, w2, biases, activation)  # (bf16: to 1% of the largest)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=1e-2 * reference.abs().max().item())
     torch.testing.assert_close(fused, reference, **tol)
 
