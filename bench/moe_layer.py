@@ -1,6 +1,6 @@
 """One MoE block, ours vs transformers', on the same weights: tokens/s, ratio, efficiency.
 
-    python bench/moe_layer.py                 # mixtral + olmoe shapes, fp32 + bf16, T in 1 16 256 2048
+    python bench/moe_layer.py                 # mixtral + olmoe (+ gpt_oss) shapes, fp32 + bf16, T in 1 16 256 2048
     python bench/moe_layer.py --quick         # smoke run: fewer sizes and repetitions
     python bench/moe_layer.py --shape olmoe --dtype bf16 --tokens 16 256
 
@@ -9,7 +9,10 @@ transformers' side is its real `MixtralSparseMoeBlock` / `OlmoeSparseMoeBlock`, 
 experts implementation (`eager`, `batched_mm`, `grouped_mm`; switched through
 `config._experts_implementation`, which the experts' forward reads on every call). Ours is
 `F.linear` (gate) -> `moeray.kernels.routing.route` -> `moeray.kernels.moe.fused_moe` on the
-block's own `gate.weight`, `experts.gate_up_proj` and `experts.down_proj`.
+block's own `gate.weight`, `experts.gate_up_proj` and `experts.down_proj`. The GPT-OSS-like shape
+(`--shape gpt_oss`, not in the default run, whose 16 rows are the issue's targets) is transformers'
+`GptOssMLP`: router with a bias, top-k then softmax, experts with biases and the clamped activation;
+ours takes its weights as moeray's loader lays them out (gate and up rows de-interleaved, [out, in]).
 
 Efficiency compares our FLOP rate with one dense matmul doing the same FLOPs,
 2*T*K*3*H*I: `torch.mm(a, b.t())` with a [T*K, H] and b [3*I, H] in the same dtype (every routed
@@ -32,11 +35,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import MixtralConfig, OlmoeConfig
+from transformers import GptOssConfig, MixtralConfig, OlmoeConfig
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
-from moeray.kernels.moe import fused_moe, fused_moe_reference
+from moeray.kernels.moe import SWIGLU, Activation, ExpertBiases, fused_moe, fused_moe_reference
 from moeray.kernels.routing import RoutingConfig, route
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
@@ -56,6 +60,10 @@ class Shape:
     weights_in_model_dtype: bool  # the router rounds top-k weights to the model dtype (OLMoE), as `MoEBlock` does
 
     def block(self) -> torch.nn.Module:
+        if self.name == "gpt_oss":
+            config = GptOssConfig(hidden_size=self.hidden, intermediate_size=self.inter, num_local_experts=self.num_experts,
+                                  num_experts_per_tok=self.top_k)
+            return GptOssMLP(config)
         if self.name == "mixtral":
             config = MixtralConfig(hidden_size=self.hidden, intermediate_size=self.inter,
                                    num_local_experts=self.num_experts, num_experts_per_tok=self.top_k)
@@ -73,7 +81,35 @@ SHAPES = {
                      weights_in_model_dtype=False),
     "olmoe": Shape("olmoe", num_experts=64, top_k=8, hidden=1024, inter=512, renormalize=False,
                    weights_in_model_dtype=True),
+    "gpt_oss": Shape("gpt_oss", num_experts=32, top_k=4, hidden=1024, inter=1024, renormalize=False,
+                     weights_in_model_dtype=True),  # GPT-OSS-20B: E=32, K=4, H=I=2880
 }
+DEFAULT_SHAPES = ("mixtral", "olmoe")
+
+
+@dataclass(frozen=True)
+class Ours:
+    """A block's weights as moeray's MoE layer holds them."""
+
+    gate: torch.Tensor  # [E, H]
+    gate_bias: torch.Tensor | None  # [E]
+    routing: RoutingConfig
+    w13: torch.Tensor  # [E, 2I, H]: gate rows, then up rows
+    w2: torch.Tensor  # [E, H, I]
+    biases: ExpertBiases | None
+    activation: Activation
+
+
+def ours_weights(block: torch.nn.Module, shape: Shape) -> Ours:
+    if shape.name != "gpt_oss":
+        routing = RoutingConfig("softmax_topk", top_k=shape.top_k, renormalize=shape.renormalize)
+        return Ours(block.gate.weight, None, routing, block.experts.gate_up_proj, block.experts.down_proj, None, SWIGLU)
+    experts = block.experts  # gate_up_proj [E, H, 2I] and its bias [E, 2I], gate and up interleaved; down_proj [E, I, H]
+    order = torch.cat([torch.arange(0, 2 * shape.inter, 2), torch.arange(1, 2 * shape.inter, 2)])  # gate, then up
+    w13 = experts.gate_up_proj[..., order].transpose(1, 2).contiguous()
+    biases = ExpertBiases(experts.gate_up_proj_bias[:, order].contiguous(), experts.down_proj_bias)
+    return Ours(block.router.weight, block.router.bias, RoutingConfig("topk_softmax", top_k=shape.top_k), w13,
+                experts.down_proj.transpose(1, 2).contiguous(), biases, Activation(experts.limit, experts.alpha))
 
 
 def make_block(shape: Shape, dtype: torch.dtype) -> torch.nn.Module:
@@ -81,21 +117,27 @@ def make_block(shape: Shape, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(0)
     block = shape.block()
     with torch.no_grad():
-        block.gate.weight.normal_(0, shape.hidden**-0.5)
+        (block.router if shape.name == "gpt_oss" else block.gate).weight.normal_(0, shape.hidden**-0.5)
         block.experts.gate_up_proj.normal_(0, shape.hidden**-0.5)
         block.experts.down_proj.normal_(0, shape.inter**-0.5)
+        if shape.name == "gpt_oss":  # biases of the outputs' size
+            for bias in (block.router.bias, block.experts.gate_up_proj_bias, block.experts.down_proj_bias):
+                bias.normal_(0, 0.5)
     return block.to(dtype).eval()
 
 
+def route_tokens(x: torch.Tensor, ours: Ours, shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] -> topk_weights [T, K] (float32, or the model dtype as the block's router gives them), topk_ids."""
+    topk_weights, topk_ids = route(F.linear(x, ours.gate, ours.gate_bias), ours.routing)
+    return (topk_weights.to(x.dtype) if shape.weights_in_model_dtype else topk_weights), topk_ids
+
+
 def ours_fn(block: torch.nn.Module, shape: Shape) -> Callable[[torch.Tensor], torch.Tensor]:
-    gate, w13, w2 = block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj
-    routing = RoutingConfig("softmax_topk", top_k=shape.top_k, renormalize=shape.renormalize)
+    ours = ours_weights(block, shape)
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        topk_weights, topk_ids = route(F.linear(x, gate), routing)  # [T, K] float32, [T, K]
-        if shape.weights_in_model_dtype:
-            topk_weights = topk_weights.to(x.dtype)
-        return fused_moe(x, topk_weights, topk_ids, w13, w2)
+        topk_weights, topk_ids = route_tokens(x, ours, shape)
+        return fused_moe(x, topk_weights, topk_ids, ours.w13, ours.w2, ours.biases, ours.activation)
 
     return forward
 
@@ -103,7 +145,8 @@ def ours_fn(block: torch.nn.Module, shape: Shape) -> Callable[[torch.Tensor], to
 def hf_fn(block: torch.nn.Module, impl: str) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         block.experts.config._experts_implementation = impl
-        return block(x.unsqueeze(0)).squeeze(0)
+        out = block(x.unsqueeze(0))
+        return (out[0] if isinstance(out, tuple) else out).squeeze(0)  # (GPT-OSS's also returns the router's scores)
 
     return forward
 
@@ -182,14 +225,12 @@ def run_case(shape: Shape, dtype: torch.dtype, token_counts: list[int], args) ->
         rel = max(check(out, fn(x), f"{shape.name} {dtype} T={num_tokens} {name}")
                   for name, fn in fns.items() if name.startswith("hf:"))
         few = min(num_tokens, 2)  # the loop-per-token reference of the kernel, on a few tokens
-        topk_weights, topk_ids = route(F.linear(x[:few], block.gate.weight),
-                                       RoutingConfig("softmax_topk", shape.top_k, shape.renormalize))
-        if shape.weights_in_model_dtype:
-            topk_weights = topk_weights.to(dtype)
-        kernel_ref = fused_moe_reference(x[:few], topk_weights, topk_ids,
-                                         block.experts.gate_up_proj, block.experts.down_proj)
+        weights = ours_weights(block, shape)
+        topk_weights, topk_ids = route_tokens(x[:few], weights, shape)
+        kernel_ref = fused_moe_reference(x[:few], topk_weights, topk_ids, weights.w13, weights.w2, weights.biases,
+                                         weights.activation)
         rel_ref = check(out[:few], kernel_ref, f"{shape.name} {dtype} T={num_tokens} reference")
-        _, all_ids = route(F.linear(x, block.gate.weight), RoutingConfig("softmax_topk", shape.top_k, shape.renormalize))
+        _, all_ids = route_tokens(x, weights, shape)
         weight_bytes = expert_bytes(shape, all_ids, x.element_size())
         del ref, out
 
@@ -225,7 +266,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: T in 1 64, fewer repetitions")
     parser.add_argument("--dtype", choices=[*DTYPES, "all"], default="all")
-    parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
+    parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all",
+                        help=f"all: {', '.join(DEFAULT_SHAPES)} (the issue's targets)")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts T (default 1 16 256 2048)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     args = parser.parse_args()
@@ -233,7 +275,7 @@ def main() -> None:
     token_counts = args.tokens or ([1, 64] if args.quick else [1, 16, 256, 2048])
     torch.set_num_threads(args.threads)
 
-    shapes = list(SHAPES.values()) if args.shape == "all" else [SHAPES[args.shape]]
+    shapes = [SHAPES[name] for name in DEFAULT_SHAPES] if args.shape == "all" else [SHAPES[args.shape]]
     dtypes = list(DTYPES.values()) if args.dtype == "all" else [DTYPES[args.dtype]]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
