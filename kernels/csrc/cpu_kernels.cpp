@@ -7,7 +7,8 @@
 // is null). For each row of each group:
 //   act[j] = silu(w13[e, :I] @ x) * (w13[e, I:] @ x)    [I]
 //   out[j] = w2[e] @ act[j]                              [H]
-// with w13 [E, 2I, H] and w2 [E, H, I] as checkpoints store them ([out, in], row-major).
+// with w13 [E, 2I, H] and w2 [E, H, I] as checkpoints store them ([out, in], row-major); GPT-OSS's
+// experts add biases to both projections and clamp the activation (`Extras`).
 //
 // Why not torch's matmuls: with a few rows per expert, MKL (F.linear, F.grouped_mm) spends its time
 // packing the weight or reading it at a fraction of the memory bandwidth. Here (`run_small`) every
