@@ -16,7 +16,7 @@ Worked example: T=2, K=2, topk_ids = [[3, 0], [0, 1]]
 Weights are fused the way transformers 5 keeps them in memory: `w13 [E, 2I, H]` (gate rows,
 then up rows) and `w2 [E, H, I]`. GPT-OSS's experts add biases (`ExpertBiases`: b13 [E, 2I] and
 b2 [E, H]) and a clamped gated activation (`Activation`); the native kernel takes them too
-(`native.Extras`) where it takes every expert (float32; bf16 where `native.bf16_panels`), the torch
+(`native.expert_ffn`'s biases, limit, alpha) where it takes every expert (float32; bf16 where `native.bf16_panels`), the torch
 paths (`_expert_ffn_general`) elsewhere.
 
 Numerics (what tests hold us to): every matmul accumulates in float32 and its output is rounded
@@ -200,13 +200,9 @@ def expert_ffn(x_sorted: Tensor, counts: list[int], w13: Tensor, w2: Tensor,
     (float32, bf16 where `native.bf16_panels`), else are one pair of matmuls each, biases added.
     """
     starts = [0, *itertools.accumulate(counts)][:-1]
-    if biases is not None or activation != SWIGLU:
-        if native.supports(x_sorted, w13, w2) and _native_max_rows(w13) == sys.maxsize:
-            groups = torch.tensor([(e, start, n) for e, (start, n) in enumerate(zip(starts, counts)) if n])
-            out = torch.empty_like(x_sorted)
-            return native.expert_ffn(x_sorted, groups.view(-1, 3), w13, w2, out, extras=_extras(biases, activation))
-        return _expert_ffn_general(x_sorted, starts, counts, w13, w2, biases, activation)
     most_native = _native_max_rows(w13) if native.supports(x_sorted, w13, w2) else 0
+    if (biases is not None or activation != SWIGLU) and most_native < sys.maxsize:  # (all on the kernel, or none)
+        return _expert_ffn_general(x_sorted, starts, counts, w13, w2, biases, activation)
     small = [(e, start, count) for e, (start, count) in enumerate(zip(starts, counts)) if 0 < count <= most_native]
     upcast = _needs_float32_matmul(w13.dtype, w13.device.type)
     if not small and not upcast and _has_grouped_mm(w13.device.type):  # the same per-expert matmuls, looped in C++
@@ -215,7 +211,8 @@ def expert_ffn(x_sorted: Tensor, counts: list[int], w13: Tensor, w2: Tensor,
         return F.grouped_mm(F.silu(gate).mul_(up), w2.transpose(1, 2), offs=offsets)  # [N, H]
     out = torch.empty_like(x_sorted)
     if small:
-        native.expert_ffn(x_sorted, torch.tensor(small), w13, w2, out)
+        native.expert_ffn(x_sorted, torch.tensor(small), w13, w2, out, biases=biases, limit=activation.limit,
+                          alpha=activation.alpha)
     buffer = None  # float32 copies of a few weight rows at a time, see _mm_float32
     for expert, (start, count) in enumerate(zip(starts, counts)):
         if count <= most_native:  # done above, or no rows
@@ -297,8 +294,8 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     """
     num_tokens, top_k = topk_ids.shape
     if _native_block(x, topk_weights) and native.supports(x, w13, w2):  # one native call
-        return native.fused_moe(x, topk_weights.contiguous(), topk_ids.contiguous(), w13, w2,
-                                extras=_extras(biases, activation))
+        return native.fused_moe(x, topk_weights.contiguous(), topk_ids.contiguous(), w13, w2, biases=biases,
+                                limit=activation.limit, alpha=activation.alpha)
     plain = biases is None and activation == SWIGLU
     if plain and num_tokens == 1:
         return _fused_moe_one_token(x, topk_weights, topk_ids, w13, w2)
@@ -360,14 +357,6 @@ def _fused_moe_one_token(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13:
             rows.append(F.linear(F.silu(gate).mul_(up), w2[expert]))  # [1, H]
         y = torch.cat(rows)  # [K, H] top-k order
     return combine(y, _range(top_k, 1, x.device).view(1, top_k), topk_weights)
-
-
-def _extras(biases: ExpertBiases | None, activation: Activation) -> native.Extras | None:
-    """What the kernel adds to plain SwiGLU for these experts (None: nothing)."""
-    if biases is None and activation == SWIGLU:
-        return None
-    return native.Extras(biases.b13 if biases is not None else None, biases.b2 if biases is not None else None,
-                         activation.limit, activation.alpha)
 
 
 def _native_block(x: Tensor, topk_weights: Tensor) -> bool:

@@ -39,12 +39,15 @@ import platform
 import shlex
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # (kernels.moe imports this module)
+    from moeray.kernels.moe import ExpertBiases
 
 logger = logging.getLogger(__name__)
 
@@ -143,25 +146,28 @@ def _build_has_bf16_panels() -> bool:
 
 
 def expert_ffn(x: Tensor, groups: Tensor, w13: Tensor, w2: Tensor, out: Tensor, rows: Tensor | None = None,
-               panel_rows: int = PANEL_ROWS, extras: Extras | None = None) -> Tensor:
+               panel_rows: int = PANEL_ROWS, biases: ExpertBiases | None = None, limit: float | None = None,
+               alpha: float = 1.0) -> Tensor:
     """Grouped SwiGLU on the native kernel (check `supports` first), written into `out`.
 
     x [M, H]; groups [G, 3] int64: (expert, first sorted row, number of rows) of each group, any
     order, experts may repeat; rows [N] int64: the row of x of each sorted row (None: x is sorted);
     w13 [E, 2I, H]; w2 [E, H, I]; out [N, H], x's dtype: the groups' rows are written, nothing else.
     Groups with at least `panel_rows` rows are multiplied as GEMMs (see PANEL_ROWS): float32 always,
-    bf16 where `bf16_panels` and H and I are even. `extras`: GPT-OSS's biases and clamped activation.
+    bf16 where `bf16_panels` and H and I are even. GPT-OSS's experts: `biases` (kernels.moe.ExpertBiases,
+    x's dtype; either may be None), each added to its matmul's rounded output, and `limit` (None: plain
+    SwiGLU) and `alpha` of the clamped activation (kernels.moe.Activation).
     """
     num_rows, hidden, inter = out.shape[0], x.shape[1], w2.shape[2]
     if groups.numel() == 0:
         return out
     _check_raw(x, (w13, w2, out), (groups, rows))
-    b13, b2, limit, alpha = _extras_args(extras, x, w13)
+    b13, b2 = _bias_pointers(biases, x, w13, limit)
     widened = hidden if x.dtype != torch.float32 else 0  # bf16: the rows of x widened to float32
     scratch = torch.empty(num_rows * (inter + widened), dtype=torch.float32)
     status = library().moeray_expert_ffn(
         DTYPES[x.dtype], groups.shape[0], groups.data_ptr(), num_rows, None if rows is None else rows.data_ptr(),
-        x.data_ptr(), x.shape[0], w13.data_ptr(), w2.data_ptr(), w13.shape[0], hidden, inter, b13, b2, limit, alpha,
+        x.data_ptr(), x.shape[0], w13.data_ptr(), w2.data_ptr(), w13.shape[0], hidden, inter, b13, b2, limit or 0.0, alpha,
         scratch.data_ptr(), out.data_ptr(), panel_rows, torch.get_num_threads())
     if status == 2:
         raise ValueError(f"expert groups out of bounds (experts 0..{w13.shape[0] - 1}, {num_rows} output rows, "
@@ -172,11 +178,12 @@ def expert_ffn(x: Tensor, groups: Tensor, w13: Tensor, w2: Tensor, out: Tensor, 
 
 
 def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2: Tensor,
-              panel_rows: int = PANEL_ROWS, extras: Extras | None = None) -> Tensor:
+              panel_rows: int = PANEL_ROWS, biases: ExpertBiases | None = None, limit: float | None = None,
+              alpha: float = 1.0) -> Tensor:
     """x [T, H], topk_weights [T, K], int64 topk_ids [T, K], w13 [E, 2I, H], w2 [E, H, I] -> [T, H]:
     sort, experts and the top-k sum in one call (check `supports`), the bits of kernels.moe's
     sort_pairs -> expert_ffn -> unpermute on the kernel. x float32 with float32 top-k weights, or bf16
-    with float32 (Mixtral) or bf16 (Qwen-MoE, OLMoE) ones. `extras` as in `expert_ffn`."""
+    with float32 (Mixtral) or bf16 (Qwen-MoE, OLMoE) ones. `biases`, `limit` and `alpha` as in `expert_ffn`."""
     if (x.dtype, topk_weights.dtype) not in _FUSED_DTYPES or topk_ids.dtype != torch.int64:
         raise TypeError(f"fused_moe takes float32 x with float32 topk_weights, or bf16 x with float32 or bf16 "
                         f"topk_weights, and int64 topk_ids, not {x.dtype}, {topk_weights.dtype}, {topk_ids.dtype}")
@@ -184,12 +191,12 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     if not topk_weights.is_contiguous() or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"topk_weights must be contiguous and of topk_ids' shape {tuple(topk_ids.shape)}, "
                          f"not {tuple(topk_weights.shape)}")
-    b13, b2, limit, alpha = _extras_args(extras, x, w13)
+    b13, b2 = _bias_pointers(biases, x, w13, limit)
     out = torch.empty_like(x)  # [T, H]
     status = library().moeray_fused_moe(
         DTYPES[x.dtype], DTYPES[topk_weights.dtype], topk_ids.shape[0], topk_ids.shape[1], topk_ids.data_ptr(),
         topk_weights.data_ptr(), x.data_ptr(), w13.data_ptr(), w2.data_ptr(), w13.shape[0], x.shape[1], w2.shape[2],
-        b13, b2, limit, alpha, out.data_ptr(), panel_rows, torch.get_num_threads())
+        b13, b2, limit or 0.0, alpha, out.data_ptr(), panel_rows, torch.get_num_threads())
     if status == 2:
         raise ValueError(f"topk_ids out of range 0..{w13.shape[0] - 1}: {topk_ids.min().item()}..{topk_ids.max().item()}")
     if status:
@@ -197,35 +204,24 @@ def fused_moe(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, w13: Tensor, w2
     return out
 
 
-@dataclass(frozen=True)
-class Extras:
-    """What GPT-OSS's experts add to plain SwiGLU (kernels.moe's ExpertBiases and Activation, as the kernel
-    takes them): biases b13 [E, 2I] (gate rows, then up rows) and b2 [E, H] in x's dtype, or None; and
-    `limit` (None: plain SwiGLU) and `alpha` of the clamped activation."""
-
-    b13: Tensor | None = None
-    b2: Tensor | None = None
-    limit: float | None = None
-    alpha: float = 1.0
-
-
-def _extras_args(extras: Extras | None, x: Tensor, w13: Tensor) -> tuple:
-    """(b13, b2, limit, alpha) as the kernel takes them, the biases checked against x and w13 [E, 2I, H]."""
-    if extras is None:
-        return None, None, 0.0, 1.0
+def _bias_pointers(biases: ExpertBiases | None, x: Tensor, w13: Tensor, limit: float | None) -> tuple:
+    """(b13, b2) as the kernel takes them, checked against x and w13 [E, 2I, H]; and the limit checked."""
+    if limit is not None and not limit > 0:
+        raise ValueError(f"the clamped activation's limit must be > 0, not {limit}")
+    if biases is None:
+        return None, None
     num_experts, two_inter, hidden = w13.shape
     expected = {"b13": (num_experts, two_inter), "b2": (num_experts, hidden)}
-    for name, bias in (("b13", extras.b13), ("b2", extras.b2)):
-        if bias is None:
-            continue
-        _check_raw(x, (bias,), ())
-        if tuple(bias.shape) != expected[name]:
-            raise ValueError(f"expert bias {name} must be {expected[name]} for w13 {tuple(w13.shape)}, "
-                             f"not {tuple(bias.shape)}")
-    if extras.limit is not None and not extras.limit > 0:
-        raise ValueError(f"the clamped activation's limit must be > 0, not {extras.limit}")
-    return (None if extras.b13 is None else extras.b13.data_ptr(), None if extras.b2 is None else extras.b2.data_ptr(),
-            float(extras.limit or 0.0), float(extras.alpha))
+    pointers = []
+    for name in ("b13", "b2"):
+        bias = getattr(biases, name)
+        if bias is not None:
+            _check_raw(x, (bias,), ())
+            if tuple(bias.shape) != expected[name]:
+                raise ValueError(f"expert bias {name} must be {expected[name]} for w13 {tuple(w13.shape)}, "
+                                 f"not {tuple(bias.shape)}")
+        pointers.append(None if bias is None else bias.data_ptr())
+    return tuple(pointers)
 
 
 _FUSED_DTYPES = {(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)}

@@ -37,17 +37,21 @@ def make(num_experts, hidden, inter, dtype, seed=0):
 
 
 def run_groups(x, groups, w13, w2, rows=None, panel_rows=native.PANEL_ROWS, extras=None):
+    """extras: GPT-OSS's (biases, activation), see `make_extras`."""
     num_rows = max(first + count for _, first, count in groups)
     out = torch.full((num_rows, x.shape[1]), float("nan"), dtype=x.dtype)
-    return native.expert_ffn(x, torch.tensor(groups), w13, w2, out, rows, panel_rows, extras)
+    biases, activation = extras or (None, moe.SWIGLU)
+    return native.expert_ffn(x, torch.tensor(groups), w13, w2, out, rows, panel_rows, biases, activation.limit,
+                             activation.alpha)
 
 
 def make_extras(kind, num_experts, hidden, inter, dtype, seed=5):
-    """GPT-OSS-like extras: biases of the outputs' size, and a limit that clamps part of gate and up."""
+    """GPT-OSS-like (biases, activation): biases of the outputs' size, and a limit that clamps part of
+    gate and up."""
     gen = torch.Generator().manual_seed(seed)
-    b13 = torch.randn(num_experts, 2 * inter, generator=gen).to(dtype) if kind != "clamp" else None
-    b2 = torch.randn(num_experts, hidden, generator=gen).to(dtype) if kind != "clamp" else None
-    return native.Extras(b13, b2, *((None, 1.0) if kind == "biases" else (1.5, 1.702)))
+    biases = None if kind == "clamp" else moe.ExpertBiases(torch.randn(num_experts, 2 * inter, generator=gen).to(dtype),
+                                                           torch.randn(num_experts, hidden, generator=gen).to(dtype))
+    return biases, moe.SWIGLU if kind == "biases" else moe.Activation(1.5, 1.702)
 
 
 def extras_reference(x, w13, w2, expert, extras, bf16_roundings=False):
@@ -57,12 +61,12 @@ def extras_reference(x, w13, w2, expert, extras, bf16_roundings=False):
     matmul = (lambda a, b: (a.double() @ b.double().t()).to(torch.bfloat16)) if bf16_roundings else \
         (lambda a, b: a.double() @ b.double().t())
     cast = (lambda t: t) if bf16_roundings else (lambda t: t.double())
+    biases, activation = extras
     gate_up = matmul(x, w13[expert])
-    if extras.b13 is not None:
-        gate_up = gate_up + cast(extras.b13[expert])
-    act = moe.Activation(extras.limit, extras.alpha)(gate_up[:, :inter], gate_up[:, inter:])
-    y = matmul(act, w2[expert])
-    return (y + cast(extras.b2[expert]) if extras.b2 is not None else y).double()
+    if biases is not None:
+        gate_up = gate_up + cast(biases.b13[expert])
+    y = matmul(activation(gate_up[:, :inter], gate_up[:, inter:]), w2[expert])
+    return (y + cast(biases.b2[expert]) if biases is not None else y).double()
 
 
 # sizes with and without tails: H, I multiples of 16, of 8 only, and odd; (200, 130): whole work items of
@@ -127,8 +131,7 @@ def test_gpt_oss_experts_take_the_kernel_where_every_expert_does(monkeypatch):
     the one-call block) where every expert of the dtype goes there (float32; bf16 with `bf16_panels`), and
     to torch's matmuls (`_expert_ffn_general`) elsewhere; the two agree."""
     w13, w2 = make(6, 48, 40, torch.float32, seed=6)
-    extras = make_extras("both", 6, 48, 40, torch.float32)
-    biases, activation = moe.ExpertBiases(extras.b13, extras.b2), moe.Activation(1.5, 1.702)
+    biases, activation = make_extras("both", 6, 48, 40, torch.float32)
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(20, 48, generator=gen)
     ids = torch.rand(20, 6, generator=gen).argsort(-1)[:, :3].contiguous()
@@ -149,7 +152,7 @@ def test_gpt_oss_experts_take_the_kernel_where_every_expert_does(monkeypatch):
     def bf(t):
         return t.bfloat16()
 
-    bf_biases = moe.ExpertBiases(bf(extras.b13), bf(extras.b2))
+    bf_biases = moe.ExpertBiases(bf(biases.b13), bf(biases.b2))
     for panels in (False, True):
         calls.clear()
         monkeypatch.setattr(native, "bf16_panels", lambda: panels)
@@ -161,13 +164,14 @@ def test_gpt_oss_experts_take_the_kernel_where_every_expert_does(monkeypatch):
 def test_gpt_oss_extras_are_checked():
     w13, w2 = make(4, 32, 16, torch.float32)
     x, out, groups = torch.randn(3, 32), torch.empty(3, 32), torch.tensor([[0, 0, 3]])
-    bad = [(native.Extras(torch.zeros(4, 16), None), ValueError, r"expert bias b13 must be \(4, 32\) for w13 \(4, 32, 32\), not \(4, 16\)"),
-           (native.Extras(None, torch.zeros(3, 32)), ValueError, r"expert bias b2 must be \(4, 32\) .* not \(3, 32\)"),
-           (native.Extras(None, torch.zeros(4, 32, dtype=torch.bfloat16)), TypeError, "one dtype"),
-           (native.Extras(limit=0.0), ValueError, "limit must be > 0, not 0.0")]
-    for extras, error, message in bad:
+    b13, b2 = torch.zeros(4, 32), torch.zeros(4, 32)
+    bad = [(moe.ExpertBiases(torch.zeros(4, 16), b2), None, ValueError, r"expert bias b13 must be \(4, 32\) for w13 \(4, 32, 32\), not \(4, 16\)"),
+           (moe.ExpertBiases(b13, torch.zeros(3, 32)), None, ValueError, r"expert bias b2 must be \(4, 32\) .* not \(3, 32\)"),
+           (moe.ExpertBiases(b13, b2.bfloat16()), None, TypeError, "one dtype"),
+           (None, 0.0, ValueError, "limit must be > 0, not 0.0")]
+    for biases, limit, error, message in bad:
         with pytest.raises(error, match=message):
-            native.expert_ffn(x, groups, w13, w2, out, extras=extras)
+            native.expert_ffn(x, groups, w13, w2, out, biases=biases, limit=limit)
 
 
 @pytest.mark.parametrize("dtype,panel_rows", [(torch.float32, 1 << 30), (torch.float32, 1), (torch.bfloat16, 1 << 30),
@@ -355,14 +359,13 @@ def test_fused_moe_is_sort_experts_and_combine_in_one_call(num_tokens, num_exper
     ids = torch.rand(num_tokens, num_experts, generator=gen).argsort(-1)[:, :top_k].contiguous()
     weights = torch.rand(num_tokens, top_k, generator=gen).softmax(-1).to(weights_dtype)
     extras = make_extras("both", num_experts, hidden, inter, dtype) if gpt_oss else None
-    fused = native.fused_moe(x, weights, ids, w13, w2, extras=extras)
+    biases, activation = extras or (None, moe.SWIGLU)
+    fused = native.fused_moe(x, weights, ids, w13, w2, biases=biases, limit=activation.limit, alpha=activation.alpha)
     handle = moe.sort_pairs(ids, num_experts)
     counts = handle.counts.tolist()
     groups = [(e, first, n) for e, (first, n) in enumerate(zip([0, *itertools.accumulate(counts)], counts)) if n]
     y_sorted = run_groups(x, groups, w13, w2, rows=handle.tokens, extras=extras)  # (the kernel whatever the build)
     assert torch.equal(fused, moe.unpermute(y_sorted, handle, weights))
-    biases = moe.ExpertBiases(extras.b13, extras.b2) if gpt_oss else None
-    activation = moe.Activation(1.5, 1.702) if gpt_oss else moe.SWIGLU
     reference = moe.fused_moe_reference(x, weights, ids, w13, w2, biases, activation)  # (bf16: to 1% of the largest)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=1e-2 * reference.abs().max().item())
     torch.testing.assert_close(fused, reference, **tol)
