@@ -361,16 +361,18 @@ inline void logits_tile(const W* w, int64_t K, const float* panels, int64_t p0, 
 // and rows of 4 KiB (K = 1024) share L1 sets, so a tile keeps its weight rows fewer than the ways of a set.
 // 8 lanes (16 registers): 12 accumulators, 6 x 2 panels, 8 x 1 for a lone panel; measured with one thread,
 // data in cache, on AMD Zen 2 (8-way L1): 6 x 2 100-106 GFLOP/s at K = 512-2048, 8 x 1 76-80, 4 x 3 78, 12
-// rows at K >= 1024 2.5x slower. 16 lanes (32 registers): 24 accumulators, 6 x 4, 12 x 2, 8 x 1; on AMD
-// Zen 5 (12-way L1), whole expert FFNs, 2 threads: Mixtral-like T=2048 433 GFLOP/s (8-lane tiles 230, 90%
-// of the 2 x 240 peak), OLMoE-like T=256 252 (161); 8 x 2 instead of 12 x 2 238, 4 x 4 2x slower. 8 x 3
-// takes what would be a lone panel after tiles of 4 (`panel_tiles`): experts of 33-48 rows (OLMoE-like
-// T=256 has about half of them), 65-80 or 81-96: bf16 OLMoE-like T=256 465-501 -> 512-535 GFLOP/s,
-// Mixtral-like T=128 520-557 -> 568-602; float32 OLMoE-like T=256 243 -> 279.
+// rows at K >= 1024 2.5x slower. 16 lanes (32 registers): 24 accumulators, 6 x 4, 8 x 3, then 16 for 8 x 2
+// and 8 x 1; on AMD Zen 5 (12-way L1), whole expert FFNs, 2 threads: Mixtral-like T=2048 433 GFLOP/s (8-lane
+// tiles 230, 90% of the 2 x 240 peak), 4 x 4 2x slower. 8 x 3 takes what would be a lone panel after tiles of
+// 4 (`panel_tiles`): experts of 33-48 rows (OLMoE-like T=256 has about half of them), 65-80 or 81-96: bf16
+// OLMoE-like T=256 465-501 -> 512-535 GFLOP/s, Mixtral-like T=128 520-557 -> 568-602; float32 OLMoE-like
+// T=256 243 -> 279. Two panels take 8 rows, not 12: with the next tile's rows prefetched (`panel_dots`), 12
+// rows of 2 KiB (bf16, K = 1024) and the 12 after them are 12 lines a set, as many as its ways: bf16
+// OLMoE-like T=256 540 -> 564 GFLOP/s, float32 288 -> 311 (12 x 2 had been 252 vs 238 before prefetching).
 #if defined(__AVX512F__)
 constexpr int PANELS = 4;
 template <int V>
-constexpr int tile_rows() { return V == 4 ? 6 : V == 3 ? 8 : V == 2 ? 12 : 8; }
+constexpr int tile_rows() { return V == 4 ? 6 : 8; }
 #else
 constexpr int PANELS = 2;
 template <int V>
@@ -613,10 +615,18 @@ inline void swiglu_rows(const W* w13, int64_t H, int64_t I, int64_t i0, int64_t 
 // Consecutive groups are taken PANEL_CHUNK_BYTES of panels at a time, so that the panels stay in cache
 // between the phases. Phases are split over the threads by (group, panel or block of weight rows).
 constexpr int64_t PANEL_CHUNK_BYTES = 8 << 20;
-// Weight rows of a work item: at most ITEM_BYTES of them, so that they and the two panels a tile reads
-// stay in L2 (512 KiB on Zen 2) while every panel of the group passes; 24 or 48 rows, whole tiles of 6 or 8.
-constexpr int64_t ITEM_BYTES = 192 << 10;
-inline int64_t item_rows(int64_t row_bytes) { return std::clamp<int64_t>(ITEM_BYTES / row_bytes / 24 * 24, 24, 48); }
+// Weight rows of a work item, in whole tiles (a multiple of 24 rows: of 6 and 8, and halved, of 3 and 4).
+// A group of more than one tile of panels reads its item's rows once a tile of panels: ITEM_BYTES of them,
+// which stay in L2 (1 MiB on Zen 5) while every panel passes. A group of one tile of panels reads them once:
+// ONE_TILE_BYTES, larger, since each item starts its weight stream cold (the prefetch of `panel_dots` runs
+// one tile ahead within an item; the next item may be another thread's). Zen 5, 2 threads, against 48-row
+// items: bf16 OLMoE-like T=256 571 -> 678 GFLOP/s, Mixtral-like T=128 590 -> 661, T=256 755 -> 782, T=2048
+// 843 -> 847; float32 OLMoE-like T=256 317 -> 345.
+constexpr int64_t ITEM_BYTES = 384 << 10, ONE_TILE_BYTES = 1 << 20;
+inline int64_t item_rows(int64_t row_bytes, int64_t group_rows) {
+  const int64_t bytes = (group_rows + PW - 1) / PW <= PANELS ? ONE_TILE_BYTES : ITEM_BYTES;
+  return std::max<int64_t>(bytes / row_bytes / 24 * 24, 24);
+}
 
 // Work items (g, first, count) for rows 0 .. n - 1 of group g, `size` rows each; in the phase's last group
 // the last `num_threads` items are cut into tiles of `tile` rows, so that the threads finish the phase
@@ -649,8 +659,8 @@ void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const W
     std::vector<int64_t> pack, act, down;
     for (int64_t g = g0; g < g1; ++g) {
       for (int64_t p = 0; p < (groups[3 * g + 2] + PW - 1) / PW; ++p) pack.insert(pack.end(), {g, p});
-      blocks(g, I, item_rows(H * sizeof(W)) / 2, tile_rows<PANELS>() / 2, num_threads, g == g1 - 1, act);
-      blocks(g, H, item_rows(I * sizeof(W)), tile_rows<PANELS>(), num_threads, g == g1 - 1, down);
+      blocks(g, I, item_rows(H * sizeof(W), groups[3 * g + 2]) / 2, tile_rows<PANELS>() / 2, num_threads, g == g1 - 1, act);
+      blocks(g, H, item_rows(I * sizeof(W), groups[3 * g + 2]), tile_rows<PANELS>(), num_threads, g == g1 - 1, down);
     }
     auto x_panels = [&](int64_t g) { return base + offsets[g - g0]; };
     auto act_panels = [&](int64_t g) { return x_panels(g) + (groups[3 * g + 2] + PW - 1) / PW * PW * Hw; };
@@ -689,48 +699,78 @@ void run_panels(const std::vector<int64_t>& groups, const int64_t* rows, const W
 }
 
 #if defined(__AVX512BF16__)
-// out[t][r] = dot(w + r * ldw, x[t]) over n bf16s, for count (<= 8) weight rows and `rows` rows of x, on
+// out[t][r] = dot(w + r * ldw, x[t]) over n bf16s, for R weight rows and T rows of x in one pass, on
 // vdpbf16ps: 32 elements an instruction into 16 float32 lanes (a tail of fewer as zeros), the lanes then
-// added by _mm512_reduce_add_ps. The block of weight rows stays in L1 while every row of x passes.
-// `prefetch` (the first pass over the block): the next block of 8 weight rows is prefetched into L1 as
-// this one is read (see `panel_dots`; OLMoE-like T=64 bf16 expert FFN 158 -> 174 GFLOP/s, T=16 75 -> 82).
-template <int T>
-inline void dot_pairs_rows(const bf16* w, int64_t ldw, int64_t count, const bf16* const* x, int64_t n, float (*out)[8],
-                           bool prefetch) {
+// added by _mm512_reduce_add_ps. R and T are constants, so that the loop keeps its accumulators and
+// addresses in registers (with the count of rows at run time it kept row pointers on the stack and tested
+// every row: 10% slower at Mixtral-like T=16).
+// `prefetch` (the first pass over the rows): the same rows of the next block of 8 weight rows are
+// prefetched into L1 as these are read (see `panel_dots`; OLMoE-like T=64 bf16 expert FFN 158 -> 174
+// GFLOP/s, T=16 75 -> 82).
+template <int T, int R>
+inline void dot_pairs_tile(const bf16* w, int64_t ldw, const bf16* const* x, int64_t n, float (*out)[8], bool prefetch) {
   const __mmask32 tail = n % 32 ? (1u << (n % 32)) - 1 : 0;
-  __m512 acc[T][8];
+  const bf16* xs[T];
+  for (int t = 0; t < T; ++t) xs[t] = x[t];
+  __m512 acc[T][R];
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < 8; ++r) acc[t][r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= n; k += 32) {
     __m512bh xv[T];
-    for (int t = 0; t < T; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(x[t] + k);
+    for (int t = 0; t < T; ++t) xv[t] = (__m512bh)_mm512_loadu_si512(xs[t] + k);
     if (prefetch)
-      for (int r = 8; r < 16; ++r) __builtin_prefetch(w + r * ldw + k, 0, 3);
-    for (int r = 0; r < 8; ++r)
-      if (r < count) {
-        const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * ldw + k);
-        for (int t = 0; t < T; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv, xv[t]);
-      }
+      for (int r = 0; r < R; ++r) __builtin_prefetch(w + (8 + r) * ldw + k, 0, 3);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + r * ldw + k);
+      for (int t = 0; t < T; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv, xv[t]);
+    }
   }
   if (tail) {
     __m512bh xv[T];
-    for (int t = 0; t < T; ++t) xv[t] = (__m512bh)_mm512_maskz_loadu_epi16(tail, x[t] + k);
-    for (int r = 0; r < 8; ++r)
-      if (r < count) {
-        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + r * ldw + k);
-        for (int t = 0; t < T; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv, xv[t]);
-      }
+    for (int t = 0; t < T; ++t) xv[t] = (__m512bh)_mm512_maskz_loadu_epi16(tail, xs[t] + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + r * ldw + k);
+      for (int t = 0; t < T; ++t) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv, xv[t]);
+    }
   }
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < count; ++r) out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
+    for (int r = 0; r < R; ++r) out[t][r] = _mm512_reduce_add_ps(acc[t][r]);
 }
 
+// R weight rows times every row of x, up to P rows of x a pass: R * P accumulators (16 or 20). The rows
+// stay in L1 between passes.
+template <int R>
+inline void dot_pairs_block(const bf16* w, int64_t ldw, const bf16* const* x, int64_t rows, int64_t n,
+                            float (*out)[8]) {
+  constexpr int P = R == 8 ? 2 : 5;
+  for (int64_t t = 0; t < rows; t += P) {
+    const bool first = t == 0;
+    switch (std::min<int64_t>(P, rows - t)) {
+      case 1: dot_pairs_tile<1, R>(w, ldw, x + t, n, out + t, first); break;
+      case 2: dot_pairs_tile<2, R>(w, ldw, x + t, n, out + t, first); break;
+      case 3: if constexpr (P >= 3) dot_pairs_tile<3, R>(w, ldw, x + t, n, out + t, first); break;
+      case 4: if constexpr (P >= 4) dot_pairs_tile<4, R>(w, ldw, x + t, n, out + t, first); break;
+      default: if constexpr (P >= 5) dot_pairs_tile<5, R>(w, ldw, x + t, n, out + t, first); break;
+    }
+  }
+}
+
+// out[t][r] for count (<= 8) weight rows and `rows` rows of x. One or two rows of x: all 8 weight rows in
+// one pass; more: 4 weight rows at a time with up to 5 rows of x a pass, so that each weight row is read
+// from memory by one pass (2 x 4 rows x 4 rows of x instead of 2 passes of 8 x 2: Mixtral-like T=16 bf16
+// expert FFN ~8% faster). A row's sums do not depend on how the rows are tiled (same bits).
 inline void dot_pairs(const bf16* w, int64_t ldw, int64_t count, const bf16* const* x, int64_t rows, int64_t n,
-                      float (*out)[8]) {  // rows of x two at a time: each weight vector loaded once for both
-  int64_t t = 0;
-  for (; t + 2 <= rows; t += 2) dot_pairs_rows<2>(w, ldw, count, x + t, n, out + t, t == 0);
-  if (t < rows) dot_pairs_rows<1>(w, ldw, count, x + t, n, out + t, t == 0);
+                      float (*out)[8]) {
+  auto columns = [&](int64_t r) { return reinterpret_cast<float(*)[8]>(&out[0][r]); };  // out[t][r..]
+  if (count == 8 && rows <= 2) return dot_pairs_block<8>(w, ldw, x, rows, n, out);
+  int64_t r = 0;
+  for (; r + 4 <= count; r += 4) dot_pairs_block<4>(w + r * ldw, ldw, x, rows, n, columns(r));
+  if (count - r >= 2) {
+    dot_pairs_block<2>(w + r * ldw, ldw, x, rows, n, columns(r));
+    r += 2;
+  }
+  if (r < count) dot_pairs_block<1>(w + r * ldw, ldw, x, rows, n, columns(r));
 }
 
 // `weight_rows` for bf16 rows of x read in place (`run_small` on AVX512-BF16 builds).

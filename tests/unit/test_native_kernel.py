@@ -69,9 +69,10 @@ def extras_reference(x, w13, w2, expert, extras, bf16_roundings=False):
     return (y + cast(biases.b2[expert]) if biases is not None else y).double()
 
 
-# sizes with and without tails: H, I multiples of 16, of 8 only, and odd; (200, 130): whole work items of
-# act and output rows, then the last group's last ones cut into single tiles (`blocks` in cpu_kernels.cpp)
-@pytest.mark.parametrize("hidden,inter", [(64, 32), (48, 40), (37, 21), (200, 130)])
+# sizes with and without tails: H, I multiples of 16, of 8 only, and odd; (200, 130): the last group's act
+# and output rows cut into single tiles; (1024, 512): groups of several work items (`blocks` and `item_rows`
+# in cpu_kernels.cpp)
+@pytest.mark.parametrize("hidden,inter", [(64, 32), (48, 40), (37, 21), (200, 130), (1024, 512)])
 @pytest.mark.parametrize("dtype,panel_rows", [(torch.float32, native.PANEL_ROWS), (torch.float32, 1),
                                               (torch.bfloat16, 1 << 30), (torch.bfloat16, 1)])
 def test_groups_match_reference(hidden, inter, dtype, panel_rows):
