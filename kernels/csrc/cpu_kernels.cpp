@@ -474,7 +474,6 @@ inline vec<W> expv(vec<W> x) {
   std::memcpy(&scale, &bits, sizeof scale);
   return y * scale;
 }
-inline v8 exp8(v8 x) { return expv<8>(x); }
 
 // r[i][e] <- r[e][i]: an 8 x 8 block of floats transposed in registers.
 inline void transpose8(v8 (&r)[8]) {
@@ -969,7 +968,7 @@ void attend_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* s
     for (int64_t i = 0; i < span; ++i) most = std::max(most, p[i]);
     for (int64_t i = span; i < ctx; ++i) p[i] = most;  // padding: exp(0), never read back
     for (int64_t i = 0; i < ctx; i += 8) {
-      const v8 e = exp8(load8(p + i) - most);
+      const v8 e = expv<8>(load8(p + i) - most);
       std::memcpy(p + i, &e, sizeof e);
     }
     for (int64_t i = 0; i < span; ++i) total += p[i];
@@ -1335,8 +1334,9 @@ int moeray_decode_attention(int64_t dtype, int64_t B, int64_t nh, int64_t nkv, i
 int moeray_bf16_panels() { return BF16_PANELS; }
 
 // Logits for a few rows: out [M, N] = x [M, K] @ w [N, K]^T, float32, w as checkpoints store the
-// lm_head ([vocab, hidden], row-major); every weight row is streamed once per 16 rows of x. Each output
-// is one chain of fused multiply-adds over k in order: the same bits for a row alone or in any batch.
+// lm_head ([vocab, hidden], row-major); every weight row is streamed once per tile of panels (up to
+// PANELS * PW rows of x). Each output is one chain of fused multiply-adds over k in order: the same bits
+// for a row alone or in any batch.
 // x is first laid out as panels of PW rows, [ceil(M / PW), K, PW], zero past row M. Returns 0.
 int moeray_logits(int64_t M, int64_t K, int64_t N, const float* x, const float* w, float* out, int64_t num_threads) {
   const int64_t num_panels = (M + PW - 1) / PW;

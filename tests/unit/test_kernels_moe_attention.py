@@ -66,7 +66,9 @@ GPT_OSS_ACTIVATION = Activation(limit=1.5, alpha=1.702)  # a limit the test's ga
 @pytest.mark.parametrize("num_tokens", [1, 7, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_moe_with_biases_and_clamped_activation(monkeypatch, num_tokens, dtype, grouped):
-    """GPT-OSS's experts (biases, clamped activation) take the torch path, against the reference."""
+    """GPT-OSS's experts (biases, clamped activation) on the torch path (no native kernel: with it they take
+    the kernel, see test_native_kernel.py), against the reference."""
+    monkeypatch.setattr(native, "ENABLED", False)
     if not grouped:
         monkeypatch.setattr(moe, "_has_grouped_mm", lambda device_type: False)
     x, weights, ids, w13, w2 = moe_inputs(num_tokens, 6, 3, seed=5)
