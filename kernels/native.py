@@ -95,7 +95,7 @@ _failure: list[str] = []
 def _load() -> ctypes.CDLL | None:
     """Build and load once per process; a failure is logged once and remembered."""
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = ctypes.CDLL(str(build()))
     except Exception as error:  # whatever stops the build, the torch paths still work
         logger.warning("native CPU kernels unavailable, running on torch ops (slower at decode sizes): %s", error)
         _failure.append(str(error))
@@ -364,9 +364,11 @@ def _check_raw(x: Tensor, alike: tuple[Tensor, ...], indices: tuple[Tensor | Non
                 raise ValueError("native kernels take contiguous tensors")
 
 
-def _build() -> Path:
+def build(source_file: Path = SOURCE) -> Path:
+    """A shared library of `source_file` (default: the kernels) in the cache, compiled unless already there.
+    (bench/peak.py builds its probe of the CPU's peak rate with it too: the kernels' compiler and flags.)"""
     compiler = shlex.split(os.environ.get("CXX") or "c++")
-    source = SOURCE.read_bytes()
+    source = source_file.read_bytes()
     try:
         version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except FileNotFoundError as error:
@@ -374,17 +376,17 @@ def _build() -> Path:
     key = hashlib.sha256(b"\0".join([source, " ".join(compiler + FLAGS).encode(), version.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     folder = _cache_dir()
-    path = folder / f"cpu_kernels-{key}.so"
+    path = folder / f"{source_file.stem}-{key}.so"
     if path.is_file():
         return path
-    logger.info("compiling the native CPU kernels into %s (once per machine, a few seconds)", path)
+    logger.info("compiling %s into %s (once per machine, a few seconds)", source_file.name, path)
     fd, partial = tempfile.mkstemp(dir=folder, prefix=path.stem, suffix=".partial")
     os.close(fd)
     try:
-        result = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+        result = subprocess.run([*compiler, *FLAGS, str(source_file), "-o", partial], capture_output=True, text=True,
                                 timeout=600)
         if result.returncode:
-            raise NativeUnavailable(f"{' '.join(compiler + FLAGS)} {SOURCE} failed:\n{result.stderr[-2000:]}")
+            raise NativeUnavailable(f"{' '.join(compiler + FLAGS)} {source_file} failed:\n{result.stderr[-2000:]}")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(partial, 0o755 & ~umask)  # mkstemp made it 0600: others sharing the cache must load it too

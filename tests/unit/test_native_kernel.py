@@ -318,7 +318,7 @@ def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("MOERAY_CACHE_DIR", str(tmp_path))
     with pytest.raises(native.NativeUnavailable, match="no C\\+\\+ compiler: .*no-such-compiler.* not found"):
-        native._build()
+        native.build()
 
 
 def test_failed_build_names_the_command_and_leaves_nothing_behind(monkeypatch, tmp_path):
@@ -328,17 +328,17 @@ def test_failed_build_names_the_command_and_leaves_nothing_behind(monkeypatch, t
     monkeypatch.setenv("CXX", str(compiler))
     monkeypatch.setenv("MOERAY_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(native.NativeUnavailable, match="(?s)broken-cxx -O3.*cpu_kernels.cpp failed.*broken on purpose"):
-        native._build()
+        native.build()
     assert os.listdir(tmp_path / "cache") == []
 
 
 def test_build_is_cached(monkeypatch, tmp_path):
     """The first build compiles into the cache directory; the next one finds it there."""
     monkeypatch.setenv("MOERAY_CACHE_DIR", str(tmp_path))
-    path = native._build()
+    path = native.build()
     assert path.parent == tmp_path and path.suffix == ".so"
     stamp = path.stat().st_mtime_ns
-    assert native._build() == path and path.stat().st_mtime_ns == stamp
+    assert native.build() == path and path.stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,hidden,inter", [(1, 8, 2, 128, 64), (16, 8, 2, 64, 48),
@@ -532,7 +532,7 @@ def test_out_of_bounds_groups_and_lengths_are_refused_before_any_memory_is_touch
 def test_empty_cxx_means_the_default_compiler_and_the_library_is_readable_by_others(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "")
     monkeypatch.setenv("MOERAY_CACHE_DIR", str(tmp_path))
-    path = native._build()
+    path = native.build()
     assert path.is_file() and path.stat().st_mode & 0o755 == 0o755 & ~_umask()
 
 
