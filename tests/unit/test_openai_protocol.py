@@ -214,6 +214,55 @@ def test_chat_template_runs_sandboxed(tmp_path):
         ChatTemplate("{{ messages.__class__.__mro__ }}").render(user("x"))
 
 
+# What GPT-OSS's harmony template leans on (written here, not its text): a macro with a default argument, a
+# namespace assigned inside a loop, kwargs it may not get (`reasoning_effort`, `tools`), dict methods,
+# selectattr, tojson, strftime_now, loop.last and whitespace control, and raise_exception on a bad role.
+HARMONY_LIKE = """
+{%- macro header(role, channel=none) -%}
+<|start|>{{ role }}{% if channel %}<|channel|>{{ channel }}{% endif %}<|message|>
+{%- endmacro -%}
+{%- set ns = namespace(developer="", seen=0) -%}
+{%- for message in messages if message.role in ("system", "developer") -%}
+  {%- set ns.developer = ns.developer + message.content -%}
+  {%- set ns.seen = ns.seen + 1 -%}
+{%- endfor -%}
+{{- header("system") }}Current date: {{ strftime_now("%Y") | length }} digits
+Reasoning: {{ reasoning_effort if reasoning_effort is defined else "medium" }}<|end|>
+{%- if ns.developer or tools is defined -%}
+{{- header("developer") }}{{ ns.developer }}<|end|>
+{%- endif -%}
+{%- for message in messages | rejectattr("role", "in", ["system", "developer"]) -%}
+  {%- if message.role == "user" -%}
+{{- header("user") }}{{ message.content }}<|end|>
+  {%- elif message.role == "assistant" -%}
+{{- header("assistant", message.get("channel", "final")) }}{{ message.content }}
+{%- if not loop.last %}<|end|>{% endif -%}
+  {%- elif message.role == "tool" -%}
+{{- header("functions." ~ message.get("name", "tool")) }}{{ {"result": message.content} | tojson }}<|end|>
+  {%- else -%}
+{{- raise_exception("unknown role " ~ message.role) }}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt %}<|start|>assistant{% endif -%}
+"""
+
+
+def test_harmony_like_chat_template_renders_in_the_sandbox():
+    template = ChatTemplate(HARMONY_LIKE)
+    messages = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello", "name": None}, {"role": "tool", "content": "é", "name": "f"},
+                {"role": "developer", "content": "Use f."}]
+    assert template.render(messages) == (
+        "<|start|>system<|message|>Current date: 4 digits\nReasoning: medium<|end|>"
+        "<|start|>developer<|message|>Be brief. Use f.<|end|>"
+        "<|start|>user<|message|>Hi<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Hello<|end|>"
+        '<|start|>functions.f<|message|>{"result": "é"}<|end|>'
+        "<|start|>assistant")
+    with pytest.raises(TemplateRejected, match="unknown role robot"):
+        template.render([{"role": "robot", "content": "x"}])
+
+
 @pytest.mark.parametrize("config, message", [
     ({"chat_template": "{% for m in messages %}"}, "chat template line"),
     ({"chat_template": 5}, "chat_template must be a string"),
