@@ -52,6 +52,7 @@ from moeray.kernels.routing import RoutingConfig, route
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_GATHER_BYTES = 2 << 30  # batched_mm copies one weight set per (token, expert) pair; skip above this
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # max |ours - HF| / max |HF|
 
@@ -247,7 +248,7 @@ def run_case(shape: Shape, dtype: torch.dtype, token_counts: list[int], args) ->
         flops = shape.flops(num_tokens)
         target_gflops = 1.5 * flops / hf[best_impl] / 1e9
         rows.append(dict(
-            shape=shape.name, dtype={v: k for k, v in DTYPES.items()}[dtype], tokens=num_tokens,
+            shape=shape.name, dtype=DTYPE_NAMES[dtype], tokens=num_tokens,
             hf={impl: num_tokens / hf[impl] if impl in hf else None for impl in HF_IMPLS},
             ours=num_tokens / secs["ours"], best=best_impl, ratio=hf[best_impl] / secs["ours"],
             ours_gflops=flops / secs["ours"] / 1e9, dense_gflops=flops / secs["dense"] / 1e9,
@@ -293,7 +294,7 @@ def main() -> None:
     args.peaks = {}
     for dtype in dtypes:
         args.peaks[dtype], instruction = peak_gflops(dtype, args.threads)
-        print(f"{ {v: k for k, v in DTYPES.items()}[dtype]}: instruction peak {args.peaks[dtype]:,.0f} GFLOP/s on "
+        print(f"{DTYPE_NAMES[dtype]}: instruction peak {args.peaks[dtype]:,.0f} GFLOP/s on "
               f"{args.threads} threads ({instruction}, bench/peak.py)")
     for s in shapes:
         print(f"{s.name}: E={s.num_experts} K={s.top_k} H={s.hidden} I={s.inter} renormalize={s.renormalize}")

@@ -5,7 +5,6 @@
 // AVX-512, else 8), 2 FLOPs a lane; bf16: vdpbf16ps (AVX512-BF16; 16 lanes, 2 products and 2 adds each).
 #include <omp.h>
 
-#include <algorithm>
 #include <cstdint>
 #if defined(__AVX__)
 #include <immintrin.h>
