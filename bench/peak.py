@@ -22,7 +22,6 @@ import torch
 from moeray.kernels import native
 
 SOURCE = Path(__file__).with_name("peak.cpp")
-DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 ITERATIONS = 4_000_000  # rounds of 24 instructions a thread: ~50 ms at 2 instructions a cycle
 
 
@@ -35,7 +34,7 @@ def _probe() -> ctypes._CFuncPtr:
 
 def peak_gflops(dtype: torch.dtype, threads: int, trials: int = 5) -> tuple[float, str]:
     """(best GFLOP/s of `trials` runs on `threads` threads, the instruction measured) for dtype's multiply-adds."""
-    code, instruction = DTYPES[dtype], "vdpbf16ps"
+    code, instruction = native.DTYPES[dtype], "vdpbf16ps"  # (the kernels' dtype codes, which peak.cpp takes too)
     if dtype == torch.bfloat16 and _probe()(code, 1, 1) < 0:  # no AVX512-BF16 in this build
         code, instruction = 0, "float32 FMA (bf16 widened)"
     elif code == 0:
@@ -51,7 +50,7 @@ def main() -> None:
         parser.error(f"--threads must be at least 1, not {args.threads}")
     print(f"| dtype | instruction | 1 thread GFLOP/s | {args.threads} threads GFLOP/s |")
     print("| --- | --- | --- | --- |")
-    for dtype in DTYPES:
+    for dtype in native.DTYPES:
         one, instruction = peak_gflops(dtype, 1)
         many, _ = peak_gflops(dtype, args.threads)
         print(f"| {str(dtype).removeprefix('torch.')} | {instruction} | {one:,.0f} | {many:,.0f} |")

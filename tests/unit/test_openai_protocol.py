@@ -216,7 +216,7 @@ def test_chat_template_runs_sandboxed(tmp_path):
 
 # What GPT-OSS's harmony template leans on (written here, not its text): a macro with a default argument, a
 # namespace assigned inside a loop, kwargs it may not get (`reasoning_effort`, `tools`), dict methods,
-# selectattr, tojson, strftime_now, loop.last and whitespace control, and raise_exception on a bad role.
+# rejectattr, tojson, strftime_now, loop.last and whitespace control, and raise_exception on a bad role.
 HARMONY_LIKE = """
 {%- macro header(role, channel=none) -%}
 <|start|>{{ role }}{% if channel %}<|channel|>{{ channel }}{% endif %}<|message|>
