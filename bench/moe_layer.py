@@ -21,8 +21,9 @@ checkpoints and `F.linear` use).
 
 The target column is the FLOP rate that 1.5x transformers' best needs, as a share of this CPU's
 peak on the instruction the kernels multiply with (bench/peak.py, measured in the same run on the
-same threads): a row needing more than ~90% of it is out of reach of any code on that instruction,
-however the block is computed.
+same threads): a row needing 100% of it or more is out of reach of any code on that instruction,
+however the block is computed, and one needing ~98% is out of reach of a whole block (our tile loop
+alone, its data in L2, runs at ~98%; see bench/README).
 
 Weight bandwidth is the bytes of the experts a call touches (each routed-to expert's w13 and w2
 read once) over our time, next to the machine's read bandwidth (`torch.sum` over 256 MiB, in the
